@@ -1,0 +1,41 @@
+# DanceOPD Serve: the two commands are `make demo` and `make test`; both install what they need.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU install path pins torch (a local CPU wheel on these machines). A venv that already holds a torch
+# (e.g. a CUDA build on a GPU box) keeps it: pyproject only asks for torch>=2.4.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-fast bench-learning gpu-check clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## demo: a real distillation run (reference trainer, embedded suite teachers), then eval: report.json + grid.png
+demo: install
+	$(BIN)/python -m trainer.reference --config configs/demo.yaml --no-resume --eval
+
+## test: the whole suite (CPU; CUDA tests skip without a GPU)
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+## bench-learning: train from scratch for --minutes, print per-capability scores against the teachers
+bench-learning: install
+	$(BIN)/python benchmarks/learning.py --minutes 10
+
+## gpu-check: CUDA tests + a short learning benchmark on the GPU (< 8 minutes)
+gpu-check: install
+	bash scripts/gpu_check.sh
+
+clean:
+	rm -rf runs .pytest_cache benchmarks/results/*.tmp

@@ -1,0 +1,181 @@
+"""Typed run configuration (pydantic), validated before anything loads. One source of truth per setting."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from danceopd.flow.query import POSITIONS
+from danceopd.student import StudentConfig
+from danceopd.suite.buckets import CAPABILITIES
+from danceopd.suite.world import TIERS
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SuiteConfig(_Strict):
+    tier: Literal["basic", "hard"] = "basic"
+    tau: float = Field(0.0, ge=0.0, le=0.5, description="Gaussian smoothing of the exact teachers' references")
+    seed: int = 0
+
+
+class RouteConfig(_Strict):
+    capability: str = Field(description="suite capability: its data bucket, judge and (by default) exact teacher")
+    weight: float = Field(1.0, ge=0.0)
+    teacher: str = Field("suite", description="'suite' (the exact field) or a diffusers model folder / hub id")
+    cfg_alpha: float | None = Field(None, gt=0.0, description="wrap the teacher in CFG(alpha): absorbed guidance")
+
+    @field_validator("capability")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in CAPABILITIES:
+            raise ValueError(f"unknown capability {v!r}: choose from {list(CAPABILITIES)}")
+        return v
+
+    @field_validator("teacher")
+    @classmethod
+    def _teacher_exists(cls, v: str) -> str:
+        # A local path must exist now, before anything loads; anything else is taken as a hub id.
+        if v != "suite" and v.startswith(("/", "./", "../", "~")) and not Path(v).expanduser().exists():
+            raise ValueError(f"teacher folder {v} does not exist: point it at a diffusers model folder (or use a hub id, or 'suite')")
+        return v
+
+
+class MethodConfig(_Strict):
+    routing: Literal["hard", "soft"] = "hard"
+    states: Literal["on_policy", "off_policy", "teacher_rollout"] = "on_policy"
+    target: Literal["teacher", "data"] = Field("teacher", description="'data' = plain flow matching (eps - x0), off_policy only")
+    query_position: str = "low"
+    k: int = Field(1, ge=1, le=64)
+    loss: Literal["mse", "dense_dt2"] = "mse"
+    rollout_steps: int = Field(8, ge=1, le=100)
+    schedule: Literal["uniform", "sd3"] = "uniform"
+    shift: float = Field(1.0, gt=0.0)
+
+    @field_validator("query_position")
+    @classmethod
+    def _position(cls, v: str) -> str:
+        if v not in POSITIONS:
+            raise ValueError(f"unknown query_position {v!r}: choose from {list(POSITIONS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "MethodConfig":
+        if self.loss == "dense_dt2" and self.query_position != "dense":
+            raise ValueError("loss 'dense_dt2' weights every rollout state: set query_position: dense")
+        if self.target == "data" and self.states != "off_policy":
+            raise ValueError("target 'data' (plain flow matching) needs states: off_policy")
+        return self
+
+
+class OptimConfig(_Strict):
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.99)
+    grad_clip: float = Field(1.0, gt=0.0)
+    warmup_steps: int = Field(20, ge=0)
+    batch_size: int = Field(32, ge=1, description="samples per micro-batch")
+    grad_accum: int = Field(1, ge=1)
+
+
+class EvalConfig(_Strict):
+    samples_per_capability: int = Field(96, ge=1)
+    sampling_steps: int = Field(16, ge=1)
+    schedule: Literal["uniform", "sd3"] = "uniform"
+    shift: float = Field(1.0, gt=0.0)
+    samples_per_condition_in_grid: int = Field(4, ge=1)
+    seed: int = 12345
+
+
+class TrainConfig(_Strict):
+    run_name: str = Field("run", pattern=r"^[A-Za-z0-9_.-]+$")
+    output_dir: Path = Path("runs")
+    seed: int = 0
+    steps: int = Field(600, ge=1)
+    max_minutes: float | None = Field(None, gt=0, description="stop early (after a checkpoint) past this wall time")
+    device: str = "auto"
+    dtype: str = "float32"
+    torch_threads: int | None = Field(None, ge=1)
+    suite: SuiteConfig = SuiteConfig()
+    student: StudentConfig = StudentConfig()
+    init_from: Path | None = Field(None, description="start from a saved student folder instead of random init")
+    routes: dict[str, RouteConfig] = Field(default_factory=lambda: {
+        "t2i": RouteConfig(capability="t2i"),
+        "local_edit": RouteConfig(capability="local_edit"),
+        "global_edit": RouteConfig(capability="global_edit"),
+    })
+    method: MethodConfig = MethodConfig()
+    optim: OptimConfig = OptimConfig()
+    eval: EvalConfig = EvalConfig()
+    log_every: int = Field(10, ge=1)
+    checkpoint_every: int = Field(100, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TrainConfig":
+        size = TIERS[self.suite.tier].size
+        if self.student.sample_size != size:
+            raise ValueError(f"student.sample_size is {self.student.sample_size} but suite tier {self.suite.tier!r} has {size}x{size} images: set student.sample_size: {size}")
+        if not self.routes:
+            raise ValueError("routes is empty: name at least one capability route")
+        if sum(r.weight for r in self.routes.values()) <= 0:
+            raise ValueError("routes: at least one route needs weight > 0")
+        if self.dtype not in ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16", "auto"):
+            raise ValueError(f"dtype {self.dtype!r}: use float32, bfloat16, float16 or auto")
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.run_name
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with a message that names the key and the fix."""
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        lines.append(f"  {loc}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: dict | None = None, model: type[BaseModel] = TrainConfig):
+    """Load a YAML config (or the embedded defaults when path is None), apply dotted overrides, validate."""
+    data: dict = {}
+    source = "embedded defaults"
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p} must hold a mapping of settings at the top level")
+        source = str(p)
+    for key, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, source)) from None
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    """'optim.lr=3e-4' -> ('optim.lr', 0.0003) (values parsed as YAML scalars)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.path=value")
+    key, value = text.split("=", 1)
+    return key.strip(), yaml.safe_load(value)

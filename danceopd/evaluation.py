@@ -1,0 +1,155 @@
+"""Evaluation: sample the student and each route's teacher on the same conditions and noise, score both
+with the suite's judges, report T2I diversity beside accuracy, and draw the comparison grid."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+from danceopd.config import EvalConfig, RouteConfig
+from danceopd.fields.base import Conditions, VelocityField
+from danceopd.flow import rollout_states, sigma_schedule
+from danceopd.seeding import generator
+from danceopd.suite import CapabilitySuite
+from danceopd.suite.judges import diversity
+
+T2I_LIKE = ("t2i", "realism", "uncond")
+
+
+def sample(field: VelocityField, conditions: Conditions, steps: int, seed: int, schedule: str = "uniform",
+           shift: float = 1.0, batch: int = 128, device: str | torch.device = "cpu") -> torch.Tensor:
+    """Euler samples from fresh seeded noise, one per condition, computed in chunks of `batch`."""
+    c, h, w = field.info.sample_shape
+    noise = torch.randn(len(conditions), c, h, w, generator=generator(seed, "eval-noise"))
+    sigmas = sigma_schedule(steps, schedule, shift)
+    out = []
+    for i in range(0, len(conditions), batch):
+        sub = conditions.select(slice(i, i + batch)).to(device)
+        traj = rollout_states(lambda x, s: field.velocity(x, s, sub), noise[i:i + batch].to(device), sigmas)
+        out.append(traj.final.float().cpu())
+    return torch.cat(out)
+
+
+def evaluate(student: VelocityField, teachers: dict[str, VelocityField], routes: dict[str, RouteConfig],
+             suite: CapabilitySuite, cfg: EvalConfig, device="cpu", grid_path: Path | None = None) -> dict:
+    report: dict = {"tier": suite.tier.name, "sampling_steps": cfg.sampling_steps, "routes": {}}
+    grid_blocks = []
+    for name, route in routes.items():
+        cap = route.capability
+        cond = suite.bucket(cap).evaluation_set(cfg.samples_per_capability, seed=cfg.seed)
+        with torch.no_grad():
+            t_samples = sample(teachers[name], cond, cfg.sampling_steps, cfg.seed, cfg.schedule, cfg.shift, device=device)
+            s_samples = sample(student, cond, cfg.sampling_steps, cfg.seed, cfg.schedule, cfg.shift, device=device)
+        t_judge, s_judge = suite.judge(cap, t_samples, cond), suite.judge(cap, s_samples, cond)
+        entry = {"capability": cap, "samples": len(cond), "teacher": t_judge, "student": s_judge,
+                 "score_ratio": s_judge["score"] / t_judge["score"] if t_judge["score"] > 0 else None}
+        if cap in ("t2i", "realism"):
+            refs = suite.field(cap).references
+            td, sd = diversity(t_samples, cond.prompts, refs), diversity(s_samples, cond.prompts, refs)
+            entry["diversity"] = {"teacher": td, "student": sd,
+                                  "coverage_vs_teacher": sd["modes_hit"] / max(td["modes_hit"], 1)}
+        report["routes"][name] = entry
+        if grid_path is not None:
+            grid_blocks.append((name, _grid_block(student, teachers[name], suite, cap, cfg, device)))
+    if grid_path is not None:
+        save_grid(grid_blocks, grid_path)
+        report["grid"] = str(grid_path)
+    return report
+
+
+def _grid_block(student, teacher, suite, cap, cfg: EvalConfig, device, conditions_shown: int = 3):
+    """Rows of: condition | n teacher samples | n student samples (same condition, different noise)."""
+    n = cfg.samples_per_condition_in_grid
+    base = suite.bucket(cap).evaluation_set(conditions_shown * 8, seed=cfg.seed + 1)
+    # Distinct instructions/prompts first, so that the rows show different conditions.
+    pick, seen = [], set()
+    for i, p in enumerate(base.prompts):
+        if p not in seen and len(pick) < conditions_shown:
+            pick.append(i)
+            seen.add(p)
+    pick += [i for i in range(len(base)) if i not in pick][: conditions_shown - len(pick)]
+    base = base.select(pick)
+    cond = base.repeat(n)
+    with torch.no_grad():
+        t = sample(teacher, cond, cfg.sampling_steps, cfg.seed + 7, cfg.schedule, cfg.shift, device=device)
+        s = sample(student, cond, cfg.sampling_steps, cfg.seed + 7, cfg.schedule, cfg.shift, device=device)
+    rows = []
+    for i in range(len(base)):
+        src = base.source[i] if base.source is not None else None
+        rows.append((base.prompts[i], src, t[i * n:(i + 1) * n], s[i * n:(i + 1) * n]))
+    return rows
+
+
+def _to_pil(img: torch.Tensor, scale: int) -> Image.Image:
+    arr = ((img.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    im = Image.fromarray(arr)
+    return im.resize((im.width * scale, im.height * scale), Image.NEAREST)
+
+
+def save_grid(blocks, path: Path, cell: int = 64, pad: int = 4, text_w: int = 150) -> Path:
+    """PNG: per route a titled block; each row = condition text (+ source) | teacher samples | student samples."""
+    n = len(blocks[0][1][0][2]) if blocks else 1
+    width = text_w + cell + pad + 2 * n * (cell + pad) + pad * 3
+    rows = sum(len(b[1]) for b in blocks)
+    height = rows * (cell + pad) + len(blocks) * 18 + 20
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((text_w + cell + 2 * pad, 2), "teacher samples", fill=(0, 0, 0))
+    draw.text((text_w + cell + 3 * pad + n * (cell + pad), 2), "student samples", fill=(0, 0, 0))
+    y = 16
+    for name, rows_ in blocks:
+        draw.text((2, y), f"[{name}]", fill=(160, 0, 0))
+        y += 16
+        for prompt, src, t, s in rows_:
+            words, lines, line = prompt.split() or ["(unconditional)"], [], ""
+            for w in words:
+                if len(line) + len(w) > 22:
+                    lines.append(line)
+                    line = ""
+                line = (line + " " + w).strip()
+            lines.append(line)
+            draw.text((2, y + 2), "\n".join(lines), fill=(0, 0, 0))
+            scale = cell // (src.shape[-1] if src is not None else t.shape[-1])
+            if src is not None:
+                canvas.paste(_to_pil(src, scale), (text_w, y))
+            x = text_w + cell + 2 * pad
+            for img in t:
+                canvas.paste(_to_pil(img, scale), (x, y))
+                x += cell + pad
+            x += pad
+            for img in s:
+                canvas.paste(_to_pil(img, scale), (x, y))
+                x += cell + pad
+            y += cell + pad
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return path
+
+
+def summary_table(report: dict) -> str:
+    lines = [f"{'route':<14}{'capability':<13}{'teacher':>9}{'student':>9}{'ratio':>7}  extra"]
+    for name, e in report["routes"].items():
+        extra = ""
+        if "diversity" in e:
+            d = e["diversity"]
+            extra = f"modes hit {d['student']['modes_hit']}/{d['teacher']['modes_hit']} (coverage {d['coverage_vs_teacher']:.2f})"
+        if "psnr_db" in e["student"]:
+            extra = f"PSNR {e['student']['psnr_db']:.1f} dB (teacher {e['teacher']['psnr_db']:.1f})"
+        ratio = "n/a" if e["score_ratio"] is None else f"{e['score_ratio']:.2f}"
+        lines.append(f"{name:<14}{e['capability']:<13}{e['teacher']['score']:>9.3f}{e['student']['score']:>9.3f}{ratio:>7}  {extra}")
+    return "\n".join(lines)
+
+
+def write_report(report: dict, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2, default=lambda o: o if not isinstance(o, float) or math.isfinite(o) else None))
+    return path
+
+
+__all__ = ["evaluate", "sample", "save_grid", "summary_table", "write_report"]

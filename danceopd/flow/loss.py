@@ -1,0 +1,21 @@
+"""DanceOPD losses: plain velocity MSE at the queried states."""
+
+from __future__ import annotations
+
+import torch
+
+
+def velocity_mse(pred: torch.Tensor, target: torch.Tensor, k: int = 1) -> torch.Tensor:
+    """Mean squared error over all elements; with K states per sample that is the average over K as well."""
+    del k  # every sample has exactly K states, so the global mean already averages over them
+    return torch.mean((pred.float() - target.float()) ** 2)
+
+
+def dense_velocity_loss(pred: torch.Tensor, target: torch.Tensor, dt: torch.Tensor, k: int) -> torch.Tensor:
+    """DiffusionOPD-style dense loss: sum over the K = N states of (dt_i^2 / 2) * per-state MSE, mean over samples.
+
+    pred/target are [B*K, ...] sample-major; dt is [B*K], the step size (sigma_i - sigma_{i+1}) of each state.
+    """
+    per_state = ((pred.float() - target.float()) ** 2).flatten(1).mean(1)  # [B*K]
+    weighted = (dt.float() ** 2 / 2) * per_state
+    return weighted.view(-1, k).sum(1).mean()

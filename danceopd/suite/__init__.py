@@ -1,0 +1,5 @@
+"""The capability suite: a procedural image world with exact teachers, data buckets and judges."""
+
+from danceopd.suite.suite import CapabilitySuite
+
+__all__ = ["CapabilitySuite"]

@@ -1,0 +1,159 @@
+"""Flow math: schedules, Euler rollout, query sampler, losses, CFG (property tests where they fit)."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import stats
+
+from danceopd.flow import (cfg_combine, clean_estimate, dense_velocity_loss, forward_noise, gather_states, rollout_states,
+                           sample_query_indices, sd3_sigmas, sigma_schedule, velocity_mse, velocity_target)
+from danceopd.flow.query import BETA_LAWS
+from danceopd.suite.teachers import gaussian_mixture_velocity
+
+
+@pytest.mark.parametrize("steps", [1, 4, 16, 28])
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_sd3_schedule_matches_diffusers_scheduler(steps, shift):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sched = FlowMatchEulerDiscreteScheduler(shift=shift)
+    sched.set_timesteps(steps)
+    assert torch.equal(sd3_sigmas(steps, shift), sched.sigmas)
+
+
+@given(steps=st.integers(1, 40), kind=st.sampled_from(["uniform", "sd3"]), shift=st.floats(1.0, 6.0))
+def test_schedules_decrease_from_one_to_zero(steps, kind, shift):
+    s = sigma_schedule(steps, kind, shift)
+    assert s.shape == (steps + 1,)
+    assert s[0] == pytest.approx(1.0) and s[-1] == 0.0
+    assert bool((s[1:] < s[:-1]).all())
+
+
+def test_path_identities():
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(5, 3, 4, 4, generator=g), torch.randn(5, 3, 4, 4, generator=g)
+    sigma = torch.rand(5, generator=g)
+    x = forward_noise(x0, eps, sigma)
+    v = velocity_target(x0, eps)
+    torch.testing.assert_close(clean_estimate(x, sigma, v), x0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), steps=st.integers(1, 24), kind=st.sampled_from(["uniform", "sd3"]),
+       shift=st.floats(1.0, 5.0))
+def test_euler_over_point_mass_field_lands_on_target(seed, steps, kind, shift):
+    g = torch.Generator().manual_seed(seed)
+    target = torch.rand(3, 2, 5, 5, generator=g) * 2 - 1
+    noise = torch.randn(3, 2, 5, 5, generator=g)
+    flat = target.reshape(3, 1, -1)
+    traj = rollout_states(lambda x, s: gaussian_mixture_velocity(x.reshape(3, -1), s, flat).view_as(x), noise,
+                          sigma_schedule(steps, kind, shift))
+    assert traj.states.shape == (steps, 3, 2, 5, 5)
+    torch.testing.assert_close(traj.states[0], noise)
+    torch.testing.assert_close(traj.final, target, atol=1e-5, rtol=0)
+
+
+def test_rollout_runs_without_grad_and_visits_every_state():
+    w = torch.nn.Parameter(torch.ones(1))
+    sig = sigma_schedule(5)
+    seen = []
+
+    def vel(x, s):
+        seen.append(float(s[0]))
+        return w * x
+
+    traj = rollout_states(vel, torch.ones(2, 1, 1, 1), sig)
+    assert not traj.final.requires_grad
+    assert seen == pytest.approx(sig[:-1].tolist())
+
+
+def _index_probs(law: str, n: int) -> np.ndarray:
+    if law == "uniform":
+        return np.full(n, 1.0 / n)
+    a, b = BETA_LAWS[law]
+    edges = stats.beta(a, b).cdf(np.arange(n + 1) / n)
+    return np.diff(edges)
+
+
+@pytest.mark.parametrize("law", ["low", "mid", "high", "uniform"])
+@pytest.mark.parametrize("n", [8, 16])
+def test_query_index_distribution_matches_its_law(law, n):
+    idx = sample_query_indices(n, 20000, 1, law, torch.Generator().manual_seed(1)).flatten().numpy()
+    counts = np.bincount(idx, minlength=n)
+    expected = _index_probs(law, n) * len(idx)
+    keep = expected > 5
+    chi2 = ((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum()
+    p = stats.chi2.sf(chi2, keep.sum() - 1)
+    assert p > 1e-3, f"{law}: chi2 p-value {p:.2e}, counts {counts.tolist()}"
+
+
+def test_low_noise_law_prefers_late_states():
+    idx = sample_query_indices(16, 5000, 1, "low", torch.Generator().manual_seed(0)).float()
+    assert idx.mean() > 16 * 0.66  # Beta(5,2) mean 5/7 of the way to the low-noise end
+
+
+@given(k=st.integers(1, 8), n=st.integers(1, 20), seed=st.integers(0, 1000))
+def test_stratified_draws_one_index_per_stratum(k, n, seed):
+    idx = sample_query_indices(n, 50, k, "stratified", torch.Generator().manual_seed(seed))
+    assert idx.shape == (50, k)
+    for j in range(k):
+        lo, hi = np.floor(j / k * n), np.floor((j + 1) / k * n)
+        col = idx[:, j]
+        assert bool(((col >= lo) & (col <= min(hi, n - 1))).all())
+
+
+def test_dense_and_any_k():
+    assert sample_query_indices(6, 3, 1, "dense").tolist() == [list(range(6))] * 3
+    idx = sample_query_indices(8, 4, 5, "mid", torch.Generator().manual_seed(0))
+    assert idx.shape == (4, 5) and bool(((idx >= 0) & (idx < 8)).all())
+    with pytest.raises(ValueError, match="query position"):
+        sample_query_indices(8, 4, 1, "middle")
+
+
+def test_sampler_is_reproducible_from_its_generator():
+    a = sample_query_indices(16, 64, 2, "low", torch.Generator().manual_seed(7))
+    b = sample_query_indices(16, 64, 2, "low", torch.Generator().manual_seed(7))
+    assert torch.equal(a, b)
+
+
+def test_gather_states_is_sample_major():
+    states = torch.arange(4 * 3).float().view(4, 3, 1, 1, 1)  # state i of sample b = 3 i + b
+    idx = torch.tensor([[0, 3], [1, 1], [2, 0]])
+    x, s = gather_states(states, torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0]), idx)
+    assert x.flatten().tolist() == [0, 9, 4, 4, 8, 2]
+    assert s.tolist() == [1.0, 0.25, 0.75, 0.75, 0.5, 1.0]
+
+
+def test_losses():
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(6, 3, 2, 2, generator=g), torch.randn(6, 3, 2, 2, generator=g)
+    assert velocity_mse(pred, target).item() == pytest.approx(((pred - target) ** 2).mean().item())
+    dt = torch.tensor([0.5, 0.25, 0.25] * 2)
+    per = ((pred - target) ** 2).flatten(1).mean(1)
+    manual = ((dt**2 / 2 * per).view(2, 3).sum(1)).mean()
+    assert dense_velocity_loss(pred, target, dt, k=3).item() == pytest.approx(manual.item())
+
+
+def test_cfg_combine():
+    u, c = torch.randn(4), torch.randn(4)
+    torch.testing.assert_close(cfg_combine(u, c, 1.0), c)
+    torch.testing.assert_close(cfg_combine(u, c, 0.0), u)
+    torch.testing.assert_close(cfg_combine(u, c, 3.5), u + 3.5 * (c - u))
+
+
+@pytest.mark.parametrize("tau", [0.0, 0.1, 0.3])
+def test_mixture_velocity_equals_score_identity(tau):
+    """Independent check of the closed form: v = -(x + s * grad log p_s(x)) / (1 - s) for the linear path."""
+    g = torch.Generator().manual_seed(0)
+    refs = torch.randn(5, 6, generator=g, dtype=torch.float64)
+    x = torch.randn(3, 6, generator=g, dtype=torch.float64).requires_grad_(True)
+    s = torch.tensor([0.2, 0.5, 0.9], dtype=torch.float64)
+    a = (1 - s).view(-1, 1, 1)
+    var = a**2 * tau**2 + s.view(-1, 1, 1) ** 2
+    logp = torch.logsumexp(-((x[:, None] - a * refs[None]) ** 2).sum(-1, keepdim=True) / (2 * var), dim=1).sum()
+    (grad,) = torch.autograd.grad(logp, x)
+    expected = -(x + s.view(-1, 1) * grad) / (1 - s).view(-1, 1)
+    got = gaussian_mixture_velocity(x.detach(), s, refs, tau)
+    torch.testing.assert_close(got, expected.detach())

@@ -1,0 +1,124 @@
+"""The reference trainer: learning, determinism, exact resume, ablation switches, config errors."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from danceopd.config import ConfigError, load_config
+from trainer.reference import ReferenceTrainer, main
+
+SMALL = {
+    "student.num_layers": 2, "student.attention_head_dim": 16, "optim.batch_size": 8, "method.rollout_steps": 4,
+    "log_every": 2, "checkpoint_every": 1000, "torch_threads": 2, "optim.warmup_steps": 0,
+}
+
+
+def small_config(tmp_path, **extra):
+    return load_config(None, {**SMALL, "output_dir": str(tmp_path), **extra})
+
+
+def params(trainer):
+    return torch.cat([p.detach().flatten() for p in trainer.student.transformer.parameters()])
+
+
+def test_loss_falls_on_every_route(tmp_path):
+    cfg = small_config(tmp_path, steps=60, **{"optim.batch_size": 16, "optim.lr": 2e-3})
+    tr = ReferenceTrainer(cfg, log=lambda m: None)
+    per_route = {r: [] for r in cfg.routes}
+    for _ in range(cfg.steps):
+        out = tr.train_step()
+        per_route[out["route"]].append(out["loss"])
+    for r, losses in per_route.items():
+        assert len(losses) >= 10, (r, len(losses))
+        first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+        assert last < 0.5 * first, (r, first, last)
+
+
+def test_same_seed_same_run_and_exact_resume(tmp_path):
+    straight = ReferenceTrainer(small_config(tmp_path / "a", steps=6), log=lambda m: None)
+    straight.fit()
+    again = ReferenceTrainer(small_config(tmp_path / "b", steps=6), log=lambda m: None)
+    again.fit()
+    assert torch.equal(params(straight), params(again))
+
+    cfg = small_config(tmp_path / "c", steps=6, checkpoint_every=3)
+    first = ReferenceTrainer(cfg, log=lambda m: None)
+    first.fit(steps=3)  # "crash" after step 3's checkpoint
+    del first
+    resumed = ReferenceTrainer(cfg, log=lambda m: None)
+    assert resumed.resume() and resumed.step == 3
+    resumed.fit()
+    assert resumed.route_log == straight.route_log
+    assert torch.equal(params(resumed), params(straight))
+    opt_a, opt_b = straight.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
+    assert all(torch.equal(opt_a[k]["exp_avg"], opt_b[k]["exp_avg"]) for k in opt_a)
+
+
+def test_hard_routing_uses_one_route_per_step_by_weight(tmp_path):
+    cfg = small_config(tmp_path, **{"routes": {"t2i": {"capability": "t2i", "weight": 3.0},
+                                               "global_edit": {"capability": "global_edit", "weight": 1.0}}})
+    tr = ReferenceTrainer(cfg, log=lambda m: None)
+    routes = [tr.router.route(s) for s in range(4000)]
+    share = routes.count("t2i") / len(routes)
+    assert abs(share - 0.75) < 0.03  # 4000 draws: std 0.007
+    assert routes == [tr.router.route(s) for s in range(4000)]
+
+
+@pytest.mark.parametrize("method", [
+    {"method.routing": "soft"},
+    {"method.states": "off_policy"},
+    {"method.states": "off_policy", "method.target": "data"},
+    {"method.states": "teacher_rollout"},
+    {"method.query_position": "dense", "method.loss": "dense_dt2"},
+    {"method.query_position": "stratified", "method.k": 3},
+    {"method.query_position": "high", "method.schedule": "sd3", "method.shift": 3.0},
+    {"optim.grad_accum": 2},
+])
+def test_ablation_switches_train(tmp_path, method):
+    tr = ReferenceTrainer(small_config(tmp_path, steps=2, **method), log=lambda m: None)
+    before = params(tr).clone()
+    out = tr.train_step()
+    assert torch.isfinite(torch.tensor(out["loss"])) and out["loss"] > 0
+    assert not torch.equal(before, params(tr))
+
+
+def test_query_batch_shapes_follow_k_and_position(tmp_path):
+    tr = ReferenceTrainer(small_config(tmp_path, **{"method.k": 3, "method.query_position": "uniform"}), log=lambda m: None)
+    cond = tr.suite.bucket("local_edit").sample(5, 0)
+    q = tr.query_batch("local_edit", cond, 0, 0)
+    assert q.x.shape == (15, 3, 16, 16) and q.sigma.shape == (15,)
+    assert q.conditions.prompts[:3] == [cond.prompts[0]] * 3
+    assert torch.equal(q.conditions.source[1], cond.source[0])
+    assert set(q.sigma.tolist()) <= set(tr.sigmas[:-1].tolist())
+
+
+@pytest.mark.parametrize("override,needle", [
+    ({"method.query_position": "middle"}, "method.query_position"),
+    ({"optim.lr": -1}, "optim.lr"),
+    ({"routes": {"x": {"capability": "inpainting"}}}, "routes.x.capability"),
+    ({"student.sample_size": 32}, "sample_size"),
+    ({"method.loss": "dense_dt2"}, "query_position: dense"),
+    ({"optim.batchsize": 3}, "optim.batchsize"),
+])
+def test_bad_config_names_the_key(override, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, override)
+    assert needle in str(e.value)
+
+
+def test_cli_bad_config_exits_2_with_message(tmp_path, capsys):
+    assert main(["method.k=0"]) == 2
+    err = capsys.readouterr().err
+    assert "method.k" in err and "Traceback" not in err
+    missing = tmp_path / "nope.yaml"
+    proc = subprocess.run([sys.executable, "-m", "trainer.reference", "--config", str(missing)], capture_output=True, text=True)
+    assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_shipped_configs_validate():
+    for name in ("configs/demo.yaml", "configs/hard-tier.yaml"):
+        load_config(name)
+    with pytest.raises(ConfigError, match="REPLACE-ME"):
+        load_config("configs/gpu-diffusers.yaml")

@@ -1,0 +1,54 @@
+"""Checkpoints: the student (save_pretrained), optimizer, step, RNG states and routing cursor.
+
+Layout: <run_dir>/checkpoints/step-XXXXXXXX/{student/, optimizer.pt, state.json}. A checkpoint is written
+to a temporary folder and renamed into place, so a crash never leaves a half-written "latest".
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    d = checkpoint_dir(run_dir)
+    if not d.exists():
+        return None
+    done = sorted(p for p in d.glob("step-*") if (p / "state.json").exists())
+    return done[-1] if done else None
+
+
+def save_checkpoint(run_dir: Path, step: int, student, optimizer: torch.optim.Optimizer, state: dict, keep: int = 2) -> Path:
+    d = checkpoint_dir(run_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    final = d / f"step-{step:08d}"
+    tmp = d / f".tmp-step-{step:08d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    student.save_pretrained(tmp / "student")
+    torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+                "numpy_rng": np.random.get_state(), "python_rng": random.getstate()}, tmp / "optimizer.pt")
+    (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    for old in sorted(p for p in d.glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint_state(path: Path, optimizer: torch.optim.Optimizer) -> dict:
+    blob = torch.load(path / "optimizer.pt", weights_only=False)
+    optimizer.load_state_dict(blob["optimizer"])
+    torch.set_rng_state(blob["torch_rng"])
+    np.random.set_state(blob["numpy_rng"])
+    random.setstate(blob["python_rng"])
+    return json.loads((path / "state.json").read_text())

@@ -1,0 +1,236 @@
+"""The reference DanceOPD trainer: one process, no Ray. The distributed trainer must reproduce this loop.
+
+    python -m trainer.reference --config configs/demo.yaml [key.path=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from danceopd.config import ConfigError, TrainConfig, load_config, parse_override
+from danceopd.fields.base import Conditions
+from danceopd.fields.operators import SoftMixField
+from danceopd.flow import dense_velocity_loss, forward_noise, gather_states, rollout_states, sample_query_indices, sigma_schedule, velocity_mse, velocity_target
+from danceopd.routes import build_route_fields
+from danceopd.routing import HardRouter
+from danceopd.seeding import derive_seed, generator
+from danceopd.student import build_student, load_student
+from danceopd.suite import CapabilitySuite
+from trainer.checkpoint import latest_checkpoint, load_checkpoint_state, save_checkpoint
+
+
+@dataclass
+class QueryBatch:
+    x: torch.Tensor  # [B*K, C, H, W] queried states
+    sigma: torch.Tensor  # [B*K]
+    conditions: Conditions  # repeated K times, sample-major
+    dt: torch.Tensor  # [B*K] step size at each queried state (dense loss weight)
+    x0: torch.Tensor | None = None  # dataset targets (off-policy only)
+    eps: torch.Tensor | None = None
+
+
+@dataclass
+class StepTimes:
+    rollout: float = 0.0
+    teacher: float = 0.0
+    forward_backward: float = 0.0
+    optimizer: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    def total(self) -> float:
+        return self.rollout + self.teacher + self.forward_backward + self.optimizer
+
+
+class ReferenceTrainer:
+    def __init__(self, cfg: TrainConfig, rank: int = 0, log=print):
+        self.cfg, self.rank, self.log = cfg, rank, log
+        if cfg.torch_threads:
+            torch.set_num_threads(cfg.torch_threads)
+        self.suite = CapabilitySuite(cfg.suite.tier, cfg.suite.tau, cfg.suite.seed)
+        if cfg.init_from is not None:
+            self.student = load_student(cfg.init_from, device=cfg.device, dtype=cfg.dtype)
+        else:
+            self.student = build_student(cfg.student, device=cfg.device, dtype=cfg.dtype)
+        self.device = self.student.field.device
+        self.teachers = build_route_fields(cfg.routes, self.suite, device=self.device)
+        self.router = HardRouter({n: r.weight for n, r in cfg.routes.items()}, cfg.seed)
+        if cfg.method.routing == "soft":
+            self.soft_target = SoftMixField(list(self.teachers.values()), [r.weight for r in cfg.routes.values()])
+        self.sigmas = sigma_schedule(cfg.method.rollout_steps, cfg.method.schedule, cfg.method.shift).to(self.device)
+        o = cfg.optim
+        self.params = [p for p in self.student.transformer.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+        self.step = 0
+        self.route_log: list[str] = []
+        self.history: list[dict] = []
+
+    # ----------------------------------------------------------------------------------- one update
+    def train_step(self) -> dict:
+        cfg, step = self.cfg, self.step
+        route = self.router.route(step)  # hard route: one field for every micro-batch of this update
+        times = StepTimes()
+        self.optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for micro in range(cfg.optim.grad_accum):
+            cond = self.suite.bucket(cfg.routes[route].capability).sample(cfg.optim.batch_size, derive_seed(cfg.seed, "batch", step, self.rank, micro))
+            t0 = time.perf_counter()
+            q = self.query_batch(route, cond, step, micro)  # rollout of the current student, no grad
+            t1 = time.perf_counter()
+            with torch.no_grad():
+                target = self.target_velocity(route, q)  # the frozen field, at the student's own states
+            t2 = time.perf_counter()
+            pred = self.student.field.velocity(q.x, q.sigma, q.conditions)
+            loss = self.loss(pred, target, q) / cfg.optim.grad_accum
+            loss.backward()
+            t3 = time.perf_counter()
+            total += loss.item()
+            times.rollout += t1 - t0
+            times.teacher += t2 - t1
+            times.forward_backward += t3 - t2
+        t4 = time.perf_counter()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.grad_clip))
+        for g in self.optimizer.param_groups:
+            g["lr"] = self.lr_at(step)
+        self.optimizer.step()
+        times.optimizer = time.perf_counter() - t4
+        self.route_log.append(route)
+        self.step += 1
+        return {"step": step, "route": route, "loss": total, "grad_norm": grad_norm, "times": times}
+
+    def query_batch(self, route: str, cond: Conditions, step: int, micro: int) -> QueryBatch:
+        m, b = self.cfg.method, len(cond)
+        n = len(self.sigmas) - 1
+        k = n if m.query_position == "dense" else m.k
+        idx = sample_query_indices(n, b, k, m.query_position, generator(self.cfg.seed, "query", step, self.rank, micro))
+        noise = torch.randn(b, *self.student.field.info.sample_shape, generator=generator(self.cfg.seed, "noise", step, self.rank, micro)).to(self.device)
+        cond_dev = cond.to(self.device)
+        dt = (self.sigmas[idx] - self.sigmas[idx + 1]).reshape(-1)
+        if m.states == "off_policy":
+            x0 = self.suite.clean_samples(self.cfg.routes[route].capability, cond, derive_seed(self.cfg.seed, "x0", step, self.rank, micro)).to(self.device)
+            eps = torch.randn(b * k, *x0.shape[1:], generator=generator(self.cfg.seed, "eps", step, self.rank, micro)).to(self.device)
+            sigma = self.sigmas[idx].reshape(-1)
+            x0k = x0.repeat_interleave(k, 0)
+            return QueryBatch(forward_noise(x0k, eps, sigma), sigma, cond_dev.repeat(k), dt, x0k, eps)
+        roller = self.student.field if m.states == "on_policy" else self.teachers[route]
+        traj = rollout_states(lambda x, s: roller.velocity(x, s, cond_dev), noise, self.sigmas)
+        x, sigma = gather_states(traj.states, traj.sigmas, idx)
+        return QueryBatch(x, sigma, cond_dev.repeat(k), dt)
+
+    def target_velocity(self, route: str, q: QueryBatch) -> torch.Tensor:
+        if self.cfg.method.target == "data":
+            return velocity_target(q.x0, q.eps)
+        field = self.soft_target if self.cfg.method.routing == "soft" else self.teachers[route]
+        return field.velocity(q.x, q.sigma, q.conditions)
+
+    def loss(self, pred: torch.Tensor, target: torch.Tensor, q: QueryBatch) -> torch.Tensor:
+        if self.cfg.method.loss == "dense_dt2":
+            return dense_velocity_loss(pred, target, q.dt, k=len(self.sigmas) - 1)
+        return velocity_mse(pred, target)
+
+    def lr_at(self, step: int) -> float:
+        o = self.cfg.optim
+        if o.warmup_steps and step < o.warmup_steps:
+            return o.lr * (step + 1) / o.warmup_steps
+        return o.lr
+
+    # ----------------------------------------------------------------------------------- the run
+    def state(self) -> dict:
+        return {"routing_cursor": self.step, "route_log": self.route_log, "history": self.history,
+                "config": json.loads(self.cfg.model_dump_json())}
+
+    def save(self) -> Path:
+        return save_checkpoint(self.cfg.run_dir, self.step, self.student, self.optimizer, self.state(), self.cfg.keep_checkpoints)
+
+    def resume(self) -> bool:
+        """Continue from the run's latest checkpoint if there is one (weights, optimizer, step, RNG, routing)."""
+        ckpt = latest_checkpoint(self.cfg.run_dir)
+        if ckpt is None:
+            return False
+        loaded = load_student(ckpt / "student", device=self.device, dtype=self.cfg.dtype)
+        self.student.transformer.load_state_dict(loaded.transformer.state_dict())
+        state = load_checkpoint_state(ckpt, self.optimizer)
+        self.step = state["routing_cursor"]
+        self.route_log, self.history = state["route_log"], state["history"]
+        self.log(f"resumed from {ckpt} at step {self.step}")
+        return True
+
+    def fit(self, steps: int | None = None) -> dict:
+        cfg = self.cfg
+        end = steps if steps is not None else cfg.steps
+        start_step, start = self.step, time.perf_counter()
+        window: dict[str, list[float]] = defaultdict(list)
+        acc = StepTimes()
+        while self.step < end:
+            out = self.train_step()
+            window[out["route"]].append(out["loss"])
+            t = out["times"]
+            acc.rollout += t.rollout
+            acc.teacher += t.teacher
+            acc.forward_backward += t.forward_backward
+            acc.optimizer += t.optimizer
+            elapsed = time.perf_counter() - start
+            done = self.step - start_step
+            if self.step % cfg.log_every == 0 or self.step == end:
+                rate = done * cfg.optim.batch_size * cfg.optim.grad_accum / elapsed
+                eta = elapsed / done * (end - self.step)
+                losses = {r: sum(v) / len(v) for r, v in window.items()}
+                tot = max(acc.total(), 1e-9)
+                rec = {"step": self.step, "loss": losses, "samples_per_s": rate, "elapsed_s": elapsed,
+                       "time_share": {"rollout": acc.rollout / tot, "teacher": acc.teacher / tot,
+                                      "forward_backward": acc.forward_backward / tot, "optimizer": acc.optimizer / tot}}
+                self.history.append(rec)
+                loss_txt = " ".join(f"{r}={v:.4f}" for r, v in sorted(losses.items()))
+                share = rec["time_share"]
+                self.log(f"step {self.step:>5}/{end}  loss {loss_txt}  {rate:6.1f} samples/s  "
+                         f"rollout {share['rollout']:.0%} teacher {share['teacher']:.0%} fwd/bwd {share['forward_backward']:.0%}  "
+                         f"ETA {eta / 60:4.1f} min")
+                window.clear()
+            if self.step % cfg.checkpoint_every == 0:
+                self.save()
+            if cfg.max_minutes is not None and elapsed > cfg.max_minutes * 60:
+                self.log(f"stopping at step {self.step}: max_minutes={cfg.max_minutes} reached")
+                break
+        if self.step % cfg.checkpoint_every != 0:
+            self.save()
+        return {"steps": self.step - start_step, "seconds": time.perf_counter() - start}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m trainer.reference", description="Reference (single-process) DanceOPD training.")
+    p.add_argument("--config", type=Path, help="YAML run config (default: embedded defaults)")
+    p.add_argument("--no-resume", action="store_true", help="start fresh even if the run has checkpoints")
+    p.add_argument("--eval", action="store_true", help="evaluate after training and write report.json + grid.png")
+    p.add_argument("overrides", nargs="*", help="key.path=value settings, e.g. optim.lr=3e-4 steps=100")
+    args = p.parse_intermixed_args(argv)
+    try:
+        cfg = load_config(args.config, dict(parse_override(o) for o in args.overrides))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    trainer = ReferenceTrainer(cfg, log=lambda m: print(m, flush=True))
+    if not args.no_resume:
+        trainer.resume()
+    trainer.fit()
+    if args.eval:
+        from danceopd.evaluation import evaluate, summary_table, write_report
+
+        report = evaluate(trainer.student.field, trainer.teachers, cfg.routes, trainer.suite, cfg.eval,
+                          device=trainer.device, grid_path=cfg.run_dir / "grid.png")
+        report["training"] = {"steps": trainer.step, "history": trainer.history[-1:] if trainer.history else []}
+        path = write_report(report, cfg.run_dir / "report.json")
+        print(summary_table(report))
+        print(f"report: {path}\ngrid:   {report['grid']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
