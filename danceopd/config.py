@@ -80,6 +80,7 @@ class OptimConfig(_Strict):
     grad_clip: float = Field(1.0, gt=0.0)
     warmup_steps: int = Field(20, ge=0)
     batch_size: int = Field(32, ge=1, description="samples per micro-batch")
+    ema_decay: float = Field(0.995, ge=0.0, lt=1.0, description="EMA of the weights that is evaluated and saved; 0 = off")
     grad_accum: int = Field(1, ge=1)
 
 

@@ -89,6 +89,14 @@ def _make_field(transformer, text_encoder, tokenizer, cfg: StudentConfig, device
     return Student(field, text_encoder, tokenizer, cfg)
 
 
+def with_transformer(student: Student, transformer: torch.nn.Module, name: str | None = None) -> Student:
+    """The same student (encoders, tokenizer, config) with other transformer weights, e.g. an EMA copy."""
+    f = student.field
+    field = TransformerField(name or f.info.name, f.info.kind, transformer, f._encode, f.info.sample_shape, f.device, f.dtype)
+    field._cache = f._cache  # same frozen encoders: share the prompt-embedding cache
+    return Student(field, student.text_encoder, student.tokenizer, student.config)
+
+
 def build_student(cfg: StudentConfig, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32", name: str = "student") -> Student:
     """A randomly initialised student, reproducible from cfg.seed."""
     from diffusers import SD3Transformer2DModel

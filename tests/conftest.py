@@ -37,3 +37,33 @@ def hard_suite():
     from danceopd.suite import CapabilitySuite
 
     return CapabilitySuite("hard")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+TEST_TOKEN_ENV = "DANCEOPD_TEST_API_TOKEN"
+TEST_TOKEN = "s3cret-token"
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster with Serve for the whole session (cold start ~12 s)."""
+    import types
+
+    import ray
+    from ray import serve
+
+    os.environ[TEST_TOKEN_ENV] = TEST_TOKEN  # inherited by the workers: the auth gateway reads it
+    http_port, metrics_port = free_port(), free_port()
+    ray.init(num_cpus=8, include_dashboard=False, _metrics_export_port=metrics_port, logging_level="WARNING",
+             configure_logging=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": http_port})
+    yield types.SimpleNamespace(http=f"http://127.0.0.1:{http_port}", metrics_port=metrics_port)
+    serve.shutdown()
+    ray.shutdown()

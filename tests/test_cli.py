@@ -10,7 +10,7 @@ from danceopd.student import StudentConfig, build_student
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "danceopd.cli", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "danceopd_cli", *args], capture_output=True, text=True, timeout=300)
 
 
 def test_eval_writes_report_and_grid(tmp_path):

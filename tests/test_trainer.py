@@ -52,6 +52,8 @@ def test_same_seed_same_run_and_exact_resume(tmp_path):
     resumed.fit()
     assert resumed.route_log == straight.route_log
     assert torch.equal(params(resumed), params(straight))
+    ema = lambda t: torch.cat([p.flatten() for p in t.ema.model.parameters()])  # noqa: E731
+    assert torch.equal(ema(resumed), ema(straight))
     opt_a, opt_b = straight.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
     assert all(torch.equal(opt_a[k]["exp_avg"], opt_b[k]["exp_avg"]) for k in opt_a)
 

@@ -1,6 +1,7 @@
 """Checkpoints: the student (save_pretrained), optimizer, step, RNG states and routing cursor.
 
-Layout: <run_dir>/checkpoints/step-XXXXXXXX/{student/, optimizer.pt, state.json}. A checkpoint is written
+Layout: <run_dir>/checkpoints/step-XXXXXXXX/{student/, optimizer.pt, state.json}. student/ holds the
+weights to evaluate and serve (the EMA when it is on); optimizer.pt also holds the raw training weights. A checkpoint is written
 to a temporary folder and renamed into place, so a crash never leaves a half-written "latest".
 """
 
@@ -27,7 +28,8 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def save_checkpoint(run_dir: Path, step: int, student, optimizer: torch.optim.Optimizer, state: dict, keep: int = 2) -> Path:
+def save_checkpoint(run_dir: Path, step: int, student, optimizer: torch.optim.Optimizer, state: dict, keep: int = 2,
+                    training_weights: dict | None = None) -> Path:
     d = checkpoint_dir(run_dir)
     d.mkdir(parents=True, exist_ok=True)
     final = d / f"step-{step:08d}"
@@ -35,7 +37,7 @@ def save_checkpoint(run_dir: Path, step: int, student, optimizer: torch.optim.Op
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     student.save_pretrained(tmp / "student")
-    torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+    torch.save({"optimizer": optimizer.state_dict(), "training_weights": training_weights, "torch_rng": torch.get_rng_state(),
                 "numpy_rng": np.random.get_state(), "python_rng": random.getstate()}, tmp / "optimizer.pt")
     (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2))
     shutil.rmtree(final, ignore_errors=True)
@@ -45,9 +47,12 @@ def save_checkpoint(run_dir: Path, step: int, student, optimizer: torch.optim.Op
     return final
 
 
-def load_checkpoint_state(path: Path, optimizer: torch.optim.Optimizer) -> dict:
+def load_checkpoint_state(path: Path, optimizer: torch.optim.Optimizer, model: torch.nn.Module | None = None) -> dict:
+    """Restore optimizer, RNG and (when saved) the raw training weights into `model`; returns state.json."""
     blob = torch.load(path / "optimizer.pt", weights_only=False)
     optimizer.load_state_dict(blob["optimizer"])
+    if model is not None and blob.get("training_weights") is not None:
+        model.load_state_dict(blob["training_weights"])
     torch.set_rng_state(blob["torch_rng"])
     np.random.set_state(blob["numpy_rng"])
     random.setstate(blob["python_rng"])

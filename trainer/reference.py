@@ -23,9 +23,10 @@ from danceopd.flow import dense_velocity_loss, forward_noise, gather_states, rol
 from danceopd.routes import build_route_fields
 from danceopd.routing import HardRouter
 from danceopd.seeding import derive_seed, generator
-from danceopd.student import build_student, load_student
+from danceopd.student import Student, build_student, load_student, with_transformer
 from danceopd.suite import CapabilitySuite
 from trainer.checkpoint import latest_checkpoint, load_checkpoint_state, save_checkpoint
+from trainer.ema import EMA
 
 
 @dataclass
@@ -69,6 +70,7 @@ class ReferenceTrainer:
         o = cfg.optim
         self.params = [p for p in self.student.transformer.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+        self.ema = EMA(self.student.transformer, o.ema_decay) if o.ema_decay > 0 else None
         self.step = 0
         self.route_log: list[str] = []
         self.history: list[dict] = []
@@ -101,6 +103,8 @@ class ReferenceTrainer:
         for g in self.optimizer.param_groups:
             g["lr"] = self.lr_at(step)
         self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update(self.student.transformer, step)
         times.optimizer = time.perf_counter() - t4
         self.route_log.append(route)
         self.step += 1
@@ -147,8 +151,14 @@ class ReferenceTrainer:
         return {"routing_cursor": self.step, "route_log": self.route_log, "history": self.history,
                 "config": json.loads(self.cfg.model_dump_json())}
 
+    @property
+    def final_student(self) -> Student:
+        """What is evaluated, saved as the checkpoint's student/ and served: the EMA weights (if on)."""
+        return self.student if self.ema is None else with_transformer(self.student, self.ema.model)
+
     def save(self) -> Path:
-        return save_checkpoint(self.cfg.run_dir, self.step, self.student, self.optimizer, self.state(), self.cfg.keep_checkpoints)
+        return save_checkpoint(self.cfg.run_dir, self.step, self.final_student, self.optimizer, self.state(),
+                               self.cfg.keep_checkpoints, training_weights=self.student.transformer.state_dict())
 
     def resume(self) -> bool:
         """Continue from the run's latest checkpoint if there is one (weights, optimizer, step, RNG, routing)."""
@@ -156,8 +166,11 @@ class ReferenceTrainer:
         if ckpt is None:
             return False
         loaded = load_student(ckpt / "student", device=self.device, dtype=self.cfg.dtype)
-        self.student.transformer.load_state_dict(loaded.transformer.state_dict())
-        state = load_checkpoint_state(ckpt, self.optimizer)
+        state = load_checkpoint_state(ckpt, self.optimizer, self.student.transformer)
+        if self.ema is not None:
+            self.ema.model.load_state_dict(loaded.transformer.state_dict())
+        else:
+            self.student.transformer.load_state_dict(loaded.transformer.state_dict())
         self.step = state["routing_cursor"]
         self.route_log, self.history = state["route_log"], state["history"]
         self.log(f"resumed from {ckpt} at step {self.step}")
@@ -182,6 +195,8 @@ class ReferenceTrainer:
             if self.step % cfg.log_every == 0 or self.step == end:
                 rate = done * cfg.optim.batch_size * cfg.optim.grad_accum / elapsed
                 eta = elapsed / done * (end - self.step)
+                if cfg.max_minutes is not None:
+                    eta = min(eta, max(0.0, cfg.max_minutes * 60 - elapsed))
                 losses = {r: sum(v) / len(v) for r, v in window.items()}
                 tot = max(acc.total(), 1e-9)
                 rec = {"step": self.step, "loss": losses, "samples_per_s": rate, "elapsed_s": elapsed,
@@ -223,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.eval:
         from danceopd.evaluation import evaluate, summary_table, write_report
 
-        report = evaluate(trainer.student.field, trainer.teachers, cfg.routes, trainer.suite, cfg.eval,
+        report = evaluate(trainer.final_student.field, trainer.teachers, cfg.routes, trainer.suite, cfg.eval,
                           device=trainer.device, grid_path=cfg.run_dir / "grid.png")
         report["training"] = {"steps": trainer.step, "history": trainer.history[-1:] if trainer.history else []}
         path = write_report(report, cfg.run_dir / "report.json")

@@ -1,6 +1,8 @@
-"""`danceopd` command line: evaluation of a saved student against the suite's exact teachers.
+"""`danceopd` command line.
 
-    danceopd eval --student runs/demo/checkpoints/step-00000600/student --config configs/demo.yaml --out runs/demo/eval
+    danceopd eval --student runs/demo/checkpoints/step-00000900/student --config configs/demo.yaml
+    danceopd query t2i --prompt "a red circle" --sigma 0.5 --url http://127.0.0.1:8000
+    danceopd serve-config configs/teachers.yaml > deploy/serve-teachers.yaml
 
 Exit codes: 0 ok, 2 bad input (config, paths), 1 unexpected failure.
 """
@@ -43,22 +45,40 @@ def world_size(tier: str) -> int:
     return get_tier(tier).size
 
 
+def _serve_config(args) -> int:
+    from services.teachers.app import render_serve_config
+    from services.teachers.config import load_teachers_config
+
+    print(render_serve_config(load_teachers_config(args.config), str(args.config), args.host, args.port), end="")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    from services.teachers.query_cli import CliError, add_parser as add_query
+
     parser = argparse.ArgumentParser(prog="danceopd", description="DanceOPD tools")
     sub = parser.add_subparsers(dest="command", required=True)
+    add_query(sub)
+    sc = sub.add_parser("serve-config", help="render the `serve deploy` config for a teachers config")
+    sc.add_argument("config", type=Path)
+    sc.add_argument("--host", default="0.0.0.0")
+    sc.add_argument("--port", type=int, default=8000)
+    sc.set_defaults(run=_serve_config)
     ev = sub.add_parser("eval", help="sample a student per capability, score it against the exact teachers, write report.json + grid.png")
     ev.add_argument("--student", type=Path, required=True, help="a saved student folder (e.g. a checkpoint's student/)")
     ev.add_argument("--config", type=Path, help="run config naming the routes and eval settings (default: embedded)")
     ev.add_argument("--out", type=Path, help="output folder (default: next to the student, eval/)")
     ev.add_argument("overrides", nargs="*", help="key.path=value, e.g. eval.samples_per_capability=48")
+    ev.set_defaults(run=_eval)
     args, extra = parser.parse_known_args(argv)
-    unknown = [e for e in extra if e.startswith("-") or "=" not in e]
+    unknown = [e for e in extra if e.startswith("-") or "=" not in e or args.command != "eval"]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")  # exits 2
-    args.overrides = list(args.overrides) + extra
+    if args.command == "eval":
+        args.overrides = list(args.overrides) + extra
     try:
-        return {"eval": _eval}[args.command](args)
-    except ConfigError as e:
+        return args.run(args)
+    except (ConfigError, CliError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

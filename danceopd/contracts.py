@@ -1,0 +1,110 @@
+"""Wire contracts shared by the teacher servers and their clients (trainers, the REST gateway, the CLI).
+
+Tensors cross process boundaries as numpy arrays: Ray moves them without torch's pickling path
+(see ../shared/docs/ray-on-this-machine.md), and they convert to and from torch without a copy on the CPU.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from danceopd.fields.base import Conditions, FieldInfo
+
+
+class QueryError(ValueError):
+    """A query a field cannot answer; `field` names the offending input (for a 4xx reply)."""
+
+    def __init__(self, field: str, message: str, status: int = 422):
+        super().__init__(f"{field}: {message}")
+        self.field, self.message, self.status = field, message, status
+
+    def __reduce__(self):  # crosses process boundaries (Ray) intact
+        return (QueryError, (self.field, self.message, self.status))
+
+
+@dataclass
+class VelocityQuery:
+    x: np.ndarray  # float32 [B, C, H, W]
+    sigma: np.ndarray  # float32 [B]
+    prompts: list[str]
+    source: np.ndarray | None = None  # float32 [B, C, H, W] (edits)
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.x.shape[0])
+
+    @classmethod
+    def from_torch(cls, x: torch.Tensor, sigma: torch.Tensor, conditions: Conditions) -> "VelocityQuery":
+        src = None if conditions.source is None else _np32(conditions.source)
+        return cls(_np32(x), _np32(sigma), list(conditions.prompts), src)
+
+    def conditions(self, device: torch.device | str = "cpu") -> Conditions:
+        src = None if self.source is None else torch.from_numpy(np.ascontiguousarray(self.source)).to(device)
+        return Conditions(self.prompts, src)
+
+    def validate(self, info: FieldInfo) -> None:
+        """Raise QueryError naming the first bad input; nothing invalid reaches a model."""
+        c, h, w = info.sample_shape
+        if not isinstance(self.x, np.ndarray) or self.x.dtype != np.float32:
+            raise QueryError("x", f"must be float32, got {getattr(self.x, 'dtype', type(self.x).__name__)}")
+        if self.x.ndim != 4 or tuple(self.x.shape[1:]) != (c, h, w):
+            raise QueryError("x", f"must have shape [B, {c}, {h}, {w}] for teacher {info.name!r}, got {list(self.x.shape)}")
+        b = self.x.shape[0]
+        if b < 1:
+            raise QueryError("x", "batch is empty")
+        if not np.isfinite(self.x).all():
+            raise QueryError("x", "contains NaN or inf")
+        sigma = np.asarray(self.sigma)
+        if sigma.shape != (b,):
+            raise QueryError("sigma", f"must hold one value per sample ({b}), got shape {list(sigma.shape)}")
+        if not np.isfinite(sigma).all() or (sigma < 0).any() or (sigma > 1).any():
+            raise QueryError("sigma", "must lie in [0, 1] (1 = pure noise, 0 = clean)")
+        if len(self.prompts) != b or not all(isinstance(p, str) for p in self.prompts):
+            raise QueryError("prompt", f"need one prompt string per sample ({b}), got {len(self.prompts)}")
+        if self.source is None:
+            if info.requires_source:
+                raise QueryError("source", f"teacher {info.name!r} edits an image: send the source image")
+        else:
+            if not info.takes_source:
+                raise QueryError("source", f"teacher {info.name!r} takes no source image")
+            if self.source.dtype != np.float32 or tuple(self.source.shape) != tuple(self.x.shape):
+                raise QueryError("source", f"must be float32 with x's shape {list(self.x.shape)}, got {self.source.dtype} {list(self.source.shape)}")
+            if not np.isfinite(self.source).all():
+                raise QueryError("source", "contains NaN or inf")
+
+
+def _np32(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to("cpu", torch.float32).contiguous().numpy()
+
+
+def concat_queries(queries: list[VelocityQuery]) -> VelocityQuery:
+    """Merge queries into one batch (sources: zeros where a query has none, if any query has one)."""
+    x = np.concatenate([q.x for q in queries])
+    sigma = np.concatenate([np.asarray(q.sigma, dtype=np.float32) for q in queries])
+    prompts = [p for q in queries for p in q.prompts]
+    source = None
+    if any(q.source is not None for q in queries):
+        source = np.concatenate([q.source if q.source is not None else np.zeros_like(q.x) for q in queries])
+    return VelocityQuery(x, sigma, prompts, source)
+
+
+def split_rows(array: np.ndarray, queries: list[VelocityQuery]) -> list[np.ndarray]:
+    out, i = [], 0
+    for q in queries:
+        out.append(array[i:i + q.num_samples])
+        i += q.num_samples
+    return out
+
+
+def info_to_dict(info: FieldInfo) -> dict:
+    return {"name": info.name, "kind": info.kind, "sample_shape": list(info.sample_shape),
+            "takes_source": info.takes_source, "requires_source": info.requires_source,
+            "guidance": None if info.guidance is None or not math.isfinite(info.guidance) else info.guidance}
+
+
+def info_from_dict(d: dict) -> FieldInfo:
+    return FieldInfo(d["name"], d["kind"], tuple(d["sample_shape"]), d["takes_source"], d["requires_source"], d.get("guidance"))

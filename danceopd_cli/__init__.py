@@ -1,0 +1,1 @@
+"""The `danceopd` command line (application layer: may use danceopd, services and trainer)."""

@@ -1,0 +1,85 @@
+"""TeacherClient: a velocity field backed by a teacher deployment, called through a Serve DeploymentHandle.
+
+It implements the same `velocity(x, sigma, conditions)` contract as an in-process field, so a trainer can
+use a served teacher and a local one interchangeably. Every call has a timeout and a bounded retry (a
+replica that died mid-call is retried on another).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import torch
+
+from danceopd.contracts import QueryError, VelocityQuery, info_from_dict
+from danceopd.fields.base import Conditions, FieldInfo
+
+APP_PREFIX = "teacher-"
+
+
+class TeacherUnavailable(RuntimeError):
+    pass
+
+
+class TeacherClient:
+    def __init__(self, teacher: str, app_prefix: str = APP_PREFIX, timeout_s: float = 30.0, retries: int = 2,
+                 backoff_s: float = 0.5, by_value: bool = True):
+        from ray import serve
+
+        self.teacher, self.timeout_s, self.retries, self.backoff_s = teacher, timeout_s, retries, backoff_s
+        handle = serve.get_deployment_handle("TeacherServer", app_name=f"{app_prefix}{teacher}")
+        # Small numpy payloads are cheapest by value over gRPC (no object-store round trip); large ones by
+        # reference. The cut-off follows ../shared/docs/ray-on-this-machine.md (gRPC path slow above ~4 MiB).
+        self._handle_small = handle.options(_by_reference=False, request_serialization="pickle",
+                                            response_serialization="pickle") if by_value else handle
+        self._handle_large = handle
+        self._info: FieldInfo | None = None
+
+    BY_VALUE_MAX_BYTES = 4 * 2**20
+
+    @property
+    def info(self) -> FieldInfo:
+        if self._info is None:
+            self._info = info_from_dict(self._call(lambda h: h.describe.remote(), 0))
+        return self._info
+
+    def _handle(self, nbytes: int):
+        return self._handle_small if nbytes < self.BY_VALUE_MAX_BYTES else self._handle_large
+
+    def _call(self, make, nbytes: int):
+        last: Exception | None = None
+        for attempt in range(self.retries + 1):
+            try:
+                return make(self._handle(nbytes)).result(timeout_s=self.timeout_s)
+            except QueryError:
+                raise  # bad input: retrying cannot help
+            except Exception as e:  # replica death, timeout, transient transport errors
+                last = e
+                if attempt < self.retries:
+                    time.sleep(self.backoff_s * (2**attempt))
+        raise TeacherUnavailable(f"teacher {self.teacher!r} failed after {self.retries + 1} attempts: {last!r}") from last
+
+    def query(self, query: VelocityQuery) -> np.ndarray:
+        return self._call(lambda h: h.velocity.remote(query), query.x.nbytes)
+
+    def velocity(self, x: torch.Tensor, sigma: torch.Tensor, conditions: Conditions) -> torch.Tensor:
+        v = self.query(VelocityQuery.from_torch(x, sigma, conditions))
+        return torch.from_numpy(v).to(device=x.device, dtype=x.dtype)
+
+    async def velocity_async(self, x: torch.Tensor, sigma: torch.Tensor, conditions: Conditions) -> torch.Tensor:
+        """For many concurrent queries from one process (e.g. per-sample routing to several teachers)."""
+        q = VelocityQuery.from_torch(x, sigma, conditions)
+        last: Exception | None = None
+        for attempt in range(self.retries + 1):
+            try:
+                v = await asyncio.wait_for(self._handle(q.x.nbytes).velocity.remote(q), self.timeout_s)
+                return torch.from_numpy(v).to(device=x.device, dtype=x.dtype)
+            except QueryError:
+                raise
+            except Exception as e:
+                last = e
+                if attempt < self.retries:
+                    await asyncio.sleep(self.backoff_s * (2**attempt))
+        raise TeacherUnavailable(f"teacher {self.teacher!r} failed after {self.retries + 1} attempts: {last!r}") from last

@@ -1,0 +1,180 @@
+"""Declarative teachers configuration (YAML), validated by pydantic before anything loads.
+
+    teachers:
+      - name: t2i
+        field: {kind: suite, capability: t2i, tier: basic}
+        num_replicas: 1
+        ray_actor_options: {num_cpus: 0.5}
+        batching: {max_batch_size: 64, batch_wait_timeout_s: 0.0}
+      - name: t2i_cfg
+        field: {kind: cfg, base: t2i, alpha: 3.5}
+      - name: sd3
+        field: {kind: diffusers, path: /models/sd3-medium}
+        device: cuda
+        dtype: bfloat16
+        ray_actor_options: {num_gpus: 1, num_cpus: 4}
+        autoscaling_config: {min_replicas: 1, max_replicas: 4, target_ongoing_requests: 2}
+    gateway: {route_prefix: /, auth_token_env: DANCEOPD_API_TOKEN, max_payload_mb: 32}
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from danceopd.config import ConfigError, format_validation_error
+from danceopd.suite.buckets import CAPABILITIES
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SuiteFieldSpec(_Strict):
+    kind: Literal["suite"]
+    capability: str
+    tier: Literal["basic", "hard"] = "basic"
+    tau: float = Field(0.0, ge=0.0, le=0.5)
+    seed: int = 0
+
+    @field_validator("capability")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in CAPABILITIES:
+            raise ValueError(f"unknown capability {v!r}: choose from {list(CAPABILITIES)}")
+        return v
+
+
+class DiffusersFieldSpec(_Strict):
+    kind: Literal["diffusers"]
+    path: str = Field(description="a local diffusers folder (SD3 pipeline or DanceOPD student) or a hub id")
+    max_sequence_length: int = Field(256, ge=1)
+
+    @field_validator("path")
+    @classmethod
+    def _exists(cls, v: str) -> str:
+        if v.startswith(("/", "./", "../", "~")) and not Path(v).expanduser().exists():
+            raise ValueError(f"model folder {v} does not exist: give a diffusers model folder or a hub id")
+        return v
+
+
+class CFGFieldSpec(_Strict):
+    kind: Literal["cfg"]
+    base: str = Field(description="name of another teacher in this file; its field is built in this replica")
+    alpha: float = Field(gt=0.0)
+
+
+FieldSpec = Annotated[Union[SuiteFieldSpec, DiffusersFieldSpec, CFGFieldSpec], Field(discriminator="kind")]
+
+
+class BatchingConfig(_Strict):
+    enabled: bool = True
+    max_batch_size: int = Field(64, ge=1, description="samples (not requests) per model call")
+    # 0 = opportunistic: never wait; queries that arrive while a batch computes form the next batch.
+    # A positive wait only pays off when callers outnumber what one model call can absorb.
+    batch_wait_timeout_s: float = Field(0.0, ge=0.0, le=1.0)
+
+
+class AutoscalingConfig(_Strict):
+    min_replicas: int = Field(1, ge=0)
+    initial_replicas: int | None = Field(None, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(2.0, gt=0)
+    upscale_delay_s: float = Field(10.0, ge=0)
+    downscale_delay_s: float = Field(60.0, ge=0)
+
+    @model_validator(mode="after")
+    def _order(self):
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
+        return self
+
+
+class ActorOptions(_Strict):
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+
+
+class TeacherConfig(_Strict):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")
+    field: FieldSpec
+    device: str = "auto"
+    dtype: str = "auto"
+    num_replicas: int | None = Field(None, ge=1)
+    autoscaling_config: AutoscalingConfig | None = None
+    max_ongoing_requests: int = Field(16, ge=1)
+    ray_actor_options: ActorOptions = ActorOptions()
+    batching: BatchingConfig = BatchingConfig()
+    torch_threads: int = Field(1, ge=1, description="torch threads in the replica (1 is best on a shared CPU box)")
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.num_replicas is not None and self.autoscaling_config is not None:
+            raise ValueError("set num_replicas or autoscaling_config, not both")
+        if self.device.startswith("cuda") and self.ray_actor_options.num_gpus <= 0:
+            raise ValueError(f"device {self.device!r} needs a GPU: set ray_actor_options.num_gpus (e.g. 1)")
+        if self.dtype not in ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"):
+            raise ValueError(f"dtype {self.dtype!r}: use auto, float32, bfloat16 or float16")
+        return self
+
+
+class GatewayConfig(_Strict):
+    route_prefix: str = "/"
+    auth_token_env: str | None = Field(None, description="env var holding the bearer token; unset = no auth")
+    max_payload_mb: float = Field(32.0, gt=0)
+    request_timeout_s: float = Field(30.0, gt=0)
+    num_cpus: float = Field(0.5, ge=0)
+
+
+class TeachersConfig(_Strict):
+    app_prefix: str = Field("teacher-", description="each teacher is the Serve application <app_prefix><name>")
+    teachers: list[TeacherConfig]
+    gateway: GatewayConfig = GatewayConfig()
+
+    @model_validator(mode="after")
+    def _references(self):
+        names = [t.name for t in self.teachers]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"teacher names must be unique, repeated: {dupes}")
+        by_name = {t.name: t for t in self.teachers}
+        for t in self.teachers:
+            seen, cur = [t.name], t
+            while isinstance(cur.field, CFGFieldSpec):
+                if cur.field.base not in by_name:
+                    raise ValueError(f"teacher {cur.name!r}: field.base {cur.field.base!r} is not a teacher in this file ({names})")
+                cur = by_name[cur.field.base]
+                if cur.name in seen:
+                    raise ValueError(f"teacher {t.name!r}: cfg bases form a cycle {seen + [cur.name]}")
+                seen.append(cur.name)
+        return self
+
+    def teacher(self, name: str) -> TeacherConfig:
+        for t in self.teachers:
+            if t.name == name:
+                return t
+        raise ConfigError(f"no teacher named {name!r}; configured: {[t.name for t in self.teachers]}")
+
+    def app_name(self, teacher: str) -> str:
+        return f"{self.app_prefix}{teacher}"
+
+
+def load_teachers_config(source: str | Path | dict) -> TeachersConfig:
+    if isinstance(source, dict):
+        data, where = source, "inline teachers config"
+    else:
+        p = Path(source)
+        if not p.exists():
+            raise ConfigError(f"teachers config {p} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p} is not valid YAML: {e}") from None
+        where = str(p)
+    try:
+        return TeachersConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, where)) from None

@@ -1,0 +1,38 @@
+"""Build the velocity field a teacher config names (inside its replica)."""
+
+from __future__ import annotations
+
+from danceopd.fields.base import VelocityField
+from danceopd.fields.diffusers_field import load_model_field
+from danceopd.fields.operators import CFGField
+from danceopd.suite import CapabilitySuite
+from services.teachers.config import CFGFieldSpec, DiffusersFieldSpec, SuiteFieldSpec, TeacherConfig, TeachersConfig
+
+
+def build_field(teacher: TeacherConfig, all_teachers: TeachersConfig | None = None) -> VelocityField:
+    spec = teacher.field
+    if isinstance(spec, SuiteFieldSpec):
+        field = CapabilitySuite(spec.tier, spec.tau, spec.seed).field(spec.capability)
+        # Served edit teachers insist on a source image: in-process the suite's edit fields fall back to
+        # the unconditional field (for soft mixing), which over REST would be a silently wrong answer.
+        return _served_copy(field, teacher.name, requires_source=field.info.takes_source)
+    if isinstance(spec, DiffusersFieldSpec):
+        return load_model_field(spec.path, name=teacher.name, device=teacher.device, dtype=teacher.dtype,
+                                max_sequence_length=spec.max_sequence_length)
+    if isinstance(spec, CFGFieldSpec):
+        if all_teachers is None:
+            raise ValueError(f"teacher {teacher.name!r} is CFG over {spec.base!r}: the full teachers config is needed")
+        # The base field is built in this replica (no extra network hop per query); it runs on this
+        # replica's device with this replica's settings.
+        base_cfg = all_teachers.teacher(spec.base).model_copy(update={"device": teacher.device, "dtype": teacher.dtype})
+        return CFGField(build_field(base_cfg, all_teachers), spec.alpha, name=teacher.name)
+    raise TypeError(f"unknown field spec {type(spec).__name__}")
+
+
+def _served_copy(field, name: str, requires_source: bool):
+    import copy
+    from dataclasses import replace
+
+    served = copy.copy(field)  # shallow: shares the reference sets, own FieldInfo
+    served.info = replace(field.info, name=name, requires_source=requires_source)
+    return served

@@ -1,0 +1,146 @@
+"""REST gateway (FastAPI on Serve) for debugging teachers: list fields, query a velocity, health.
+
+    GET  /healthz
+    GET  /v1/fields
+    POST /v1/fields/{name}/velocity   {"x": {"b64", "shape"} | {"npy_b64"}, "sigma": 0.5 | [...],
+                                       "prompt": "a red circle" | [...], "source": {...}?, "return_x0_png": false}
+Bad input never reaches a model: every problem is a 4xx with {"error": {"field", "message"}}.
+No `from __future__ import annotations` here: FastAPI must see real annotations (e.g. `Request`) on the
+ingress methods.
+"""
+
+
+import asyncio
+import hmac
+import os
+import time
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from ray import serve
+
+from danceopd.contracts import QueryError, VelocityQuery, info_from_dict
+from services.teachers.codec import decode_array, encode_array, image_png_b64
+from services.teachers.config import TeachersConfig
+
+app = FastAPI(title="DanceOPD teacher fields", version="1",
+              description="Debug access to the teacher velocity fields served on Ray Serve.")
+
+
+class VelocityRequest(BaseModel):
+    x: dict = Field(description="state x_sigma: {'b64': base64 little-endian float32, 'shape': [B,C,H,W]} or {'npy_b64': ...}")
+    sigma: float | list[float] = Field(description="noise level(s) in [0, 1]; one value is used for every sample")
+    prompt: str | list[str] = Field("", description="prompt(s); '' = unconditional; one string is used for every sample")
+    source: dict | None = Field(None, description="source image(s) for edit teachers, encoded like x")
+    return_x0_png: bool = Field(False, description="also return x0_hat = x - sigma v of the first sample as a PNG")
+
+
+def _error(status: int, field: str, message: str) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": {"field": field, "message": message}})
+
+
+@app.exception_handler(RequestValidationError)
+async def _invalid_body(request: Request, exc: RequestValidationError):
+    first = exc.errors()[0] if exc.errors() else {"loc": ["body"], "msg": "invalid"}
+    field = ".".join(str(p) for p in first["loc"] if p != "body") or "body"
+    return _error(422, field, first["msg"])
+
+
+@serve.deployment(name="TeacherGateway")
+@serve.ingress(app)
+class TeacherGateway:
+    def __init__(self, teachers: dict):
+        self.cfg = TeachersConfig.model_validate(teachers)
+        g = self.cfg.gateway
+        self.token = os.environ.get(g.auth_token_env) if g.auth_token_env else None
+        if g.auth_token_env and not self.token:
+            raise ValueError(f"gateway.auth_token_env is {g.auth_token_env!r} but that variable is unset in the gateway's environment")
+        self.max_bytes = int(g.max_payload_mb * 2**20)
+        self.handles = {t.name: serve.get_deployment_handle("TeacherServer", app_name=self.cfg.app_name(t.name)) for t in self.cfg.teachers}
+        self.infos: dict[str, dict] = {}
+
+    async def _info(self, name: str) -> dict:
+        if name not in self.infos:
+            self.infos[name] = await asyncio.wait_for(self.handles[name].describe.remote(), self.cfg.gateway.request_timeout_s)
+        return self.infos[name]
+
+    def _unauthorized(self, request: Request) -> JSONResponse | None:
+        if self.token is None:
+            return None
+        got = request.headers.get("authorization", "")
+        if not hmac.compare_digest(got.encode(), f"Bearer {self.token}".encode()):
+            return _error(401, "authorization", "missing or wrong bearer token: send 'Authorization: Bearer <token>'")
+        return None
+
+    @app.get("/healthz")
+    async def healthz(self) -> dict:
+        return {"status": "ok", "teachers": [t.name for t in self.cfg.teachers]}
+
+    @app.get("/v1/fields")
+    async def fields(self, request: Request):
+        if (denied := self._unauthorized(request)) is not None:
+            return denied
+        infos = await asyncio.gather(*(self._info(n) for n in self.handles))
+        keep = ("name", "kind", "sample_shape", "takes_source", "requires_source", "guidance", "device")
+        return {"fields": [{k: i[k] for k in keep} for i in infos]}
+
+    @app.post("/v1/fields/{name}/velocity")
+    async def velocity(self, name: str, request: Request):
+        if (denied := self._unauthorized(request)) is not None:
+            return denied
+        if name not in self.handles:
+            return _error(404, "name", f"unknown teacher {name!r}; available: {sorted(self.handles)}")
+        size = int(request.headers.get("content-length") or 0)
+        body = await request.body()
+        if max(size, len(body)) > self.max_bytes:
+            return _error(413, "body", f"payload of {max(size, len(body))} bytes exceeds gateway.max_payload_mb={self.cfg.gateway.max_payload_mb}")
+        try:
+            req = VelocityRequest.model_validate_json(body)
+        except Exception as e:  # pydantic ValidationError or bad JSON
+            errs = getattr(e, "errors", lambda: [{"loc": ["body"], "msg": str(e)}])()
+            loc = ".".join(str(p) for p in errs[0]["loc"]) or "body"
+            return _error(422, loc, errs[0]["msg"])
+        try:
+            query = self._query(req)
+            info = info_from_dict(await self._info(name))
+            query.validate(info)
+        except QueryError as e:
+            return _error(e.status, e.field, e.message)
+        start = time.perf_counter()
+        try:
+            v = await asyncio.wait_for(self.handles[name].velocity.remote(query), self.cfg.gateway.request_timeout_s)
+        except asyncio.TimeoutError:
+            return _error(504, "teacher", f"teacher {name!r} did not answer within {self.cfg.gateway.request_timeout_s} s")
+        out = {"teacher": name, "velocity": encode_array(v), "elapsed_ms": 1000 * (time.perf_counter() - start)}
+        if req.return_x0_png:
+            x0 = query.x[0] - float(query.sigma[0]) * v[0]
+            out["x0_png_b64"] = image_png_b64(x0)
+        return out
+
+    @staticmethod
+    def _query(req: VelocityRequest) -> VelocityQuery:
+        x = decode_array(req.x, "x")
+        if x.ndim == 3:
+            x = x[None]
+        b = x.shape[0] if x.ndim >= 1 else 0
+        sigma = np.full(b, req.sigma, dtype=np.float32) if isinstance(req.sigma, float | int) else np.asarray(req.sigma, dtype=np.float32)
+        prompts = [req.prompt] * b if isinstance(req.prompt, str) else list(req.prompt)
+        source = None
+        if req.source is not None:
+            source = decode_array(req.source, "source")
+            if source.ndim == 3:
+                source = source[None]
+        return VelocityQuery(x, sigma, prompts, source)
+
+
+def gateway_args(cfg: TeachersConfig) -> dict:
+    """The gateway needs each teacher's name and field only: scaling a teacher never restarts it."""
+    return {"teachers": [{"name": t.name, "field": t.field.model_dump(mode="json")} for t in cfg.teachers],
+            "app_prefix": cfg.app_prefix, "gateway": cfg.gateway.model_dump(mode="json", exclude_defaults=True)}
+
+
+def gateway_deployment(cfg: TeachersConfig):
+    return TeacherGateway.options(ray_actor_options={"num_cpus": cfg.gateway.num_cpus}).bind(gateway_args(cfg))
