@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast bench-learning gpu-check clean
+.PHONY: install os-deps demo test test-fast bench-learning bench-teachers gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,20 +18,31 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+## os-deps: the services the tests start themselves (Debian packages: redis-server, prometheus)
+os-deps:
+	@if command -v redis-server >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1; then :; else \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server prometheus >/dev/null; \
+	fi
+
 ## demo: a real distillation run (reference trainer, embedded suite teachers), then eval: report.json + grid.png
 demo: install
 	$(BIN)/python -m trainer.reference --config configs/demo.yaml --no-resume --eval
 
 ## test: the whole suite (CPU; CUDA tests skip without a GPU)
-test: install
+test: install os-deps
 	$(BIN)/python -m pytest -q
 
-test-fast: install
+test-fast: install os-deps
 	$(BIN)/python -m pytest -q -m "not slow"
 
 ## bench-learning: train from scratch for --minutes, print per-capability scores against the teachers
 bench-learning: install
 	$(BIN)/python benchmarks/learning.py --minutes 10
+
+## bench-teachers: teacher query cost (in-process vs handle vs REST) and batched throughput
+bench-teachers: install
+	$(BIN)/python benchmarks/teacher_query.py
 
 ## gpu-check: CUDA tests + a short learning benchmark on the GPU (< 8 minutes)
 gpu-check: install

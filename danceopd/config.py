@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from danceopd.flow.query import POSITIONS
 from danceopd.student import StudentConfig
-from danceopd.suite.buckets import CAPABILITIES
+from danceopd.suite.buckets import check_capability
 from danceopd.suite.world import TIERS
 
 
@@ -30,12 +30,7 @@ class RouteConfig(_Strict):
     teacher: str = Field("suite", description="'suite' (the exact field) or a diffusers model folder / hub id")
     cfg_alpha: float | None = Field(None, gt=0.0, description="wrap the teacher in CFG(alpha): absorbed guidance")
 
-    @field_validator("capability")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        if v not in CAPABILITIES:
-            raise ValueError(f"unknown capability {v!r}: choose from {list(CAPABILITIES)}")
-        return v
+    _known = field_validator("capability")(classmethod(lambda cls, v: check_capability(v)))
 
     @field_validator("teacher")
     @classmethod
@@ -147,31 +142,37 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+def read_yaml_mapping(path: str | Path) -> dict:
+    """A YAML file whose top level is a mapping; ConfigError (naming the file) otherwise."""
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"config file {p} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p} must hold a mapping of settings at the top level")
+    return data
+
+
+def validate_config(model: type[BaseModel], data: dict, source: str):
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, source)) from None
+
+
 def load_config(path: str | Path | None = None, overrides: dict | None = None, model: type[BaseModel] = TrainConfig):
     """Load a YAML config (or the embedded defaults when path is None), apply dotted overrides, validate."""
-    data: dict = {}
-    source = "embedded defaults"
-    if path is not None:
-        p = Path(path)
-        if not p.exists():
-            raise ConfigError(f"config file {p} does not exist")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p} is not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{p} must hold a mapping of settings at the top level")
-        source = str(p)
+    data = read_yaml_mapping(path) if path is not None else {}
     for key, value in (overrides or {}).items():
         node = data
         *parents, leaf = key.split(".")
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = value
-    try:
-        return model.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(format_validation_error(e, source)) from None
+    return validate_config(model, data, str(path) if path is not None else "embedded defaults")
 
 
 def parse_override(text: str) -> tuple[str, object]:

@@ -67,3 +67,52 @@ def ray_cluster():
     yield types.SimpleNamespace(http=f"http://127.0.0.1:{http_port}", metrics_port=metrics_port)
     serve.shutdown()
     ray.shutdown()
+
+
+class RedisProcess:
+    """A real redis-server on loopback with append-only persistence, started and stopped by the tests."""
+
+    def __init__(self, directory, port: int):
+        self.directory, self.port, self.proc = directory, port, None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> "RedisProcess":
+        import shutil
+        import subprocess
+        import time
+
+        import redis
+
+        exe = shutil.which("redis-server")
+        if exe is None:
+            raise RuntimeError("redis-server is not installed: run `make os-deps` (apt-get install redis-server)")
+        self.proc = subprocess.Popen([exe, "--port", str(self.port), "--bind", "127.0.0.1", "--appendonly", "yes",
+                                     "--appendfsync", "always", "--save", "", "--dir", str(self.directory)],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            try:
+                if redis.Redis.from_url(self.url, socket_timeout=1).ping():
+                    return self
+            except redis.exceptions.ConnectionError:
+                time.sleep(0.1)
+        raise RuntimeError("redis-server did not come up")
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    server = RedisProcess(tmp_path_factory.mktemp("redis"), free_port()).start()
+    yield server
+    server.stop()

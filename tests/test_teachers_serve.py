@@ -299,8 +299,19 @@ def test_shipped_serve_config_is_generated_and_valid():
     shipped = (ROOT / "deploy/serve-teachers.yaml").read_text()
     assert shipped == render_serve_config(cfg, "configs/teachers.yaml"), "regenerate: danceopd serve-config configs/teachers.yaml > deploy/serve-teachers.yaml"
     schema = ServeDeploySchema.model_validate(yaml.safe_load(shipped))
-    assert [a.name for a in schema.applications] == [f"teacher-{t.name}" for t in cfg.teachers] + ["teacher-gateway"]
-    assert serve_config(cfg)["applications"][-1]["route_prefix"] == "/"
+    assert [a.name for a in schema.applications] == [f"teacher-{t.name}" for t in cfg.teachers] + ["teacher-gateway", "router"]
+    assert serve_config(cfg)["applications"][-2]["route_prefix"] == "/"
+    # what `serve deploy` runs: the builders named by import_path, on the args in the file
+    from ray.serve import Application
+
+    from services.teachers.app import gateway_app, teacher_app
+
+    from router.deployment import router_app
+
+    for app in schema.applications:
+        builder = {"gateway_app": gateway_app, "teacher_app": teacher_app, "router_app": router_app}[app.import_path.split(":")[1]]
+        assert isinstance(builder(app.args), Application)
+    assert teacher_app({"config": str(ROOT / "configs/teachers.yaml"), "teacher": "t2i_cfg"}) is not None
 
 
 @pytest.mark.parametrize("mutate,needle", [

@@ -11,7 +11,7 @@ import math
 import sys
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -45,10 +45,15 @@ class StepTimes:
     teacher: float = 0.0
     forward_backward: float = 0.0
     optimizer: float = 0.0
-    extra: dict = field(default_factory=dict)
 
     def total(self) -> float:
         return self.rollout + self.teacher + self.forward_backward + self.optimizer
+
+    def add(self, other: "StepTimes") -> None:
+        self.rollout += other.rollout
+        self.teacher += other.teacher
+        self.forward_backward += other.forward_backward
+        self.optimizer += other.optimizer
 
 
 class ReferenceTrainer:
@@ -185,11 +190,7 @@ class ReferenceTrainer:
         while self.step < end:
             out = self.train_step()
             window[out["route"]].append(out["loss"])
-            t = out["times"]
-            acc.rollout += t.rollout
-            acc.teacher += t.teacher
-            acc.forward_backward += t.forward_backward
-            acc.optimizer += t.optimizer
+            acc.add(out["times"])
             elapsed = time.perf_counter() - start
             done = self.step - start_step
             if self.step % cfg.log_every == 0 or self.step == end:

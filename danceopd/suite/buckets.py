@@ -15,11 +15,15 @@ from danceopd.suite import world
 CAPABILITIES = ("t2i", "local_edit", "global_edit", "realism", "uncond")
 
 
+def check_capability(name: str) -> str:
+    if name not in CAPABILITIES:
+        raise ValueError(f"unknown capability {name!r}: choose from {list(CAPABILITIES)}")
+    return name
+
+
 class Bucket:
     def __init__(self, capability: str, tier: world.Tier):
-        if capability not in CAPABILITIES:
-            raise ValueError(f"unknown capability {capability!r}: choose from {list(CAPABILITIES)}")
-        self.capability, self.tier = capability, tier
+        self.capability, self.tier = check_capability(capability), tier
         self.prompts = world.t2i_prompts(tier)
 
     @property

@@ -9,7 +9,7 @@ import torch
 
 from danceopd.fields.base import Conditions
 from danceopd.suite import world
-from danceopd.suite.buckets import CAPABILITIES, Bucket
+from danceopd.suite.buckets import CAPABILITIES, Bucket, check_capability
 from danceopd.suite.judges import JUDGES
 from danceopd.suite.teachers import EmpiricalSetField, PointMassEditField, local_edit_target
 
@@ -110,6 +110,5 @@ class CapabilitySuite:
         return torch.stack(out)
 
     def _check(self, capability: str) -> None:
-        if capability not in CAPABILITIES:
-            raise ValueError(f"unknown capability {capability!r}: the suite has {list(CAPABILITIES)}")
+        check_capability(capability)
 

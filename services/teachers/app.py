@@ -18,22 +18,23 @@ GATEWAY_APP = "teacher-gateway"
 
 
 def _config(args: dict) -> TeachersConfig:
-    if "teachers" in args:
-        return load_teachers_config(args["teachers"])
+    """args: {'config': path} or the teachers config inline (plus 'teacher' for a teacher application)."""
     if "config" in args:
         return load_teachers_config(args["config"])
-    raise ValueError("application args need 'teachers' (the inline config) or 'config' (a path)")
+    if "teachers" not in args:
+        raise ValueError("application args need 'teachers' (the inline config) or 'config' (a path)")
+    return load_teachers_config({k: v for k, v in args.items() if k != "teacher"})
 
 
 def teacher_app(args: dict):
-    """Serve application builder: args {'teachers': {...} | 'config': path, 'teacher': name}.
+    """Serve application builder: args {'teacher': name} plus the inline config or {'config': path}.
 
     Replica counts set in the Serve config's `deployments:` section override the ones in args."""
     return teacher_deployment(_config(args), args["teacher"])
 
 
 def gateway_app(args: dict):
-    """Serve application builder: args {'teachers': {...} | 'config': path}."""
+    """Serve application builder: args = the inline config, or {'config': path}."""
     return gateway_deployment(_config(args))
 
 
@@ -63,7 +64,10 @@ def serve_config(cfg: TeachersConfig, host: str = "0.0.0.0", port: int = 8000) -
                      "args": {**replica_args(cfg, t.name), "teacher": t.name},
                      "deployments": [{"name": "TeacherServer", **deployment_options(cfg, t.name)}]})
     apps.append({"name": GATEWAY_APP, "route_prefix": cfg.gateway.route_prefix, "import_path": "services.teachers.app:gateway_app",
-                 "args": {"teachers": gateway_args(cfg)}})
+                 "args": gateway_args(cfg)})
+    if cfg.router.enabled:
+        apps.append({"name": "router", "route_prefix": cfg.router.route_prefix, "import_path": "router.deployment:router_app",
+                     "args": {"redis_url": cfg.router.redis_url}})
     return {"http_options": {"host": host, "port": port}, "applications": apps}
 
 

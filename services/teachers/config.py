@@ -22,11 +22,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from danceopd.config import ConfigError, format_validation_error
-from danceopd.suite.buckets import CAPABILITIES
+from danceopd.config import ConfigError, read_yaml_mapping, validate_config
+from danceopd.suite.buckets import check_capability
 
 
 class _Strict(BaseModel):
@@ -40,12 +39,7 @@ class SuiteFieldSpec(_Strict):
     tau: float = Field(0.0, ge=0.0, le=0.5)
     seed: int = 0
 
-    @field_validator("capability")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        if v not in CAPABILITIES:
-            raise ValueError(f"unknown capability {v!r}: choose from {list(CAPABILITIES)}")
-        return v
+    _known = field_validator("capability")(classmethod(lambda cls, v: check_capability(v)))
 
 
 class DiffusersFieldSpec(_Strict):
@@ -129,10 +123,19 @@ class GatewayConfig(_Strict):
     num_cpus: float = Field(0.5, ge=0)
 
 
+class RouterServiceConfig(_Strict):
+    """The router application deployed beside the teachers (`serve deploy` declares every app at once)."""
+
+    enabled: bool = True
+    route_prefix: str = "/router"
+    redis_url: str | None = Field(None, description="state in Redis; default $DANCEOPD_REDIS_URL on the cluster, else in memory")
+
+
 class TeachersConfig(_Strict):
     app_prefix: str = Field("teacher-", description="each teacher is the Serve application <app_prefix><name>")
     teachers: list[TeacherConfig]
     gateway: GatewayConfig = GatewayConfig()
+    router: RouterServiceConfig = RouterServiceConfig()
 
     @model_validator(mode="after")
     def _references(self):
@@ -164,17 +167,5 @@ class TeachersConfig(_Strict):
 
 def load_teachers_config(source: str | Path | dict) -> TeachersConfig:
     if isinstance(source, dict):
-        data, where = source, "inline teachers config"
-    else:
-        p = Path(source)
-        if not p.exists():
-            raise ConfigError(f"teachers config {p} does not exist")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p} is not valid YAML: {e}") from None
-        where = str(p)
-    try:
-        return TeachersConfig.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(format_validation_error(e, where)) from None
+        return validate_config(TeachersConfig, source, "inline teachers config")
+    return validate_config(TeachersConfig, read_yaml_mapping(source), str(source))

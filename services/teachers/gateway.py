@@ -139,7 +139,8 @@ class TeacherGateway:
 def gateway_args(cfg: TeachersConfig) -> dict:
     """The gateway needs each teacher's name and field only: scaling a teacher never restarts it."""
     return {"teachers": [{"name": t.name, "field": t.field.model_dump(mode="json")} for t in cfg.teachers],
-            "app_prefix": cfg.app_prefix, "gateway": cfg.gateway.model_dump(mode="json", exclude_defaults=True)}
+            "app_prefix": cfg.app_prefix, "gateway": cfg.gateway.model_dump(mode="json", exclude_defaults=True),
+            "router": {"enabled": False}}
 
 
 def gateway_deployment(cfg: TeachersConfig):

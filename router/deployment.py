@@ -1,0 +1,79 @@
+"""The router as a Ray Serve deployment (handle methods for trainers, REST for people, metrics).
+
+    GET /v1/runs                   registered runs with status and policy
+    GET /v1/runs/{run_id}/routing  per-route counts, current weights, loss statistics, recent assignments
+No `from __future__ import annotations`: FastAPI must see real annotations on the ingress methods.
+"""
+
+import os
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+from ray import serve
+from ray.util import metrics
+
+from router.core import Router, RouterError
+from router.store import MemoryStore, RedisStore
+
+app = FastAPI(title="DanceOPD router", version="1")
+
+
+@serve.deployment(name="RouterServer", num_replicas=1, ray_actor_options={"num_cpus": 0.1})
+@serve.ingress(app)
+class RouterServer:
+    """One replica: the store (Redis, when configured) is the source of truth, so a restarted replica
+    continues with identical assignments."""
+
+    def __init__(self, redis_url: str | None = None):
+        url = redis_url or os.environ.get("DANCEOPD_REDIS_URL")
+        self.router = Router(RedisStore(url) if url else MemoryStore())
+        self.backend = "redis" if url else "memory"
+        tags = ("run", "route")
+        self.m_assign = metrics.Counter("danceopd_router_assignments", "Samples assigned per route", tag_keys=tags)
+        self.m_weight = metrics.Gauge("danceopd_router_route_weight", "Current route weight", tag_keys=tags)
+        self.m_loss = metrics.Gauge("danceopd_router_reported_loss", "Last reported loss per route", tag_keys=tags)
+
+    # ------------------------------------------------------------------ handle API (trainers)
+    async def register_run(self, run_id: str, config: dict) -> dict:
+        return self.router.register_run(run_id, config)
+
+    async def assign(self, run_id: str, step: int, rank: int = 0, micro: int = 0) -> dict:
+        out = self.router.assign(run_id, step, rank, micro)
+        for route, n in out["route_samples"].items():
+            self.m_assign.inc(n, tags={"run": run_id, "route": route})
+        for route, w in out["weights"].items():
+            self.m_weight.set(w, tags={"run": run_id, "route": route})
+        return out
+
+    async def report_loss(self, run_id: str, step: int, route: str, loss: float) -> dict:
+        stats = self.router.report_loss(run_id, step, route, loss)
+        self.m_loss.set(loss, tags={"run": run_id, "route": route})
+        return stats
+
+    async def set_status(self, run_id: str, status: str) -> None:
+        self.router.set_status(run_id, status)
+
+    async def backend_name(self) -> str:
+        return self.backend
+
+    # ------------------------------------------------------------------ REST (people)
+    @app.get("/v1/runs")
+    async def runs(self):
+        out = []
+        for run_id in self.router.store.list_runs():
+            rec = self.router.store.get_run(run_id)
+            out.append({"run": run_id, "status": rec["status"], "policy": rec["config"]["policy"],
+                        "routes": sorted(rec["config"]["routes"])})
+        return {"runs": out, "backend": self.backend}
+
+    @app.get("/v1/runs/{run_id}/routing")
+    async def routing(self, run_id: str, recent: int = 20):
+        try:
+            return self.router.summary(run_id, recent=max(0, min(recent, 1000)))
+        except RouterError as e:
+            return JSONResponse(status_code=e.status, content={"error": {"field": e.field, "message": e.message}})
+
+
+def router_app(args: dict | None = None):
+    """Serve application builder: args {'redis_url': ...} (optional; default $DANCEOPD_REDIS_URL or in-memory)."""
+    return RouterServer.bind((args or {}).get("redis_url"))

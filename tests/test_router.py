@@ -1,0 +1,216 @@
+"""The router: determinism, idempotent retries, restarts (router and Redis), policy frequencies, adaptive
+weights, bad input, and the Serve deployment with its REST endpoints. Against a real redis-server."""
+
+import json
+import math
+import urllib.error
+import urllib.request
+import uuid
+
+import pytest
+
+from router.config import RoutingConfig
+from router.core import Router, RouterError, adaptive_weights
+from router.store import MemoryStore, RedisStore
+
+ROUTES = {"t2i": {"teacher": "t2i", "bucket": "t2i", "weight": 2.0},
+          "local_edit": {"teacher": "local_edit", "bucket": "local_edit", "weight": 1.0},
+          "global_edit": {"teacher": "global_edit", "bucket": "global_edit", "weight": 1.0}}
+
+
+def cfg(**kw) -> dict:
+    return {"routes": ROUTES, "seed": 7, "world_size": 2, "micro_batches": 2, "batch_size": 8, **kw}
+
+
+def run_id() -> str:
+    return f"run-{uuid.uuid4().hex[:8]}"
+
+
+def grid(router, rid, steps, cfgd):
+    return [router.assign(rid, s, r, m) for s in range(steps) for r in range(cfgd["world_size"]) for m in range(cfgd["micro_batches"])]
+
+
+@pytest.mark.parametrize("policy", ["hard", "per_sample", "soft", "adaptive"])
+def test_same_requests_same_assignments_across_router_restarts(redis_server, policy):
+    rid, c = run_id(), cfg(policy=policy)
+    first = Router(RedisStore(redis_server.url))
+    first.register_run(rid, c)
+    a = grid(first, rid, 20, c)
+    del first  # "kill" the router: a new process sees only Redis
+    second = Router(RedisStore(redis_server.url))
+    assert grid(second, rid, 20, c) == a
+    if policy != "adaptive":  # pure functions of the seed: even a fresh in-memory router agrees
+        mem = Router(MemoryStore())
+        mem.register_run(rid, c)
+        assert grid(mem, rid, 20, c) == a
+
+
+def test_hard_policy_matches_the_reference_trainer_routing():
+    from danceopd.routing import HardRouter
+
+    c = cfg(policy="hard")
+    r = Router()
+    r.register_run("x", c)
+    ref = HardRouter({n: v["weight"] for n, v in ROUTES.items()}, seed=7)
+    for step in range(50):
+        routes = {r.assign("x", step, rank, micro)["route"] for rank in range(2) for micro in range(2)}
+        assert routes == {ref.route(step)}  # one route per update, for every rank and micro-batch
+
+
+def test_retries_are_idempotent_even_after_adaptive_weights_move(redis_server):
+    rid, c = run_id(), cfg(policy="adaptive")
+    router = Router(RedisStore(redis_server.url))
+    router.register_run(rid, c)
+    before = [router.assign(rid, s) for s in range(10)]
+    for i in range(20):  # t2i's loss stays high, the others fall: the weights move
+        router.report_loss(rid, i, "t2i", 1.0)
+        router.report_loss(rid, i, "local_edit", 1.0 / (i + 1))
+        router.report_loss(rid, i, "global_edit", 1.0 / (i + 1))
+    assert router.weights(rid) != before[0]["weights"]
+    assert [router.assign(rid, s) for s in range(10)] == before  # a retried step gets what it got before
+    counts = router.store.route_counts(rid)
+    assert sum(counts.values()) == 10 * c["batch_size"]  # retries are not counted twice
+
+
+def test_redis_restart_with_aof_keeps_the_run(redis_server, tmp_path):
+    from conftest import RedisProcess, free_port
+
+    server = RedisProcess(tmp_path, free_port()).start()
+    try:
+        rid, c = run_id(), cfg(policy="adaptive")
+        router = Router(RedisStore(server.url))
+        router.register_run(rid, c)
+        for i in range(5):
+            router.report_loss(rid, i, "t2i", 2.0)
+        a = [router.assign(rid, s, 1, 1) for s in range(15)]
+        summary = router.summary(rid)
+        server.kill()  # SIGKILL: no clean shutdown; the append-only file is all that survives
+        server.start()
+        again = Router(RedisStore(server.url))
+        assert [again.assign(rid, s, 1, 1) for s in range(15)] == a
+        after = again.summary(rid)
+        assert after["counts"] == summary["counts"] and after["losses"] == summary["losses"]
+        assert again.assign(rid, 15, 1, 1)["step"] == 15  # and it goes on
+    finally:
+        server.stop()
+
+
+def _freq_ok(observed: int, n: int, p: float) -> bool:
+    return abs(observed - n * p) <= 5 * math.sqrt(n * p * (1 - p)) + 1
+
+
+def test_every_policy_follows_its_weights():
+    r = Router()
+    probs = {"t2i": 0.5, "local_edit": 0.25, "global_edit": 0.25}
+    # hard (and adaptive with no loss reports): one route per step, by weight
+    for policy in ("hard", "adaptive"):
+        r.register_run(policy, cfg(policy=policy, world_size=1, micro_batches=1))
+        steps = [r.assign(policy, s)["route"] for s in range(3000)]
+        for name, p in probs.items():
+            assert _freq_ok(steps.count(name), 3000, p), (policy, name, steps.count(name))
+    # per_sample: each sample has exactly one route; a batch mixes routes
+    r.register_run("ps", cfg(policy="per_sample", world_size=1, micro_batches=1, batch_size=16))
+    samples = [x for s in range(400) for x in r.assign("ps", s)["sample_routes"]]
+    for name, p in probs.items():
+        assert _freq_ok(samples.count(name), len(samples), p)
+    assert any(len(set(r.assign("ps", s)["sample_routes"])) > 1 for s in range(5))
+    # groups: one micro-batch per listed route in every update
+    r.register_run("g", cfg(policy="groups", groups=["t2i", "local_edit", "global_edit", "t2i"]))
+    for s in range(20):
+        got = [r.assign("g", s, rank, micro)["route"] for rank in range(2) for micro in range(2)]
+        assert got == ["t2i", "local_edit", "global_edit", "t2i"]
+    # soft: every field, with the normalised weights, on a bucket drawn by weight
+    r.register_run("soft", cfg(policy="soft"))
+    a = r.assign("soft", 3)
+    assert a["soft_weights"] == pytest.approx(probs) and set(a["teachers"]) == set(ROUTES)
+
+
+def test_adaptive_weights_follow_loss_and_respect_the_floor():
+    c = RoutingConfig.model_validate(cfg(policy="adaptive", adaptive={"temperature": 0.25, "floor": 0.05, "ema": 0.5}))
+    r = Router()
+    r.register_run("ad", c)
+    prior = r.weights("ad")
+    assert prior == pytest.approx({"t2i": 0.5, "local_edit": 0.25, "global_edit": 0.25}, abs=1e-9)
+    step = 0
+    for _ in range(3):  # every route starts at its own scale
+        for route in ROUTES:
+            r.report_loss("ad", step, route, 1.0)
+        step += 1
+    for _ in range(20):  # local_edit's loss held at its starting level; the others learn
+        r.report_loss("ad", step, "local_edit", 1.0)
+        r.report_loss("ad", step, "t2i", 0.05)
+        r.report_loss("ad", step, "global_edit", 0.05)
+        step += 1
+    held = r.weights("ad")
+    assert held["local_edit"] > 0.6 > prior["local_edit"]
+    assert min(held.values()) >= 0.05 - 1e-12  # nothing starves below the floor
+    routes = [r.assign("ad", s)["route"] for s in range(200)]
+    assert routes.count("local_edit") > 100  # the assignments follow the weights
+    for _ in range(20):  # now local_edit learns too
+        r.report_loss("ad", step, "local_edit", 0.05)
+        step += 1
+    back = r.weights("ad")
+    assert back["local_edit"] < 0.35 and back["t2i"] > back["local_edit"]
+    extreme = adaptive_weights(c, {"t2i": {"count": 9, "ema": 100.0, "scale": 1.0}})
+    assert min(extreme.values()) >= 0.05 - 1e-12 and extreme["t2i"] <= 0.9 + 1e-12
+
+
+@pytest.mark.parametrize("call,field", [
+    (lambda r: r.assign("nope", 0), "run"),
+    (lambda r: r.assign("bad", -1), "step"),
+    (lambda r: r.assign("bad", 0, rank=2), "rank"),
+    (lambda r: r.assign("bad", 0, micro=5), "micro"),
+    (lambda r: r.report_loss("bad", 0, "inpaint", 1.0), "route"),
+    (lambda r: r.report_loss("bad", 0, "t2i", float("nan")), "loss"),
+    (lambda r: r.register_run("bad", cfg(seed=99)), "config"),
+])
+def test_bad_requests_name_the_field(call, field):
+    r = Router()
+    r.register_run("bad", cfg())
+    with pytest.raises(RouterError) as e:
+        call(r)
+    assert e.value.field == field and e.value.message
+
+
+@pytest.mark.parametrize("bad,needle", [
+    ({"groups": ["t2i", "inpaint", "t2i", "t2i"], "policy": "groups"}, "unknown routes ['inpaint']"),
+    ({"policy": "groups"}, "needs groups"),
+    ({"policy": "adaptive", "adaptive": {"floor": 0.4}}, "lower the floor"),
+    ({"policy": "sticky"}, "policy"),
+    ({"routes": {}}, "routes is empty"),
+])
+def test_bad_routing_config_is_refused(bad, needle):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError) as e:
+        RoutingConfig.model_validate(cfg(**bad))
+    assert needle in str(e.value)
+
+
+def test_router_on_serve_with_redis_and_rest(ray_cluster, redis_server):
+    from ray import serve
+
+    from router.client import RouterClient
+    from router.deployment import router_app
+
+    serve.run(router_app({"redis_url": redis_server.url}), name="router", route_prefix="/router")
+    client = RouterClient()
+    rid = run_id()
+    client.register_run(rid, cfg(policy="hard"))
+    direct = Router(RedisStore(redis_server.url))
+    a = [client.assign(rid, s, 1, 0) for s in range(6)]
+    assert a == [direct.assign(rid, s, 1, 0) for s in range(6)]  # the service and the library agree
+    client.report_loss(rid, 5, a[5]["route"], 0.5)
+    with pytest.raises(Exception, match="rank"):
+        client.assign(rid, 0, 7, 0)
+    with urllib.request.urlopen(ray_cluster.http + "/router/v1/runs", timeout=30) as resp:
+        runs = json.loads(resp.read())
+    assert rid in [x["run"] for x in runs["runs"]] and runs["backend"] == "redis"
+    with urllib.request.urlopen(ray_cluster.http + f"/router/v1/runs/{rid}/routing?recent=3", timeout=30) as resp:
+        routing = json.loads(resp.read())
+    assert sum(routing["counts"].values()) == 6 * 8 and len(routing["recent"]) == 3
+    assert routing["losses"][a[5]["route"]]["last"] == 0.5
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(ray_cluster.http + "/router/v1/runs/nope/routing", timeout=30)
+    assert e.value.code == 404 and json.loads(e.value.read())["error"]["field"] == "run"
+    serve.delete("router")
