@@ -133,16 +133,23 @@ def main(argv=None) -> int:
             n += b
         return n
 
-    async def throughput(name: str, callers: int, b: int = 8) -> float:
+    async def throughput(name: str, callers: int, seconds: float, b: int = 8) -> tuple[int, float]:
         client = TeacherClient(name)
-        await caller_loop(client, time.perf_counter() + 1.0, b)  # warm-up
+        await caller_loop(client, time.perf_counter() + 0.5, b)  # warm-up
         start = time.perf_counter()
-        counts = await asyncio.gather(*(caller_loop(client, start + a.seconds, b) for _ in range(callers)))
-        return sum(counts) / (time.perf_counter() - start)
+        counts = await asyncio.gather(*(caller_loop(client, start + seconds, b) for _ in range(callers)))
+        return sum(counts), time.perf_counter() - start
 
+    # Interleave the two settings in short rounds so that drift of this shared machine hits both alike.
+    rounds = 4
     for callers in (1, 4, 8):
-        plain = asyncio.run(throughput("model", callers))
-        batched = asyncio.run(throughput("model_batched", callers))
+        totals = {"model": [0, 0.0], "model_batched": [0, 0.0]}
+        for _ in range(rounds):
+            for name in totals:
+                n, dt = asyncio.run(throughput(name, callers, a.seconds / rounds))
+                totals[name][0] += n
+                totals[name][1] += dt
+        plain, batched = (totals[k][0] / totals[k][1] for k in ("model", "model_batched"))
         result["throughput"].append({"callers": callers, "samples_per_s_unbatched": plain, "samples_per_s_batched": batched,
                                      "batched_over_unbatched": batched / plain})
 
@@ -153,7 +160,7 @@ def main(argv=None) -> int:
     for r in rows:
         print(f"{r['case']:<34}{r['in_process_ms']:>11.2f}{r['handle_ms']:>11.2f}{r['handle_ratio']:>7.2f}"
               f"{r['handle_by_reference_ms']:>11.2f}{r['handle_by_reference_ratio']:>7.2f}{r['rest_ms']:>10.2f}{r['rest_ratio']:>7.2f}")
-    print(f"\nthroughput, B=8 per call, {a.seconds:.0f} s per cell")
+    print(f"\nthroughput, B=8 per call, {a.seconds:.0f} s per cell in {rounds} interleaved rounds; batched: max 16 samples, no wait")
     print(f"{'callers':>8}{'unbatched samples/s':>22}{'batched samples/s':>20}{'ratio':>8}")
     for r in result["throughput"]:
         print(f"{r['callers']:>8}{r['samples_per_s_unbatched']:>22.1f}{r['samples_per_s_batched']:>20.1f}{r['batched_over_unbatched']:>8.2f}")

@@ -60,11 +60,12 @@ class TeacherServer:
         self.metrics.queue.set(self.waiting)
         try:
             b = self.cfg.batching
-            if b.enabled and query.num_samples <= b.max_batch_size:
-                out = await self._batched(query)
+            if not b.enabled or query.num_samples > b.max_batch_size:
+                out = self._forward([query])[0]  # inline: no batching machinery, no thread hop
+            elif self.waiting == 1:
+                out = (await self._compute([query]))[0]  # alone: no batch to wait for
             else:
-                out = await self._compute([query])
-                out = out[0]
+                out = await self._batched(query)  # others are queued or computing: merge
         except Exception as e:
             self.metrics.error(type(e).__name__)
             raise
@@ -80,8 +81,9 @@ class TeacherServer:
         return await self._compute(queries)
 
     async def _compute(self, queries: list[VelocityQuery]) -> list[np.ndarray]:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.pool, self._forward, queries)
+        # The model runs in the replica's single worker thread: the event loop stays free to take in
+        # (and batch) the queries that arrive meanwhile.
+        return await asyncio.get_running_loop().run_in_executor(self.pool, self._forward, queries)
 
     def _forward(self, queries: list[VelocityQuery]) -> list[np.ndarray]:
         merged = queries[0] if len(queries) == 1 else concat_queries(queries)
