@@ -3,6 +3,7 @@ weights, bad input, and the Serve deployment with its REST endpoints. Against a 
 
 import json
 import math
+import time
 import urllib.error
 import urllib.request
 import uuid
@@ -213,4 +214,26 @@ def test_router_on_serve_with_redis_and_rest(ray_cluster, redis_server):
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(ray_cluster.http + "/router/v1/runs/nope/routing", timeout=30)
     assert e.value.code == 404 and json.loads(e.value.read())["error"]["field"] == "run"
+
+    # Kill the router replica mid-run: Serve starts a new one, the client retries, nothing changes.
+    import ray
+
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "RouterServer" in a["name"]]
+    assert len(names) == 1
+    ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
+    patient = RouterClient(retries=8, backoff_s=0.5)
+    assert [patient.assign(rid, s, 1, 0) for s in range(8)] == a + [direct.assign(rid, s, 1, 0) for s in (6, 7)]
+    new_names = [x["name"] for x in ray.util.list_named_actors(all_namespaces=True) if "RouterServer" in x["name"]]
+    assert new_names and new_names != names
+
+    # Metrics: assignments per route, weights and reported losses, labelled by run and route.
+    wanted = ["ray_danceopd_router_assignments_total", "ray_danceopd_router_route_weight", "ray_danceopd_router_reported_loss"]
+    deadline, lines = time.time() + 60, []
+    while time.time() < deadline:
+        with urllib.request.urlopen(f"http://127.0.0.1:{ray_cluster.metrics_port}/metrics", timeout=10) as resp:
+            lines = [ln for ln in resp.read().decode().splitlines() if f'run="{rid}"' in ln]
+        if all(any(ln.startswith(w) for ln in lines) for w in wanted):
+            break
+        time.sleep(2)
+    assert all(any(ln.startswith(w) for ln in lines) for w in wanted), lines[:5]
     serve.delete("router")
