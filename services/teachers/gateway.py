@@ -19,7 +19,7 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 from ray import serve
 
 from danceopd.contracts import QueryError, VelocityQuery, info_from_dict
@@ -99,10 +99,9 @@ class TeacherGateway:
             return _error(413, "body", f"payload of {max(size, len(body))} bytes exceeds gateway.max_payload_mb={self.cfg.gateway.max_payload_mb}")
         try:
             req = VelocityRequest.model_validate_json(body)
-        except Exception as e:  # pydantic ValidationError or bad JSON
-            errs = getattr(e, "errors", lambda: [{"loc": ["body"], "msg": str(e)}])()
-            loc = ".".join(str(p) for p in errs[0]["loc"]) or "body"
-            return _error(422, loc, errs[0]["msg"])
+        except ValidationError as e:  # also raised for malformed JSON
+            first = e.errors()[0]
+            return _error(422, ".".join(str(p) for p in first["loc"]) or "body", first["msg"])
         try:
             query = self._query(req)
             info = info_from_dict(await self._info(name))
