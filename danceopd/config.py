@@ -74,6 +74,8 @@ class OptimConfig(_Strict):
     betas: tuple[float, float] = (0.9, 0.99)
     grad_clip: float = Field(1.0, gt=0.0)
     warmup_steps: int = Field(20, ge=0)
+    lr_schedule: Literal["constant", "cosine"] = Field("constant", description="cosine: decay to min_lr_ratio x lr at `steps`")
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
     batch_size: int = Field(32, ge=1, description="samples per micro-batch")
     ema_decay: float = Field(0.995, ge=0.0, lt=1.0, description="EMA of the weights that is evaluated and saved; 0 = off")
     grad_accum: int = Field(1, ge=1)

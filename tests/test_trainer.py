@@ -86,6 +86,14 @@ def test_ablation_switches_train(tmp_path, method):
     assert not torch.equal(before, params(tr))
 
 
+def test_cosine_schedule_warms_up_and_decays(tmp_path):
+    tr = ReferenceTrainer(small_config(tmp_path, steps=100, **{"optim.lr_schedule": "cosine", "optim.warmup_steps": 10,
+                                                               "optim.lr": 1e-3, "optim.min_lr_ratio": 0.1}), log=lambda m: None)
+    assert tr.lr_at(0) == pytest.approx(1e-4) and tr.lr_at(9) == pytest.approx(1e-3)
+    assert tr.lr_at(10) == pytest.approx(1e-3) and tr.lr_at(55) == pytest.approx(0.55e-3)
+    assert tr.lr_at(100) == pytest.approx(1e-4) and tr.lr_at(500) == pytest.approx(1e-4)
+
+
 def test_query_batch_shapes_follow_k_and_position(tmp_path):
     tr = ReferenceTrainer(small_config(tmp_path, **{"method.k": 3, "method.query_position": "uniform"}), log=lambda m: None)
     cond = tr.suite.bucket("local_edit").sample(5, 0)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from collections import defaultdict
@@ -148,6 +149,9 @@ class ReferenceTrainer:
         o = self.cfg.optim
         if o.warmup_steps and step < o.warmup_steps:
             return o.lr * (step + 1) / o.warmup_steps
+        if o.lr_schedule == "cosine":
+            t = min(1.0, (step - o.warmup_steps) / max(1, self.cfg.steps - o.warmup_steps))
+            return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
         return o.lr
 
     # ----------------------------------------------------------------------------------- the run

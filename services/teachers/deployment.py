@@ -60,10 +60,10 @@ class TeacherServer:
         self.metrics.queue.set(self.waiting)
         try:
             b = self.cfg.batching
-            if not b.enabled or query.num_samples > b.max_batch_size:
+            if not b.enabled:
                 out = self._forward([query])[0]  # inline: no batching machinery, no thread hop
-            elif self.waiting == 1:
-                out = (await self._compute([query]))[0]  # alone: no batch to wait for
+            elif self.waiting == 1 or query.num_samples > b.max_batch_size:
+                out = (await self._compute([query]))[0]  # alone, or too big to merge: on its own
             else:
                 out = await self._batched(query)  # others are queued or computing: merge
         except Exception as e:
