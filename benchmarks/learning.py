@@ -35,6 +35,7 @@ def main(argv=None) -> int:
     a = p.parse_intermixed_args(argv)
     over = dict(parse_override(o) for o in a.overrides)
     over.setdefault("steps", 1_000_000)
+    over.setdefault("optim.lr_schedule", "constant")  # the run's length is a time budget, not a step count
     over["max_minutes"] = a.minutes
     over.setdefault("run_name", f"bench-learning-{int(time.time())}")
     over.setdefault("output_dir", "runs")
