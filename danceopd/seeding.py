@@ -11,8 +11,9 @@ import hashlib
 import torch
 
 
-def derive_seed(*parts: object) -> int:
-    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+def derive_seed(*parts: object, sep: str = "/") -> int:
+    """A stable 63-bit seed from any parts (python's hash() is salted per process)."""
+    digest = hashlib.sha256(sep.join(map(str, parts)).encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
 
 

@@ -8,13 +8,14 @@ reproduce any scene.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
 import torch
+
+from danceopd.seeding import derive_seed
 
 # Colours in [0, 1] RGB; images store 2 * c - 1. Every pair is >= 0.6 apart, so that nearest-colour
 # labelling survives the realism shading (x0.75) and a student's residual noise.
@@ -192,9 +193,9 @@ def parse_prompt(prompt: str) -> tuple[list[tuple[str, str]], str | None]:
 
 
 def prompt_seed(*parts: object) -> int:
-    """A stable 63-bit seed from any parts (python's hash() is salted per process)."""
-    digest = hashlib.sha256("|".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
+    """The suite's seeds (reference sets, unconditional subset): derive_seed with its own separator, so
+    the world's draws never coincide with a training run's."""
+    return derive_seed(*parts, sep="|")
 
 
 def random_scene(prompt: str, tier: Tier, rng: np.random.Generator) -> Scene:
