@@ -19,24 +19,15 @@ import torch
 from danceopd.config import ConfigError, TrainConfig, load_config, parse_override
 from danceopd.fields.base import Conditions
 from danceopd.fields.operators import SoftMixField
-from danceopd.flow import dense_velocity_loss, forward_noise, gather_states, rollout_states, sample_query_indices, sigma_schedule, velocity_mse, velocity_target
+from danceopd.flow import sigma_schedule, velocity_target
 from danceopd.routes import build_route_fields
 from danceopd.routing import HardRouter
-from danceopd.seeding import derive_seed, generator
+from danceopd.seeding import derive_seed
 from danceopd.student import Student, build_student, load_student, with_transformer
 from danceopd.suite import CapabilitySuite
 from trainer.checkpoint import latest_checkpoint, load_checkpoint_state, save_checkpoint
+from trainer.steps import QueryBatch, distillation_loss, query_batch
 from trainer.ema import EMA
-
-
-@dataclass
-class QueryBatch:
-    x: torch.Tensor  # [B*K, C, H, W] queried states
-    sigma: torch.Tensor  # [B*K]
-    conditions: Conditions  # repeated K times, sample-major
-    dt: torch.Tensor  # [B*K] step size at each queried state (dense loss weight)
-    x0: torch.Tensor | None = None  # dataset targets (off-policy only)
-    eps: torch.Tensor | None = None
 
 
 @dataclass
@@ -116,23 +107,8 @@ class ReferenceTrainer:
         return {"step": step, "route": route, "loss": total, "grad_norm": grad_norm, "times": times}
 
     def query_batch(self, route: str, cond: Conditions, step: int, micro: int) -> QueryBatch:
-        m, b = self.cfg.method, len(cond)
-        n = len(self.sigmas) - 1
-        k = n if m.query_position == "dense" else m.k
-        idx = sample_query_indices(n, b, k, m.query_position, generator(self.cfg.seed, "query", step, self.rank, micro))
-        noise = torch.randn(b, *self.student.field.info.sample_shape, generator=generator(self.cfg.seed, "noise", step, self.rank, micro)).to(self.device)
-        cond_dev = cond.to(self.device)
-        dt = (self.sigmas[idx] - self.sigmas[idx + 1]).reshape(-1)
-        if m.states == "off_policy":
-            x0 = self.suite.clean_samples(self.cfg.routes[route].capability, cond, derive_seed(self.cfg.seed, "x0", step, self.rank, micro)).to(self.device)
-            eps = torch.randn(b * k, *x0.shape[1:], generator=generator(self.cfg.seed, "eps", step, self.rank, micro)).to(self.device)
-            sigma = self.sigmas[idx].reshape(-1)
-            x0k = x0.repeat_interleave(k, 0)
-            return QueryBatch(forward_noise(x0k, eps, sigma), sigma, cond_dev.repeat(k), dt, x0k, eps)
-        roller = self.student.field if m.states == "on_policy" else self.teachers[route]
-        traj = rollout_states(lambda x, s: roller.velocity(x, s, cond_dev), noise, self.sigmas)
-        x, sigma = gather_states(traj.states, traj.sigmas, idx)
-        return QueryBatch(x, sigma, cond_dev.repeat(k), dt)
+        roller = self.student.field if self.cfg.method.states == "on_policy" else self.teachers[route]
+        return query_batch(self.cfg, self.suite, self.sigmas, roller, route, cond, step, self.rank, micro, self.device)
 
     def target_velocity(self, route: str, q: QueryBatch) -> torch.Tensor:
         if self.cfg.method.target == "data":
@@ -141,9 +117,7 @@ class ReferenceTrainer:
         return field.velocity(q.x, q.sigma, q.conditions)
 
     def loss(self, pred: torch.Tensor, target: torch.Tensor, q: QueryBatch) -> torch.Tensor:
-        if self.cfg.method.loss == "dense_dt2":
-            return dense_velocity_loss(pred, target, q.dt, k=len(self.sigmas) - 1)
-        return velocity_mse(pred, target)
+        return distillation_loss(self.cfg, pred, target, q, len(self.sigmas) - 1)
 
     def lr_at(self, step: int) -> float:
         o = self.cfg.optim

@@ -1,0 +1,52 @@
+"""The pieces of one DanceOPD update that every trainer shares (reference and distributed), so that both
+draw the same states from the same seeds and compute the same loss."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from danceopd.config import TrainConfig
+from danceopd.fields.base import Conditions, VelocityField
+from danceopd.flow import dense_velocity_loss, forward_noise, gather_states, rollout_states, sample_query_indices, velocity_mse
+from danceopd.seeding import derive_seed, generator
+from danceopd.suite import CapabilitySuite
+
+
+@dataclass
+class QueryBatch:
+    x: torch.Tensor  # [B*K, C, H, W] queried states
+    sigma: torch.Tensor  # [B*K]
+    conditions: Conditions  # repeated K times, sample-major
+    dt: torch.Tensor  # [B*K] step size at each queried state (dense loss weight)
+    x0: torch.Tensor | None = None  # dataset targets (off-policy only)
+    eps: torch.Tensor | None = None
+
+
+def query_batch(cfg: TrainConfig, suite: CapabilitySuite, sigmas: torch.Tensor, roller: VelocityField, route: str,
+                cond: Conditions, step: int, rank: int, micro: int, device: torch.device) -> QueryBatch:
+    """The states to query: from a no-grad rollout of `roller` (the current student on-policy, the teacher for
+    teacher_rollout) or forward-noised dataset targets (off_policy); K per sample at the configured position."""
+    m, b = cfg.method, len(cond)
+    n = len(sigmas) - 1
+    k = n if m.query_position == "dense" else m.k
+    idx = sample_query_indices(n, b, k, m.query_position, generator(cfg.seed, "query", step, rank, micro))
+    noise = torch.randn(b, *roller.info.sample_shape, generator=generator(cfg.seed, "noise", step, rank, micro)).to(device)
+    cond_dev = cond.to(device)
+    dt = (sigmas[idx] - sigmas[idx + 1]).reshape(-1)
+    if m.states == "off_policy":
+        x0 = suite.clean_samples(cfg.routes[route].capability, cond, derive_seed(cfg.seed, "x0", step, rank, micro)).to(device)
+        eps = torch.randn(b * k, *x0.shape[1:], generator=generator(cfg.seed, "eps", step, rank, micro)).to(device)
+        sigma = sigmas[idx].reshape(-1)
+        x0k = x0.repeat_interleave(k, 0)
+        return QueryBatch(forward_noise(x0k, eps, sigma), sigma, cond_dev.repeat(k), dt, x0k, eps)
+    traj = rollout_states(lambda x, s: roller.velocity(x, s, cond_dev), noise, sigmas)
+    x, sigma = gather_states(traj.states, traj.sigmas, idx)
+    return QueryBatch(x, sigma, cond_dev.repeat(k), dt)
+
+
+def distillation_loss(cfg: TrainConfig, pred: torch.Tensor, target: torch.Tensor, q: QueryBatch, num_steps: int) -> torch.Tensor:
+    if cfg.method.loss == "dense_dt2":
+        return dense_velocity_loss(pred, target, q.dt, k=num_steps)
+    return velocity_mse(pred, target)
