@@ -37,3 +37,6 @@ class RouterClient:
 
     def report_loss(self, run_id: str, step: int, route: str, loss: float) -> dict:
         return self._call("report_loss", run_id, step, route, loss)
+
+    def summary(self, run_id: str, recent: int = 20) -> dict:
+        return self._call("summary", run_id, recent)

@@ -56,6 +56,9 @@ class RouterServer:
     async def backend_name(self) -> str:
         return self.backend
 
+    async def summary(self, run_id: str, recent: int = 20) -> dict:
+        return self.router.summary(run_id, recent=recent)
+
     # ------------------------------------------------------------------ REST (people)
     @app.get("/v1/runs")
     async def runs(self):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from collections import defaultdict
@@ -26,7 +25,7 @@ from danceopd.seeding import derive_seed
 from danceopd.student import Student, build_student, load_student, with_transformer
 from danceopd.suite import CapabilitySuite
 from trainer.checkpoint import latest_checkpoint, load_checkpoint_state, save_checkpoint
-from trainer.steps import QueryBatch, distillation_loss, query_batch
+from trainer.steps import QueryBatch, distillation_loss, lr_at, query_batch
 from trainer.ema import EMA
 
 
@@ -120,13 +119,7 @@ class ReferenceTrainer:
         return distillation_loss(self.cfg, pred, target, q, len(self.sigmas) - 1)
 
     def lr_at(self, step: int) -> float:
-        o = self.cfg.optim
-        if o.warmup_steps and step < o.warmup_steps:
-            return o.lr * (step + 1) / o.warmup_steps
-        if o.lr_schedule == "cosine":
-            t = min(1.0, (step - o.warmup_steps) / max(1, self.cfg.steps - o.warmup_steps))
-            return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
-        return o.lr
+        return lr_at(self.cfg, step)
 
     # ----------------------------------------------------------------------------------- the run
     def state(self) -> dict:

@@ -3,6 +3,7 @@ draw the same states from the same seeds and compute the same loss."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -50,3 +51,14 @@ def distillation_loss(cfg: TrainConfig, pred: torch.Tensor, target: torch.Tensor
     if cfg.method.loss == "dense_dt2":
         return dense_velocity_loss(pred, target, q.dt, k=num_steps)
     return velocity_mse(pred, target)
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Linear warm-up, then constant or cosine down to min_lr_ratio x lr at cfg.steps."""
+    o = cfg.optim
+    if o.warmup_steps and step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    if o.lr_schedule == "cosine":
+        t = min(1.0, (step - o.warmup_steps) / max(1, cfg.steps - o.warmup_steps))
+        return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+    return o.lr

@@ -55,7 +55,8 @@ class TransformerField:
                  sample_shape: tuple[int, int, int], device: torch.device, dtype: torch.dtype, cache_prompts: bool = True):
         self.transformer, self._encode = transformer, encode
         self.device, self.dtype = device, dtype
-        in_ch, out_ch = transformer.config.in_channels, transformer.config.out_channels or transformer.config.in_channels
+        config = getattr(transformer, "module", transformer).config  # a DDP wrapper keeps the model in .module
+        in_ch, out_ch = config.in_channels, config.out_channels or config.in_channels
         self.takes_source = in_ch == 2 * out_ch
         self.info = FieldInfo(name, kind, sample_shape, takes_source=self.takes_source)
         self.cache_prompts = cache_prompts
