@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -96,8 +97,9 @@ def worker_loop(config: dict) -> None:
             ema.update(inner, step)
         router.report_loss(run_id, step, route, route_loss)
         losses.setdefault(route, []).append(route_loss)
+        _maybe_crash(config.get("crash_once"), rank, step)
         if (step + 1) % report_every == 0 or step + 1 == cfg.steps:
-            metrics = {"step": step + 1, "rank": rank, "loss": {r: sum(v) / len(v) for r, v in losses.items()},
+            metrics = {"step": step + 1, "rank": rank, "resumed_from": start, "loss": {r: sum(v) / len(v) for r, v in losses.items()},
                        "step_losses": json.dumps(losses), "seconds": time.perf_counter() - t_start}
             losses = {}
             if rank == 0:
@@ -109,9 +111,16 @@ def worker_loop(config: dict) -> None:
                 ray.train.report(metrics)
 
 
+def _maybe_crash(spec: dict | None, rank: int, step: int) -> None:
+    """Failure injection for tests: the worker process of `rank` dies at `step`, once (a marker file)."""
+    if spec and rank == spec["rank"] and step == spec["step"] and not Path(spec["marker"]).exists():
+        Path(spec["marker"]).write_text(str(step))
+        os._exit(1)
+
+
 def run_distributed(cfg: TrainConfig, run_id: str, num_workers: int, storage_path: str, teacher_apps: dict[str, str],
                     router_app: str = "router", report_every: int = 10, cpus_per_worker: float = 1.0, torch_threads: int = 1,
-                    max_failures: int = 1):
+                    max_failures: int = 1, crash_once: dict | None = None):
     """Register the run with the router and train on Ray Train; returns the Ray Train Result."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -122,7 +131,8 @@ def run_distributed(cfg: TrainConfig, run_id: str, num_workers: int, storage_pat
     trainer = TorchTrainer(
         worker_loop,
         train_loop_config={"train": json.loads(cfg.model_dump_json()), "run_id": run_id, "report_every": report_every,
-                           "teacher_apps": teacher_apps, "router_app": router_app, "torch_threads": torch_threads},
+                           "teacher_apps": teacher_apps, "router_app": router_app, "torch_threads": torch_threads,
+                           "crash_once": crash_once},
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=str(cfg.device).startswith("cuda"),
                                      resources_per_worker={"CPU": cpus_per_worker}),
         run_config=RunConfig(name=run_id, storage_path=storage_path, failure_config=FailureConfig(max_failures=max_failures)),
