@@ -91,3 +91,22 @@ def test_a_killed_worker_resumes_from_the_checkpoint_without_losing_or_repeating
     # log, so each (step, rank) appears once and the sample counts are those of 20 clean steps.
     assert sorted((a["step"], a["rank"]) for a in stats["recent"]) == [(s, r) for s in range(20) for r in range(2)]
     assert sum(stats["counts"].values()) == 20 * 2 * 8
+
+
+def test_a_killed_teacher_replica_is_retried_transparently(stack):
+    import ray
+
+    from danceopd.suite import CapabilitySuite
+    from services.teachers.client import TeacherClient
+
+    client = TeacherClient("dist-t2i", app_prefix="", retries=8, backoff_s=0.5)
+    cond = CapabilitySuite("basic").bucket("t2i").sample(4, 0)
+    x, sigma = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0)), torch.full((4,), 0.5)
+    before = client.velocity(x, sigma, cond)
+    old_id = client._call(lambda h: h.describe.remote(), 0)["replica_id"]
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "dist-t2i" in a["name"] and "TeacherServer" in a["name"]]
+    assert len(names) == 1
+    ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
+    after = client.velocity(x, sigma, cond)  # the first attempts fail; Serve starts a new replica; the retry lands
+    torch.testing.assert_close(after, before)
+    assert client._call(lambda h: h.describe.remote(), 0)["replica_id"] != old_id  # answered by a new replica
