@@ -13,17 +13,13 @@ import numpy as np
 import torch
 
 from danceopd.fields.base import Conditions, FieldInfo
+from danceopd.remote import RequestError
 
 
-class QueryError(ValueError):
-    """A query a field cannot answer; `field` names the offending input (for a 4xx reply)."""
+class QueryError(RequestError):
+    """A query a field cannot answer; `field` names the offending input (a 422 by default)."""
 
-    def __init__(self, field: str, message: str, status: int = 422):
-        super().__init__(f"{field}: {message}")
-        self.field, self.message, self.status = field, message, status
-
-    def __reduce__(self):  # crosses process boundaries (Ray) intact
-        return (QueryError, (self.field, self.message, self.status))
+    default_status = 422
 
 
 @dataclass

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import time
-
-from router.core import RouterError
+from danceopd.remote import call_with_retry
 
 ROUTER_APP = "router"
 
@@ -17,17 +15,9 @@ class RouterClient:
         self.timeout_s, self.retries, self.backoff_s = timeout_s, retries, backoff_s
 
     def _call(self, method: str, *args):
-        last = None
-        for attempt in range(self.retries + 1):
-            try:
-                return getattr(self.handle, method).remote(*args).result(timeout_s=self.timeout_s)
-            except RouterError:
-                raise  # bad input: a retry cannot help
-            except Exception as e:  # a restarting replica, a timeout: the call is idempotent, retry
-                last = e
-                if attempt < self.retries:
-                    time.sleep(self.backoff_s * 2**attempt)
-        raise RuntimeError(f"router unavailable after {self.retries + 1} attempts: {last!r}") from last
+        # Every router call is idempotent (assignments are logged first-writer-wins), so retrying is safe.
+        return call_with_retry(lambda: getattr(self.handle, method).remote(*args).result(timeout_s=self.timeout_s),
+                               f"router {method}", self.retries, self.backoff_s)
 
     def register_run(self, run_id: str, config: dict) -> dict:
         return self._call("register_run", run_id, config)

@@ -12,21 +12,15 @@ import time
 
 import numpy as np
 
+from danceopd.remote import RequestError
 from danceopd.routing import HardRouter
 from danceopd.seeding import derive_seed
 from router.config import RoutingConfig
 from router.store import MemoryStore, RouterStore
 
 
-class RouterError(ValueError):
-    """Bad request to the router; `field` names the offending input."""
-
-    def __init__(self, field: str, message: str, status: int = 400):
-        super().__init__(f"{field}: {message}")
-        self.field, self.message, self.status = field, message, status
-
-    def __reduce__(self):
-        return (RouterError, (self.field, self.message, self.status))
+class RouterError(RequestError):
+    """Bad request to the router; `field` names the offending input (a 400 by default)."""
 
 
 class Router:

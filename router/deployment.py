@@ -74,7 +74,7 @@ class RouterServer:
         try:
             return self.router.summary(run_id, recent=max(0, min(recent, 1000)))
         except RouterError as e:
-            return JSONResponse(status_code=e.status, content={"error": {"field": e.field, "message": e.message}})
+            return JSONResponse(status_code=e.status, content=e.body())
 
 
 def router_app(args: dict | None = None):

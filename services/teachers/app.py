@@ -55,8 +55,9 @@ def deploy_teachers(cfg: TeachersConfig, only: list[str] | None = None, gateway:
 
 
 def serve_config(cfg: TeachersConfig, host: str = "0.0.0.0", port: int = 8000) -> dict:
-    """The `serve deploy` config for these teachers: each application carries the full teachers config inline,
-    so the cluster needs no file from the client machine."""
+    """The `serve deploy` config for these teachers: each application carries its part of the teachers config
+    inline (a teacher and its CFG bases; the gateway the names and fields), so the cluster needs no file
+    from the client machine."""
     apps = []
     for t in cfg.teachers:
         # args: what the replicas are built from (no scaling); deployments: scaling, a lightweight update.

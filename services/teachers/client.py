@@ -8,19 +8,15 @@ replica that died mid-call is retried on another).
 from __future__ import annotations
 
 import asyncio
-import time
 
 import numpy as np
 import torch
 
-from danceopd.contracts import QueryError, VelocityQuery, info_from_dict
+from danceopd.contracts import VelocityQuery, info_from_dict
 from danceopd.fields.base import Conditions, FieldInfo
+from danceopd.remote import acall_with_retry, call_with_retry
 
 APP_PREFIX = "teacher-"
-
-
-class TeacherUnavailable(RuntimeError):
-    pass
 
 
 class TeacherClient:
@@ -49,17 +45,9 @@ class TeacherClient:
         return self._handle_small if nbytes < self.BY_VALUE_MAX_BYTES else self._handle_large
 
     def _call(self, make, nbytes: int):
-        last: Exception | None = None
-        for attempt in range(self.retries + 1):
-            try:
-                return make(self._handle(nbytes)).result(timeout_s=self.timeout_s)
-            except QueryError:
-                raise  # bad input: retrying cannot help
-            except Exception as e:  # replica death, timeout, transient transport errors
-                last = e
-                if attempt < self.retries:
-                    time.sleep(self.backoff_s * (2**attempt))
-        raise TeacherUnavailable(f"teacher {self.teacher!r} failed after {self.retries + 1} attempts: {last!r}") from last
+        handle = self._handle(nbytes)
+        return call_with_retry(lambda: make(handle).result(timeout_s=self.timeout_s), f"teacher {self.teacher!r}",
+                               self.retries, self.backoff_s)
 
     def query(self, query: VelocityQuery) -> np.ndarray:
         return self._call(lambda h: h.velocity.remote(query), query.x.nbytes)
@@ -71,15 +59,7 @@ class TeacherClient:
     async def velocity_async(self, x: torch.Tensor, sigma: torch.Tensor, conditions: Conditions) -> torch.Tensor:
         """For many concurrent queries from one process (e.g. per-sample routing to several teachers)."""
         q = VelocityQuery.from_torch(x, sigma, conditions)
-        last: Exception | None = None
-        for attempt in range(self.retries + 1):
-            try:
-                v = await asyncio.wait_for(self._handle(q.x.nbytes).velocity.remote(q), self.timeout_s)
-                return torch.from_numpy(v).to(device=x.device, dtype=x.dtype)
-            except QueryError:
-                raise
-            except Exception as e:
-                last = e
-                if attempt < self.retries:
-                    await asyncio.sleep(self.backoff_s * (2**attempt))
-        raise TeacherUnavailable(f"teacher {self.teacher!r} failed after {self.retries + 1} attempts: {last!r}") from last
+        handle = self._handle(q.x.nbytes)
+        v = await acall_with_retry(lambda: asyncio.wait_for(handle.velocity.remote(q), self.timeout_s),
+                                   f"teacher {self.teacher!r}", self.retries, self.backoff_s)
+        return torch.from_numpy(v).to(device=x.device, dtype=x.dtype)

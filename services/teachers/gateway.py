@@ -23,6 +23,7 @@ from pydantic import BaseModel, Field, ValidationError
 from ray import serve
 
 from danceopd.contracts import QueryError, VelocityQuery, info_from_dict
+from danceopd.remote import RequestError
 from services.teachers.codec import decode_array, encode_array, image_png_b64
 from services.teachers.config import TeachersConfig
 
@@ -39,7 +40,7 @@ class VelocityRequest(BaseModel):
 
 
 def _error(status: int, field: str, message: str) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": {"field": field, "message": message}})
+    return JSONResponse(status_code=status, content=RequestError(field, message).body())
 
 
 @app.exception_handler(RequestValidationError)
@@ -107,7 +108,7 @@ class TeacherGateway:
             info = info_from_dict(await self._info(name))
             query.validate(info)
         except QueryError as e:
-            return _error(e.status, e.field, e.message)
+            return JSONResponse(status_code=e.status, content=e.body())
         start = time.perf_counter()
         try:
             v = await asyncio.wait_for(self.handles[name].velocity.remote(query), self.cfg.gateway.request_timeout_s)
