@@ -28,8 +28,8 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def save_checkpoint(run_dir: Path, step: int, student, optimizer: torch.optim.Optimizer, state: dict, keep: int = 2,
-                    training_weights: dict | None = None) -> Path:
+def save_checkpoint(run_dir: Path, step: int, student, training_weights: dict, optimizer: torch.optim.Optimizer,
+                    state: dict, keep: int = 2) -> Path:
     d = checkpoint_dir(run_dir)
     d.mkdir(parents=True, exist_ok=True)
     final = d / f"step-{step:08d}"
@@ -47,12 +47,11 @@ def save_checkpoint(run_dir: Path, step: int, student, optimizer: torch.optim.Op
     return final
 
 
-def load_checkpoint_state(path: Path, optimizer: torch.optim.Optimizer, model: torch.nn.Module | None = None) -> dict:
-    """Restore optimizer, RNG and (when saved) the raw training weights into `model`; returns state.json."""
+def load_checkpoint_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Restore the raw training weights into `model`, the optimizer and the RNGs; returns state.json."""
     blob = torch.load(path / "optimizer.pt", weights_only=False)
+    model.load_state_dict(blob["training_weights"])
     optimizer.load_state_dict(blob["optimizer"])
-    if model is not None and blob.get("training_weights") is not None:
-        model.load_state_dict(blob["training_weights"])
     torch.set_rng_state(blob["torch_rng"])
     np.random.set_state(blob["numpy_rng"])
     random.setstate(blob["python_rng"])

@@ -132,20 +132,17 @@ class ReferenceTrainer:
         return self.student if self.ema is None else with_transformer(self.student, self.ema.model)
 
     def save(self) -> Path:
-        return save_checkpoint(self.cfg.run_dir, self.step, self.final_student, self.optimizer, self.state(),
-                               self.cfg.keep_checkpoints, training_weights=self.student.transformer.state_dict())
+        return save_checkpoint(self.cfg.run_dir, self.step, self.final_student, self.student.transformer.state_dict(),
+                               self.optimizer, self.state(), self.cfg.keep_checkpoints)
 
     def resume(self) -> bool:
         """Continue from the run's latest checkpoint if there is one (weights, optimizer, step, RNG, routing)."""
         ckpt = latest_checkpoint(self.cfg.run_dir)
         if ckpt is None:
             return False
-        loaded = load_student(ckpt / "student", device=self.device, dtype=self.cfg.dtype)
-        state = load_checkpoint_state(ckpt, self.optimizer, self.student.transformer)
-        if self.ema is not None:
-            self.ema.model.load_state_dict(loaded.transformer.state_dict())
-        else:
-            self.student.transformer.load_state_dict(loaded.transformer.state_dict())
+        state = load_checkpoint_state(ckpt, self.student.transformer, self.optimizer)
+        if self.ema is not None:  # the checkpoint's student/ holds the EMA weights
+            self.ema.model.load_state_dict(load_student(ckpt / "student", device=self.device, dtype=self.cfg.dtype).transformer.state_dict())
         self.step = state["routing_cursor"]
         self.route_log, self.history = state["route_log"], state["history"]
         self.log(f"resumed from {ckpt} at step {self.step}")
