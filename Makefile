@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install os-deps demo test test-fast bench-learning bench-teachers gpu-check clean
+.PHONY: install os-deps demo demo-reference test test-fast bench-learning bench-teachers gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,9 +25,13 @@ os-deps:
 	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server prometheus >/dev/null; \
 	fi
 
-## demo: a real distillation run (reference trainer, embedded suite teachers), then eval: report.json + grid.png
+## demo: the distributed job on a local Ray: suite teachers on Serve, router, 2 Ray Train workers; eval: report.json + grid.png
 demo: install
-	$(BIN)/python -m trainer.reference --config configs/demo.yaml --no-resume --eval
+	$(BIN)/python -m trainer.main --config configs/demo.yaml --no-resume --eval
+
+## demo-reference: the same run config on the single-process reference trainer (2 torch threads)
+demo-reference: install
+	$(BIN)/python -m trainer.reference --config configs/demo.yaml --no-resume --eval torch_threads=2
 
 ## test: the whole suite (CPU; CUDA tests skip without a GPU)
 test: install os-deps

@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from danceopd.config import ConfigError, load_config, parse_override  # noqa: E402
 from danceopd.evaluation import evaluate, summary_table, write_report  # noqa: E402
 from danceopd.student import count_parameters  # noqa: E402
+from trainer.job import JobConfig  # noqa: E402
 from trainer.reference import ReferenceTrainer  # noqa: E402
 
 
@@ -42,7 +43,7 @@ def main(argv=None) -> int:
     if a.device:
         over["device"] = a.device
     try:
-        cfg = load_config(a.config, over)
+        cfg = load_config(a.config, over, model=JobConfig)  # job files carry cluster/services too
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

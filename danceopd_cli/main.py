@@ -1,6 +1,6 @@
 """`danceopd` command line.
 
-    danceopd eval --student runs/demo/checkpoints/step-00000900/student --config configs/demo.yaml
+    danceopd eval --student runs/demo/student --config configs/demo.yaml
     danceopd query t2i --prompt "a red circle" --sigma 0.5 --url http://127.0.0.1:8000
     danceopd serve-config configs/teachers.yaml > deploy/serve-teachers.yaml
 
@@ -22,7 +22,9 @@ def _eval(args) -> int:
     from danceopd.student import load_student
     from danceopd.suite import CapabilitySuite
 
-    cfg = load_config(args.config, dict(parse_override(o) for o in args.overrides))
+    from trainer.job import JobConfig
+
+    cfg = load_config(args.config, dict(parse_override(o) for o in args.overrides), model=JobConfig)  # run or job file
     if not (args.student / "danceopd_student.json").exists():
         raise ConfigError(f"--student {args.student}: not a saved student folder (expected {args.student}/danceopd_student.json); "
                           "pass a checkpoint's student/ folder")

@@ -18,7 +18,8 @@ from router.store import MemoryStore, RedisStore
 app = FastAPI(title="DanceOPD router", version="1")
 
 
-@serve.deployment(name="RouterServer", num_replicas=1, ray_actor_options={"num_cpus": 0.1})
+# No access log: a trainer calls the router twice per step and worker; the metrics count the calls.
+@serve.deployment(name="RouterServer", num_replicas=1, ray_actor_options={"num_cpus": 0.1}, logging_config={"enable_access_log": False})
 @serve.ingress(app)
 class RouterServer:
     """One replica: the store (Redis, when configured) is the source of truth, so a restarted replica

@@ -1,66 +1,125 @@
 """Distributed training groundwork: Ray Train workers + router service + teacher deployments, for real."""
 
 import json
+import threading
+import time
 import uuid
+from pathlib import Path
 
 import pytest
 import torch
 
-from danceopd.config import load_config
 
-SMALL = {"student.num_layers": 2, "student.attention_head_dim": 16, "optim.batch_size": 8, "method.rollout_steps": 4,
-         "optim.warmup_steps": 0, "optim.lr": 2e-3, "torch_threads": 1}
-APPS = {"t2i": "dist-t2i", "local_edit": "dist-local_edit", "global_edit": "dist-global_edit"}
+SMALL = {"student.num_layers": 2, "student.attention_head_dim": 16, "optim.batch_size": 16, "method.rollout_steps": 4,
+         "optim.warmup_steps": 0, "optim.lr": 2e-3, "torch_threads": 1, "eval.samples_per_capability": 8,
+         "cluster.num_workers": 2, "cluster.cpus_per_worker": 0.5,
+         "services.app_prefix": "dist-", "services.router_app": "dist-router", "services.gateway": False}
+APPS = ["dist-t2i", "dist-local_edit", "dist-global_edit"]
+
+
+def job(tmp_path, **over):
+    from trainer.job import load_job_config
+
+    return load_job_config(None, {**SMALL, "output_dir": str(tmp_path), **over})
 
 
 @pytest.fixture(scope="module")
-def stack(ray_cluster):
+def stack(ray_cluster, tmp_path_factory):
+    """The job's own bring-up path: teachers derived from the routes, and the router, on the session's Serve."""
     from ray import serve
 
-    from router.deployment import router_app
-    from services.teachers.app import deploy_teachers
-    from services.teachers.config import load_teachers_config
+    from trainer.main import ensure_services
 
-    teachers = load_teachers_config({"app_prefix": "dist-", "teachers": [
-        {"name": n, "field": {"kind": "suite", "capability": n}, "ray_actor_options": {"num_cpus": 0.25}} for n in APPS]})
-    deploy_teachers(teachers, gateway=False)
-    serve.run(router_app({}), name="dist-router", route_prefix=None)
+    ensure_services(job(tmp_path_factory.mktemp("stack")), log=lambda m: None)
     yield
-    for app in [*APPS.values(), "dist-router"]:
+    for app in [*APPS, "dist-router"]:
         serve.delete(app)
 
 
-def test_two_workers_train_through_router_and_teachers(stack, tmp_path):
+def replica_actor(app: str) -> str:
+    """The name of the one live replica actor of a teacher application (a killed one may linger in the list)."""
+    import ray
+
+    deadline = time.time() + 60
+    while True:
+        alive = []
+        for a in ray.util.list_named_actors(all_namespaces=True):
+            if app in a["name"] and "TeacherServer" in a["name"]:
+                try:
+                    ray.get(ray.get_actor(a["name"], namespace=a["namespace"]).__ray_ready__.remote(), timeout=10)
+                    alive.append(a["name"])
+                except Exception:
+                    pass
+        if len(alive) == 1 or time.time() > deadline:
+            assert len(alive) == 1, alive
+            return alive[0]
+        time.sleep(0.5)
+
+
+def test_two_workers_train_through_router_and_teachers_and_survive_a_teacher_kill(stack, tmp_path):
+    """Loss falls on every route; a teacher replica killed mid-run is retried without the run noticing."""
+    import ray
+
     from router.client import RouterClient
     from trainer.distributed import run_distributed
 
-    cfg = load_config(None, {**SMALL, "steps": 48})
+    cfg = job(tmp_path, steps=48, log_every=16, checkpoint_every=16)
     run_id = f"dist-{uuid.uuid4().hex[:6]}"
-    result = run_distributed(cfg, run_id, num_workers=2, storage_path=str(tmp_path), teacher_apps=APPS,
-                             router_app="dist-router", report_every=16, cpus_per_worker=0.5)
-    assert result.error is None
-    assert result.checkpoint is not None and result.metrics["step"] == 48 and result.metrics["resumed_from"] == 0
     router = RouterClient("dist-router")
+    victim = replica_actor("dist-t2i")
+    killed = {}
+
+    def kill_when_running():
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            try:
+                if router.summary(run_id, recent=1)["recent"] and router.summary(run_id, recent=1)["recent"][-1]["step"] >= 10:
+                    ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+                    killed["at"] = router.summary(run_id, recent=1)["recent"][-1]["step"]
+                    return
+            except Exception:  # the run is not registered yet
+                pass
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_when_running, daemon=True)
+    killer.start()
+    result = run_distributed(cfg, run_id)
+    killer.join(timeout=5)
+    assert result.error is None
+    assert 10 <= killed["at"] < 48, killed  # the t2i replica died mid-run ...
+    assert replica_actor("dist-t2i") != victim  # ... and Serve replaced it
+    assert result.checkpoint is not None and result.metrics["step"] == 48 and result.metrics["resumed_from"] == 0
+    shares = result.metrics["time_share_total"]
+    assert set(shares) == {"rollout", "teacher", "forward_backward", "optimizer", "router"} and abs(sum(shares.values()) - 1) < 1e-6
+    assert result.metrics["samples_per_s"] > 0
     again = router.assign(run_id, 0, 1, 0)  # a retried request gets the logged assignment
     assert again["step"] == 0 and again["rank"] == 1
     stats = router.summary(run_id, recent=1000)
     # Every (step, rank) was assigned exactly once: 48 steps x 2 ranks x 8 samples, no step lost or repeated.
-    assert sum(stats["counts"].values()) == 48 * 2 * 8
+    assert sum(stats["counts"].values()) == 48 * 16
     assert sorted((a["step"], a["rank"]) for a in stats["recent"]) == [(s, r) for s in range(48) for r in range(2)]
     for route, st in stats["losses"].items():  # each route's loss fell well below its own starting level
         assert st["count"] >= 4 and st["ema"] < 0.5 * st["scale"], (route, st)
+    # The checkpoint holds the student the standard way (save_pretrained), plus optimizer, step and routing cursor.
+    with result.checkpoint.as_directory() as d:
+        from danceopd.student import load_student
+
+        student = load_student(Path(d) / "student")
+        state = json.loads((Path(d) / "state.json").read_text())
+        assert state["step"] == 48 and state["routing_cursor"] == 48 and state["run"] == run_id
+        assert (Path(d) / "optimizer.pt").exists()
+        assert student.transformer.config.num_layers == 2
 
 
 def test_one_worker_reproduces_the_reference_trainer(stack, tmp_path):
     from trainer.distributed import run_distributed
     from trainer.reference import ReferenceTrainer
 
-    cfg = load_config(None, {**SMALL, "steps": 6, "output_dir": str(tmp_path / "ref"), "checkpoint_every": 1000})
+    cfg = job(tmp_path, steps=6, checkpoint_every=6, **{"cluster.num_workers": 1, "optim.batch_size": 8})
     ref = ReferenceTrainer(cfg, log=lambda m: None)
     torch.set_num_threads(1)
     ref_losses = [ref.train_step()["loss"] for _ in range(6)]
-    result = run_distributed(cfg, f"one-{uuid.uuid4().hex[:6]}", num_workers=1, storage_path=str(tmp_path / "dist"),
-                             teacher_apps=APPS, router_app="dist-router", report_every=6, cpus_per_worker=0.5)
+    result = run_distributed(cfg, f"one-{uuid.uuid4().hex[:6]}", record_step_losses=True)
     steps = json.loads(result.metrics["step_losses"])
     routes = [ref.route_log[i] for i in range(6)]
     dist_losses = []
@@ -75,12 +134,10 @@ def test_a_killed_worker_resumes_from_the_checkpoint_without_losing_or_repeating
     from router.client import RouterClient
     from trainer.distributed import run_distributed
 
-    cfg = load_config(None, {**SMALL, "steps": 20})
+    cfg = job(tmp_path, steps=20, log_every=5, checkpoint_every=5, **{"cluster.max_failures": 1})
     run_id = f"kill-{uuid.uuid4().hex[:6]}"
     marker = tmp_path / "crashed"
-    result = run_distributed(cfg, run_id, num_workers=2, storage_path=str(tmp_path / "store"), teacher_apps=APPS,
-                             router_app="dist-router", report_every=5, cpus_per_worker=0.5, max_failures=1,
-                             crash_once={"rank": 1, "step": 17, "marker": str(marker)})
+    result = run_distributed(cfg, run_id, crash_once={"rank": 1, "step": 17, "marker": str(marker)})
     assert marker.read_text() == "17"  # rank 1's process really died at step 17
     assert result.error is None and result.metrics["step"] == 20
     # The restarted workers continued from a checkpoint (5, 10 or 15: the newest one only counts once Ray
@@ -90,7 +147,7 @@ def test_a_killed_worker_resumes_from_the_checkpoint_without_losing_or_repeating
     # Steps after the checkpoint ran again after the restart: the router answered them from its
     # log, so each (step, rank) appears once and the sample counts are those of 20 clean steps.
     assert sorted((a["step"], a["rank"]) for a in stats["recent"]) == [(s, r) for s in range(20) for r in range(2)]
-    assert sum(stats["counts"].values()) == 20 * 2 * 8
+    assert sum(stats["counts"].values()) == 20 * 16
 
 
 def test_a_killed_teacher_replica_is_retried_transparently(stack):
@@ -104,9 +161,7 @@ def test_a_killed_teacher_replica_is_retried_transparently(stack):
     x, sigma = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0)), torch.full((4,), 0.5)
     before = client.velocity(x, sigma, cond)
     old_id = client._call(lambda h: h.describe.remote(), 0)["replica_id"]
-    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "dist-t2i" in a["name"] and "TeacherServer" in a["name"]]
-    assert len(names) == 1
-    ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
+    ray.kill(ray.get_actor(replica_actor("dist-t2i"), namespace="serve"), no_restart=True)
     after = client.velocity(x, sigma, cond)  # the first attempts fail; Serve starts a new replica; the retry lands
     torch.testing.assert_close(after, before)
     assert client._call(lambda h: h.describe.remote(), 0)["replica_id"] != old_id  # answered by a new replica

@@ -132,8 +132,20 @@ def test_cli_bad_config_exits_2_with_message(tmp_path, capsys):
     assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_shipped_configs_validate():
-    for name in ("configs/demo.yaml", "configs/hard-tier.yaml"):
-        load_config(name)
+def test_shipped_configs_validate(tmp_path):
+    from trainer.job import load_job_config
+
+    load_config("configs/hard-tier.yaml")
+    demo = load_job_config("configs/demo.yaml")
+    assert demo.worker_batch_size == 16 and [t.name for t in demo.teachers_config().teachers] == ["t2i", "local_edit", "global_edit"]
     with pytest.raises(ConfigError, match="REPLACE-ME"):
-        load_config("configs/gpu-diffusers.yaml")
+        load_job_config("configs/gpu-cluster.yaml")
+    # With the placeholders filled in, the GPU job derives CUDA teachers with a GPU per replica, CFG on t2i,
+    # autoscaling by default and the per-route override on local_edit.
+    paths = {f"routes.{r}.teacher": str(tmp_path) for r in ("t2i", "local_edit", "global_edit")}
+    gpu = load_job_config("configs/gpu-cluster.yaml", paths).teachers_config()
+    by_name = {t.name: t for t in gpu.teachers}
+    assert by_name["t2i"].field.kind == "cfg" and by_name["t2i"].field.base == "t2i-base"
+    assert all(t.device == "cuda" and t.ray_actor_options.num_gpus == 1 for t in gpu.teachers)
+    assert by_name["local_edit"].num_replicas == 1 and by_name["local_edit"].autoscaling_config is None
+    assert by_name["global_edit"].autoscaling_config.max_replicas == 4 and by_name["global_edit"].num_replicas is None

@@ -56,3 +56,15 @@ def load_checkpoint_state(path: Path, model: torch.nn.Module, optimizer: torch.o
     np.random.set_state(blob["numpy_rng"])
     random.setstate(blob["python_rng"])
     return json.loads((path / "state.json").read_text())
+
+
+def restore_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, ema_model: torch.nn.Module | None,
+                       device, dtype) -> dict:
+    """Resume from a checkpoint folder: raw weights, optimizer and RNGs (optimizer.pt), the EMA from student/
+    (which holds the EMA weights when EMA is on); returns state.json."""
+    from danceopd.student import load_student
+
+    state = load_checkpoint_state(path, model, optimizer)
+    if ema_model is not None:
+        ema_model.load_state_dict(load_student(path / "student", device=device, dtype=dtype).transformer.state_dict())
+    return state

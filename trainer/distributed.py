@@ -1,36 +1,40 @@
-"""Distributed DanceOPD training on Ray Train (groundwork for issue 5: the worker loop and its launcher).
+"""Distributed DanceOPD training on Ray Train: the worker loop and its launcher.
 
-Each worker rolls out its own student replica (DDP: gloo on CPU, nccl on GPU), asks the router service for
-its assignment, fetches teacher velocities from the Serve deployments, and trains with the same query
-states and loss as the reference trainer (`trainer.steps`). With one worker and the same config it draws
-exactly what the reference trainer draws.
+Each worker holds a student replica (DDP: gloo on CPU, nccl on GPU). Per micro-batch it asks the router
+service for its assignment, draws that route's conditions, rolls out its own student without grad, queries
+the routed teacher deployment at the chosen state(s) in one call, and takes the velocity MSE. Query states,
+loss and learning rate come from `trainer.steps`, the same code as the reference trainer: with one worker and
+the same config it draws exactly what the reference trainer draws.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
+import sys
 import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import torch
 
-from danceopd.config import TrainConfig
 from danceopd.flow import sigma_schedule
-from danceopd.student import build_student, with_transformer
+from danceopd.student import build_student, load_student, with_transformer
 from danceopd.suite import CapabilitySuite
+from trainer.checkpoint import restore_checkpoint, save_checkpoint
 from trainer.ema import EMA
-from trainer.steps import distillation_loss, lr_at, query_batch
+from trainer.job import JobConfig
+from trainer.steps import StepTimes, distillation_loss, format_progress, lr_at, query_batch
 
 
-def routing_config(cfg: TrainConfig, num_workers: int, teacher_apps: dict[str, str]) -> dict:
-    if cfg.method.routing != "hard":
-        raise ValueError(f"method.routing {cfg.method.routing!r}: the distributed trainer routes 'hard' for now")
-    return {"policy": "hard", "seed": cfg.seed, "world_size": num_workers, "micro_batches": cfg.optim.grad_accum,
-            "batch_size": cfg.optim.batch_size,
-            "routes": {n: {"teacher": teacher_apps[n], "bucket": r.capability, "weight": r.weight} for n, r in cfg.routes.items()}}
+def routing_config(job: JobConfig) -> dict:
+    """The router's view of the run: hard routing, one route per update for all ranks and micro-batches."""
+    return {"policy": "hard", "seed": job.seed, "world_size": job.cluster.num_workers, "micro_batches": job.optim.grad_accum,
+            "batch_size": job.worker_batch_size,
+            "routes": {n: {"teacher": job.teacher_app(n), "bucket": r.capability, "weight": r.weight} for n, r in job.routes.items()}}
 
 
 def worker_loop(config: dict) -> None:
@@ -40,75 +44,148 @@ def worker_loop(config: dict) -> None:
     from router.client import RouterClient
     from services.teachers.client import TeacherClient
 
-    cfg = TrainConfig.model_validate(config["train"])
-    run_id, report_every = config["run_id"], config["report_every"]
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # its INFO lines repeat every reported metric
+    job = JobConfig.model_validate(config["job"])
+    run_id = config["run_id"]
     ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
-    torch.set_num_threads(config["torch_threads"])
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(job.torch_threads or 1)
     device = ray.train.torch.get_device()
-    suite = CapabilitySuite(cfg.suite.tier, cfg.suite.tau, cfg.suite.seed)
-    student = build_student(cfg.student, device=device, dtype=cfg.dtype)
+    suite = CapabilitySuite(job.suite.tier, job.suite.tau, job.suite.seed)
+    student = load_student(job.init_from, device, job.dtype) if job.init_from else build_student(job.student, device, job.dtype)
     model = ray.train.torch.prepare_model(student.transformer, parallel_strategy_kwargs={"find_unused_parameters": True})
     inner = model.module if hasattr(model, "module") else model
     train_field = with_transformer(student, model).field  # gradients flow through DDP
     roll_field = with_transformer(student, inner).field  # no-grad rollouts skip DDP's hooks
-    optimizer = torch.optim.AdamW(inner.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay)
-    ema = EMA(inner, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
-    teachers = {name: TeacherClient(app, app_prefix="") for name, app in config["teacher_apps"].items()}
-    router = RouterClient(config["router_app"])
-    sigmas = sigma_schedule(cfg.method.rollout_steps, cfg.method.schedule, cfg.method.shift).to(device)
+    optimizer = torch.optim.AdamW(inner.parameters(), lr=job.optim.lr, betas=job.optim.betas, weight_decay=job.optim.weight_decay)
+    ema = EMA(inner, job.optim.ema_decay) if job.optim.ema_decay > 0 else None
+    teachers = {r: TeacherClient(job.teacher_app(r), app_prefix="", timeout_s=job.cluster.timeout_s) for r in job.routes}
+    router = RouterClient(job.services.router_app, timeout_s=job.cluster.timeout_s)
+    sigmas = sigma_schedule(job.method.rollout_steps, job.method.schedule, job.method.shift).to(device)
+    accum = job.optim.grad_accum
 
     start = 0
     ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:  # resume: raw weights, optimizer, EMA, next step
+    if ckpt is not None:  # resume: raw weights, optimizer, RNGs, EMA, routing cursor
         with ckpt.as_directory() as d:
-            blob = torch.load(Path(d) / "state.pt", weights_only=False, map_location=device)
-        inner.load_state_dict(blob["weights"])
-        optimizer.load_state_dict(blob["optimizer"])
-        if ema is not None:
-            ema.model.load_state_dict(blob["ema"])
-        start = blob["step"]
+            start = restore_checkpoint(Path(d), inner, optimizer, ema and ema.model, device, job.dtype)["routing_cursor"]
+        if rank == 0:
+            say(f"[{run_id}] resumed from the checkpoint at step {start}")
 
-    losses: dict[str, list[float]] = {}
-    t_start = time.perf_counter()
-    for step in range(start, cfg.steps):
+    window = Window(job, rank, world, start, record_step_losses=config.get("record_step_losses", False))
+    for step in range(start, job.steps):
+        times = StepTimes()
         optimizer.zero_grad(set_to_none=True)
-        route_loss = 0.0
-        for micro in range(cfg.optim.grad_accum):
-            a = router.assign(run_id, step, rank, micro)  # hard route, data seed
+        step_loss = 0.0
+        for micro in range(accum):
+            with times.time("router"):
+                a = router.assign(run_id, step, rank, micro)  # the hard route of this update, and the data seed
             route = a["route"]
-            cond = suite.bucket(cfg.routes[route].capability).sample(cfg.optim.batch_size, a["data_seed"])
-            roller = roll_field if cfg.method.states == "on_policy" else teachers[route]
-            q = query_batch(cfg, suite, sigmas, roller, route, cond, step, rank, micro, device)
-            with torch.no_grad():
-                target = teachers[route].velocity(q.x, q.sigma, q.conditions)
-            last = micro == cfg.optim.grad_accum - 1
-            sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
-            with sync:
+            cond = suite.bucket(job.routes[route].capability).sample(job.worker_batch_size, a["data_seed"])
+            with times.time("rollout"):
+                roller = roll_field if job.method.states == "on_policy" else teachers[route]
+                q = query_batch(job, suite, sigmas, roller, route, cond, step, rank, micro, device)
+            with times.time("teacher"), torch.no_grad():
+                target = teachers[route].velocity(q.x, q.sigma, q.conditions)  # all K states of every sample: one call
+            sync = contextlib.nullcontext() if micro == accum - 1 or not hasattr(model, "no_sync") else model.no_sync()
+            with times.time("forward_backward"), sync:
                 pred = train_field.velocity(q.x, q.sigma, q.conditions)
-                loss = distillation_loss(cfg, pred, target, q, len(sigmas) - 1) / cfg.optim.grad_accum
-                loss.backward()
-            route_loss += loss.item()
-        torch.nn.utils.clip_grad_norm_(inner.parameters(), cfg.optim.grad_clip)
-        for g in optimizer.param_groups:
-            g["lr"] = lr_at(cfg, step)
-        optimizer.step()
-        if ema is not None:
-            ema.update(inner, step)
-        router.report_loss(run_id, step, route, route_loss)
-        losses.setdefault(route, []).append(route_loss)
+                loss = distillation_loss(job, pred, target, q, len(sigmas) - 1) / accum
+                loss.backward()  # the last micro-batch all-reduces the gradients across workers
+            step_loss += loss.item()
+        with times.time("optimizer"):
+            torch.nn.utils.clip_grad_norm_(inner.parameters(), job.optim.grad_clip)
+            for g in optimizer.param_groups:
+                g["lr"] = lr_at(job, step)
+            optimizer.step()
+            if ema is not None:
+                ema.update(inner, step)
+        with times.time("router"):
+            router.report_loss(run_id, step, route, step_loss)
+        window.add(route, step_loss, times)
         _maybe_crash(config.get("crash_once"), rank, step)
-        if (step + 1) % report_every == 0 or step + 1 == cfg.steps:
-            metrics = {"step": step + 1, "rank": rank, "resumed_from": start, "loss": {r: sum(v) / len(v) for r, v in losses.items()},
-                       "step_losses": json.dumps(losses), "seconds": time.perf_counter() - t_start}
-            losses = {}
-            if rank == 0:
+
+        done = step + 1
+        stop = window.log_due(done) and window.summarize(done)  # collective: every rank agrees to stop
+        if done % job.checkpoint_every == 0 or done == job.steps or stop:
+            metrics = window.report_metrics(done)
+            if rank == 0:  # one writer; every rank calls report (a collective)
+                state = {"routing_cursor": done, "run": run_id, "history": window.history, "config": config["job"]}
                 with tempfile.TemporaryDirectory() as d:
-                    torch.save({"weights": inner.state_dict(), "optimizer": optimizer.state_dict(),
-                                "ema": None if ema is None else ema.model.state_dict(), "step": step + 1}, Path(d) / "state.pt")
-                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+                    final = student if ema is None else with_transformer(student, ema.model)
+                    path = save_checkpoint(Path(d), done, final, inner.state_dict(), optimizer, state, keep=1)
+                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(path)))
             else:
                 ray.train.report(metrics)
+        if stop:
+            break
+
+
+class Window:
+    """Per-route losses and step times since the last log line, reduced over all workers."""
+
+    def __init__(self, job: JobConfig, rank: int, world: int, start: int, record_step_losses: bool = False):
+        self.job, self.rank, self.world, self.start = job, rank, world, start
+        self.record_step_losses = record_step_losses
+        self.routes = list(job.routes)
+        self.t0 = time.perf_counter()
+        self.sums: dict[str, list[float]] = defaultdict(list)
+        self.since_report: dict[str, list[float]] = defaultdict(list)  # this rank's per-step losses
+        self.times = StepTimes()
+        self.total_times = StepTimes()
+        self.history: list[dict] = []
+        self.last: dict = {}
+
+    def add(self, route: str, loss: float, times: StepTimes) -> None:
+        self.sums[route].append(loss)
+        self.since_report[route].append(loss)
+        self.times.add(times)
+        self.total_times.add(times)
+
+    def log_due(self, done: int) -> bool:
+        return done % self.job.log_every == 0 or done == self.job.steps or done % self.job.checkpoint_every == 0
+
+    def summarize(self, done: int) -> bool:
+        """All-reduce the window's losses (mean over workers and steps), print progress on rank 0, and decide
+        together whether max_minutes is spent. Returns the stop decision."""
+        import torch.distributed as dist
+
+        elapsed = time.perf_counter() - self.t0
+        over = self.job.max_minutes is not None and elapsed > self.job.max_minutes * 60 and done < self.job.steps
+        buf = torch.tensor([sum(self.sums.get(r, [])) for r in self.routes] + [len(self.sums.get(r, [])) for r in self.routes]
+                           + [float(over)], dtype=torch.float64)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(buf)
+        n = len(self.routes)
+        losses = {r: float(buf[i] / buf[n + i]) for i, r in enumerate(self.routes) if buf[n + i] > 0}
+        steps_done = done - self.start
+        rate = steps_done * self.job.optim.batch_size * self.job.optim.grad_accum / max(elapsed, 1e-9)
+        eta = elapsed / max(steps_done, 1) * (self.job.steps - done)
+        if self.job.max_minutes is not None:
+            eta = min(eta, max(0.0, self.job.max_minutes * 60 - elapsed))
+        self.last = {"step": done, "loss": losses, "samples_per_s": rate, "elapsed_s": elapsed,
+                     "time_share": self.times.shares(), "eta_s": eta}
+        self.history.append(self.last)
+        if self.rank == 0:
+            say(format_progress(done, self.job.steps, losses, rate, self.last["time_share"], eta))
+            if buf[-1] > 0:
+                say(f"stopping at step {done}: max_minutes={self.job.max_minutes} reached (a checkpoint follows)")
+        self.sums.clear()
+        self.times = StepTimes()
+        return bool(buf[-1] > 0)
+
+    def report_metrics(self, done: int) -> dict:
+        metrics = {**self.last, "step": done, "rank": self.rank, "resumed_from": self.start, "time_share_total": self.total_times.shares()}
+        if self.record_step_losses:  # this rank's per-step losses since the last report (tests compare them)
+            metrics["step_losses"] = json.dumps(self.since_report)
+        self.since_report = defaultdict(list)
+        return metrics
+
+
+def say(line: str) -> None:
+    """A progress line, once: Ray Train routes print() through its logger (which echoes it twice); the process's
+    own stdout is what Ray forwards to the driver and the job log."""
+    print(line, file=sys.__stdout__, flush=True)
 
 
 def _maybe_crash(spec: dict | None, rank: int, step: int) -> None:
@@ -118,23 +195,33 @@ def _maybe_crash(spec: dict | None, rank: int, step: int) -> None:
         os._exit(1)
 
 
-def run_distributed(cfg: TrainConfig, run_id: str, num_workers: int, storage_path: str, teacher_apps: dict[str, str],
-                    router_app: str = "router", report_every: int = 10, cpus_per_worker: float = 1.0, torch_threads: int = 1,
-                    max_failures: int = 1, crash_once: dict | None = None):
-    """Register the run with the router and train on Ray Train; returns the Ray Train Result."""
+def use_gpu(job: JobConfig) -> bool:
+    """device cuda: yes; auto: when the cluster has GPUs; cpu: no."""
+    import ray
+
+    if job.device == "auto":
+        return ray.cluster_resources().get("GPU", 0) > 0
+    return str(job.device).startswith("cuda")
+
+
+def run_distributed(job: JobConfig, run_id: str, crash_once: dict | None = None, record_step_losses: bool = False):
+    """Register the run with the router and train on Ray Train; returns the Ray Train Result.
+
+    Re-running with the same run id and storage path resumes from the run's latest checkpoint."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from router.client import RouterClient
 
-    RouterClient(router_app).register_run(run_id, routing_config(cfg, num_workers, teacher_apps))
+    RouterClient(job.services.router_app, timeout_s=job.cluster.timeout_s).register_run(run_id, routing_config(job))
+    c = job.cluster
+    gpu = use_gpu(job)
+    resources = {"CPU": c.cpus_per_worker, **({"GPU": c.gpus_per_worker} if gpu else {})}
     trainer = TorchTrainer(
         worker_loop,
-        train_loop_config={"train": json.loads(cfg.model_dump_json()), "run_id": run_id, "report_every": report_every,
-                           "teacher_apps": teacher_apps, "router_app": router_app, "torch_threads": torch_threads,
-                           "crash_once": crash_once},
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=str(cfg.device).startswith("cuda"),
-                                     resources_per_worker={"CPU": cpus_per_worker}),
-        run_config=RunConfig(name=run_id, storage_path=storage_path, failure_config=FailureConfig(max_failures=max_failures)),
+        train_loop_config={"job": json.loads(job.model_dump_json()), "run_id": run_id, "crash_once": crash_once,
+                           "record_step_losses": record_step_losses},
+        scaling_config=ScalingConfig(num_workers=c.num_workers, use_gpu=gpu, resources_per_worker=resources),
+        run_config=RunConfig(name=run_id, storage_path=str(job.storage_path), failure_config=FailureConfig(max_failures=c.max_failures)),
     )
     return trainer.fit()

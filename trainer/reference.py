@@ -10,7 +10,6 @@ import json
 import sys
 import time
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,26 +23,10 @@ from danceopd.routing import HardRouter
 from danceopd.seeding import derive_seed
 from danceopd.student import Student, build_student, load_student, with_transformer
 from danceopd.suite import CapabilitySuite
-from trainer.checkpoint import latest_checkpoint, load_checkpoint_state, save_checkpoint
-from trainer.steps import QueryBatch, distillation_loss, lr_at, query_batch
+from trainer.checkpoint import latest_checkpoint, restore_checkpoint, save_checkpoint
+from trainer.steps import QueryBatch, StepTimes, distillation_loss, format_progress, lr_at, query_batch
 from trainer.ema import EMA
-
-
-@dataclass
-class StepTimes:
-    rollout: float = 0.0
-    teacher: float = 0.0
-    forward_backward: float = 0.0
-    optimizer: float = 0.0
-
-    def total(self) -> float:
-        return self.rollout + self.teacher + self.forward_backward + self.optimizer
-
-    def add(self, other: "StepTimes") -> None:
-        self.rollout += other.rollout
-        self.teacher += other.teacher
-        self.forward_backward += other.forward_backward
-        self.optimizer += other.optimizer
+from trainer.job import JobConfig
 
 
 class ReferenceTrainer:
@@ -140,9 +123,7 @@ class ReferenceTrainer:
         ckpt = latest_checkpoint(self.cfg.run_dir)
         if ckpt is None:
             return False
-        state = load_checkpoint_state(ckpt, self.student.transformer, self.optimizer)
-        if self.ema is not None:  # the checkpoint's student/ holds the EMA weights
-            self.ema.model.load_state_dict(load_student(ckpt / "student", device=self.device, dtype=self.cfg.dtype).transformer.state_dict())
+        state = restore_checkpoint(ckpt, self.student.transformer, self.optimizer, self.ema and self.ema.model, self.device, self.cfg.dtype)
         self.step = state["routing_cursor"]
         self.route_log, self.history = state["route_log"], state["history"]
         self.log(f"resumed from {ckpt} at step {self.step}")
@@ -166,16 +147,9 @@ class ReferenceTrainer:
                 if cfg.max_minutes is not None:
                     eta = min(eta, max(0.0, cfg.max_minutes * 60 - elapsed))
                 losses = {r: sum(v) / len(v) for r, v in window.items()}
-                tot = max(acc.total(), 1e-9)
-                rec = {"step": self.step, "loss": losses, "samples_per_s": rate, "elapsed_s": elapsed,
-                       "time_share": {"rollout": acc.rollout / tot, "teacher": acc.teacher / tot,
-                                      "forward_backward": acc.forward_backward / tot, "optimizer": acc.optimizer / tot}}
+                rec = {"step": self.step, "loss": losses, "samples_per_s": rate, "elapsed_s": elapsed, "time_share": acc.shares()}
                 self.history.append(rec)
-                loss_txt = " ".join(f"{r}={v:.4f}" for r, v in sorted(losses.items()))
-                share = rec["time_share"]
-                self.log(f"step {self.step:>5}/{end}  loss {loss_txt}  {rate:6.1f} samples/s  "
-                         f"rollout {share['rollout']:.0%} teacher {share['teacher']:.0%} fwd/bwd {share['forward_backward']:.0%}  "
-                         f"ETA {eta / 60:4.1f} min")
+                self.log(format_progress(self.step, end, losses, rate, rec["time_share"], eta))
                 window.clear()
             if self.step % cfg.checkpoint_every == 0:
                 self.save()
@@ -195,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="key.path=value settings, e.g. optim.lr=3e-4 steps=100")
     args = p.parse_intermixed_args(argv)
     try:
-        cfg = load_config(args.config, dict(parse_override(o) for o in args.overrides))
+        cfg = load_config(args.config, dict(parse_override(o) for o in args.overrides), model=JobConfig)  # a job file works too
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -4,7 +4,9 @@ draw the same states from the same seeds and compute the same loss."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -62,3 +64,39 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
         t = min(1.0, (step - o.warmup_steps) / max(1, cfg.steps - o.warmup_steps))
         return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
     return o.lr
+
+
+@dataclass
+class StepTimes:
+    """Seconds spent in each part of an update (summed over micro-batches and steps)."""
+
+    rollout: float = 0.0
+    teacher: float = 0.0  # waiting for the teacher's velocity (in-process call or network round trip)
+    forward_backward: float = 0.0  # includes DDP's gradient all-reduce, which overlaps the backward pass
+    optimizer: float = 0.0
+    router: float = 0.0  # assignment and loss-report calls (distributed trainer only)
+
+    def total(self) -> float:
+        return sum(asdict(self).values())
+
+    def add(self, other: "StepTimes") -> None:
+        for k, v in asdict(other).items():
+            setattr(self, k, getattr(self, k) + v)
+
+    def shares(self) -> dict[str, float]:
+        tot = max(self.total(), 1e-9)
+        return {k: v / tot for k, v in asdict(self).items()}
+
+    @contextmanager
+    def time(self, part: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            setattr(self, part, getattr(self, part) + time.perf_counter() - t0)
+
+
+def format_progress(step: int, end: int, losses: dict[str, float], samples_per_s: float, shares: dict[str, float], eta_s: float) -> str:
+    loss_txt = " ".join(f"{r}={v:.4f}" for r, v in sorted(losses.items()))
+    parts = " ".join(f"{k.replace('forward_backward', 'fwd/bwd')} {v:.0%}" for k, v in shares.items() if v > 0.005)
+    return f"step {step:>5}/{end}  loss {loss_txt}  {samples_per_s:6.1f} samples/s  {parts}  ETA {eta_s / 60:4.1f} min"

@@ -103,6 +103,7 @@ class TeacherConfig(_Strict):
     ray_actor_options: ActorOptions = ActorOptions()
     batching: BatchingConfig = BatchingConfig()
     torch_threads: int = Field(1, ge=1, description="torch threads in the replica (1 is best on a shared CPU box)")
+    access_log: bool = Field(False, description="one log line per query (a trainer sends several per step); metrics count them anyway")
 
     @model_validator(mode="after")
     def _consistent(self):

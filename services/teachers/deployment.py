@@ -97,7 +97,7 @@ class TeacherServer:
         return split_rows(v, queries)
 
 
-SCALING_KEYS = ("num_replicas", "autoscaling_config", "max_ongoing_requests")
+SCALING_KEYS = ("num_replicas", "autoscaling_config", "max_ongoing_requests", "access_log")
 
 
 def replica_args(cfg: TeachersConfig, name: str) -> dict:
@@ -117,7 +117,8 @@ def replica_args(cfg: TeachersConfig, name: str) -> dict:
 
 def deployment_options(cfg: TeachersConfig, name: str) -> dict:
     t = cfg.teacher(name)
-    options = {"max_ongoing_requests": max(t.max_ongoing_requests, t.batching.max_batch_size)}
+    options = {"max_ongoing_requests": max(t.max_ongoing_requests, t.batching.max_batch_size),
+               "logging_config": {"enable_access_log": t.access_log}}
     if t.autoscaling_config is not None:
         options["autoscaling_config"] = t.autoscaling_config.model_dump(exclude_none=True)
     else:

@@ -1,0 +1,101 @@
+"""The training job entry point: config errors exit 2 before Ray starts, and `ray job submit` of the demo config
+runs for real against its own `ray start --head` cluster (token authentication on, as Ray 2.60 defaults)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def run_main(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "trainer.main", *args], capture_output=True, text=True, cwd=ROOT, timeout=timeout)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--config", "configs/nope.yaml"], "configs/nope.yaml does not exist"),
+    (["--config", "configs/demo.yaml", "optim.batch_size=33"], "must divide by cluster.num_workers"),
+    (["--config", "configs/demo.yaml", "cluster.num_workrs=4"], "cluster.num_workrs: Extra inputs are not permitted"),
+    (["--config", "configs/demo.yaml", "services.teachers.nope.num_replicas=2"], "services.teachers names ['nope']"),
+    (["--config", "configs/demo.yaml", "method.routing=soft"], "method.routing"),
+    (["--config", "configs/gpu-cluster.yaml"], "does not exist"),  # the placeholder teacher paths
+])
+def test_bad_job_config_exits_2_naming_the_key_before_ray_starts(args, needle):
+    t0 = time.perf_counter()
+    proc = run_main(*args)
+    assert proc.returncode == 2, proc.stderr
+    assert needle in proc.stderr and "Traceback" not in proc.stderr
+    assert "started a local Ray" not in proc.stdout and time.perf_counter() - t0 < 60
+
+
+@pytest.fixture
+def head_node(tmp_path):
+    """A real `ray start --head` (own ports, own process group so that stopping it cannot touch the test
+    session's cluster; `ray stop` would kill every Ray on the machine)."""
+    gcs, dash = free_port(), free_port()
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
+    log = open(tmp_path / "head.log", "w")
+    proc = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}",
+                             "--dashboard-host=127.0.0.1", "--num-cpus=6", "--disable-usage-stats"],
+                            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=tmp_path)
+    address = f"http://127.0.0.1:{dash}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"{address}/api/version", timeout=2)
+            break
+        except urllib.error.HTTPError:  # the dashboard answers (auth required): it is up
+            break
+        except Exception:
+            time.sleep(1)
+    else:
+        pytest.fail(f"ray head did not come up: {(tmp_path / 'head.log').read_text()[-2000:]}")
+    yield address, env
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # whatever of that cluster is still up (same process group)
+    except ProcessLookupError:
+        pass
+    log.close()
+
+
+def test_ray_job_submit_runs_the_demo_config(head_node, tmp_path):
+    address, env = head_node
+    # The cluster refuses clients without the token: the job API answers 401 to an anonymous request.
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(f"{address}/api/jobs/", timeout=10)
+    assert err.value.code in (401, 403)
+
+    out = tmp_path / "out"
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT),
+           "--runtime-env-json", json.dumps({"excludes": [".venv", ".git", "runs", "benchmarks/results"]}), "--",
+           "python", "-m", "trainer.main", "--config", "configs/demo.yaml", "--eval", f"output_dir={out}",
+           "steps=12", "log_every=4", "checkpoint_every=6", "student.num_layers=2", "method.rollout_steps=4",
+           "eval.samples_per_capability=12", "eval.sampling_steps=4", f"services.http_port={free_port()}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    logs = proc.stdout + proc.stderr
+    assert proc.returncode == 0, logs[-4000:]
+    assert "succeeded" in logs, logs[-3000:]
+    assert "attached to" in logs and "started a local Ray" not in logs  # the driver joined the head's cluster
+    assert "deployed teachers ['t2i', 'local_edit', 'global_edit']" in logs
+    assert "step    12/12" in logs and "samples/s" in logs and "ETA" in logs  # progress from rank 0
+    report = json.loads((out / "demo" / "report.json").read_text())
+    assert set(report["routes"]) == {"t2i", "local_edit", "global_edit"}
+    assert report["training"]["steps"] == 12 and report["training"]["workers"] == 2
+    assert report["before"] is not None and (out / "demo" / "grid.png").exists()
+    assert (out / "demo" / "student" / "transformer" / "config.json").exists()  # save_pretrained layout

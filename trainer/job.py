@@ -1,0 +1,136 @@
+"""The distributed training job's configuration: a run config (TrainConfig) plus where it runs (`cluster`) and
+which services it talks to (`services`). Validated in full before Ray starts or any model loads.
+
+The teachers are derived from the routes (one source of truth): route `t2i` with `teacher: suite` is the
+Serve application `<app_prefix>t2i` serving the suite's exact t2i field; a diffusers path is served as a
+model field; `cfg_alpha` wraps it in CFG. `services.teacher_defaults` and `services.teachers.<route>` only
+add deployment options (replicas, autoscaling, resources, batching, device).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from danceopd.config import ConfigError, TrainConfig, load_config
+from services.teachers.config import (ActorOptions, AutoscalingConfig, BatchingConfig, GatewayConfig, RouterServiceConfig,
+                                      TeachersConfig)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ClusterConfig(_Strict):
+    address: str | None = Field(None, description="Ray address to attach to; None = the job's cluster if there is one "
+                                                    "(RAY_ADDRESS, `ray job submit`), else a local Ray started here")
+    local_num_cpus: int | None = Field(None, ge=1, description="logical CPUs of a local Ray started by the job "
+                                                                "(default: enough for the workers and the services)")
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (DDP ranks)")
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(1.0, ge=0, description="used when device is cuda")
+    max_failures: int = Field(2, ge=0, description="worker-group restarts (from the latest checkpoint) before the run fails")
+    storage_path: Path | None = Field(None, description="Ray Train storage (checkpoints); default <output_dir>/<run_name>/ray. "
+                                                        "Must be shared storage on a multi-node cluster")
+    timeout_s: float = Field(60.0, gt=0, description="timeout of every teacher / router call from a worker")
+    dashboard: bool = Field(True, description="Ray dashboard (and state API) of a local Ray started by the job, on :8265")
+    metrics_export_port: int | None = Field(None, ge=1, le=65535, description="Prometheus port of a local Ray started by the job")
+
+
+class TeacherDeployOptions(_Strict):
+    """Deployment options of one teacher application (its field comes from the route)."""
+
+    device: str | None = None
+    dtype: str | None = None
+    num_replicas: int | None = Field(None, ge=1)
+    autoscaling_config: AutoscalingConfig | None = None
+    ray_actor_options: ActorOptions | None = None
+    batching: BatchingConfig | None = None
+    torch_threads: int | None = Field(None, ge=1)
+    access_log: bool | None = None
+
+
+class ServicesConfig(_Strict):
+    deploy: Literal["auto", "attach"] = Field("auto", description="auto: deploy the teacher/router applications that "
+                                                                   "are not running and attach to those that are; attach: require them running")
+    app_prefix: str = "teacher-"
+    teacher_defaults: TeacherDeployOptions = TeacherDeployOptions(num_replicas=1, ray_actor_options=ActorOptions(num_cpus=0.25))
+    teachers: dict[str, TeacherDeployOptions] = Field(default_factory=dict, description="per-route overrides of teacher_defaults")
+    router_app: str = "router"
+    router_redis_url: str | None = Field(None, description="router state in Redis; default $DANCEOPD_REDIS_URL, else in memory")
+    gateway: bool = Field(True, description="also deploy the REST gateway (velocity queries for debugging)")
+    gateway_route_prefix: str = "/"
+    http_host: str = Field("127.0.0.1", description="Serve's HTTP proxy, when the job starts Serve (REST gateway, router API)")
+    http_port: int = Field(8000, ge=1, le=65535)
+
+
+class JobConfig(TrainConfig):
+    cluster: ClusterConfig = ClusterConfig()
+    services: ServicesConfig = ServicesConfig()
+
+    @model_validator(mode="after")
+    def _job_consistent(self) -> "JobConfig":
+        n = self.cluster.num_workers
+        if self.optim.batch_size % n:
+            raise ValueError(f"optim.batch_size ({self.optim.batch_size}) is the global micro-batch and must divide by "
+                             f"cluster.num_workers ({n}): each worker draws batch_size / num_workers samples")
+        unknown = sorted(set(self.services.teachers) - set(self.routes))
+        if unknown:
+            raise ValueError(f"services.teachers names {unknown}, which are not routes ({sorted(self.routes)})")
+        return self
+
+    @property
+    def worker_batch_size(self) -> int:
+        return self.optim.batch_size // self.cluster.num_workers
+
+    @property
+    def storage_path(self) -> Path:
+        return (self.cluster.storage_path or self.run_dir / "ray").expanduser().resolve()
+
+    def teacher_app(self, route: str) -> str:
+        return f"{self.services.app_prefix}{route}"
+
+    def teachers_config(self) -> TeachersConfig:
+        """The teachers (one per route) as a validated TeachersConfig: what `deploy_teachers` deploys."""
+        teachers = []
+        for name, route in self.routes.items():
+            if route.teacher == "suite":
+                field = {"kind": "suite", "capability": route.capability, "tier": self.suite.tier, "tau": self.suite.tau, "seed": self.suite.seed}
+            else:
+                field = {"kind": "diffusers", "path": route.teacher}
+            default = self.services.teacher_defaults.model_dump(exclude_none=True)
+            own = self.services.teachers.get(name, TeacherDeployOptions()).model_dump(exclude_none=True)
+            if "autoscaling_config" in own:  # the route's own scaling replaces the default one
+                default.pop("num_replicas", None)
+            if "num_replicas" in own:
+                default.pop("autoscaling_config", None)
+            opts = {**default, **own}
+            if route.cfg_alpha is not None:  # the base field is built in the same replica (see services.teachers.fields)
+                teachers.append({"name": f"{name}-base", "field": field, **opts})
+                field = {"kind": "cfg", "base": f"{name}-base", "alpha": route.cfg_alpha}
+            teachers.append({"name": name, "field": field, **opts})
+        redis_url = self.services.router_redis_url or os.environ.get("DANCEOPD_REDIS_URL")
+        try:
+            return TeachersConfig.model_validate({
+                "app_prefix": self.services.app_prefix, "teachers": teachers,
+                "gateway": GatewayConfig(route_prefix=self.services.gateway_route_prefix).model_dump(),
+                "router": RouterServiceConfig(redis_url=redis_url).model_dump()})
+        except Exception as e:  # pydantic ValidationError: name the job keys it came from
+            raise ConfigError(f"services: the teachers derived from routes are invalid: {e}") from None
+
+    def routed_teachers(self) -> list[str]:
+        """The teacher applications the trainer queries (a CFG route's base is internal to its replica)."""
+        return list(self.routes)
+
+
+def load_job_config(path: str | Path | None, overrides: dict | None = None) -> JobConfig:
+    job = load_config(path, overrides, model=JobConfig)
+    if job.method.routing != "hard":
+        raise ConfigError("method.routing: the distributed trainer routes 'hard' (soft mixing runs in trainer.reference)")
+    if job.method.target != "teacher":
+        raise ConfigError("method.target: the distributed trainer distils teachers ('teacher'); plain flow matching runs in trainer.reference")
+    job.teachers_config()  # the derived teachers validate now, before Ray starts
+    return job

@@ -1,0 +1,186 @@
+"""The distributed training job: bring up (or attach to) the teacher and router services, train on Ray Train,
+evaluate, and write the report.
+
+    python -m trainer.main --config configs/demo.yaml [--no-resume] [--eval] [key.path=value ...]
+
+Locally it starts its own Ray (unless RAY_ADDRESS or cluster.address names one). On a cluster, submit it:
+
+    RAY_AUTH_MODE=token ray job submit --address http://<head>:8265 --working-dir . -- \
+        python -m trainer.main --config configs/demo.yaml --eval
+
+Re-running the same config continues the run from its latest checkpoint (the run id is kept in
+<output_dir>/<run_name>/run.json); --no-resume starts a new run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from danceopd.config import ConfigError, parse_override
+from danceopd.remote import RequestError
+from trainer.job import JobConfig, load_job_config
+
+
+class ServiceError(RuntimeError):
+    """A service the job needs is missing or does not match the config."""
+
+
+def connect(job: JobConfig) -> str:
+    """Attach to the configured / job's Ray cluster, or start a local one sized for the job."""
+    import ray
+
+    if job.cluster.address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=job.cluster.address, logging_level="WARNING")
+        return "attached to " + (job.cluster.address or os.environ["RAY_ADDRESS"])
+    c = job.cluster
+    teacher_cpus = sum(t.ray_actor_options.num_cpus * (t.num_replicas or 1) for t in job.teachers_config().teachers
+                       if t.name in job.routes)
+    cpus = c.local_num_cpus or int(c.num_workers * c.cpus_per_worker + teacher_cpus + 2.0 + 0.999)  # + router, gateway, headroom
+    # The dashboard also serves Ray's state API, which Ray Train's placement-group cleaner polls.
+    ray.init(address="local", num_cpus=cpus, include_dashboard=c.dashboard, logging_level="WARNING", configure_logging=False,
+             **({"_metrics_export_port": c.metrics_export_port} if c.metrics_export_port else {}))
+    return f"started a local Ray ({cpus} logical CPUs)"
+
+
+def ensure_services(job: JobConfig, log=print) -> None:
+    """Deploy the teacher/router applications that are not running (services.deploy: auto), attach to the rest,
+    and check that every routed teacher serves images of the student's shape."""
+    from ray import serve
+
+    from router.deployment import router_app
+    from services.teachers.app import GATEWAY_APP, deploy_teachers
+    from services.teachers.client import TeacherClient
+
+    tcfg = job.teachers_config()
+    s = job.services
+    try:
+        apps = serve.status().applications
+    except Exception:  # Serve not started on this cluster yet
+        apps = {}
+    running = {name for name, a in apps.items() if str(getattr(a.status, "value", a.status)) == "RUNNING"}
+    wanted = {job.teacher_app(r): r for r in job.routes}
+    missing = [r for app, r in wanted.items() if app not in running]
+    router_missing = s.router_app not in running
+    if s.deploy == "attach" and (missing or router_missing):
+        absent = [job.teacher_app(r) for r in missing] + ([s.router_app] if router_missing else [])
+        raise ServiceError(f"services.deploy is 'attach' but these Serve applications are not running: {absent}. Deploy them "
+                           "(serve deploy deploy/serve-teachers.yaml) or set services.deploy: auto")
+    if not apps:
+        # One line per request from every replica would drown the training progress.
+        serve.start(http_options={"host": s.http_host, "port": s.http_port}, logging_config={"enable_access_log": False})
+    if missing or (s.gateway and GATEWAY_APP not in running):
+        t0 = time.perf_counter()
+        deploy_teachers(tcfg, only=missing, gateway=s.gateway and GATEWAY_APP not in running)
+        log(f"deployed teachers {missing}{' + REST gateway' if s.gateway else ''} in {time.perf_counter() - t0:.0f} s")
+    if router_missing:
+        serve.run(router_app({"redis_url": tcfg.router.redis_url}), name=s.router_app, route_prefix=tcfg.router.route_prefix)
+        log(f"deployed router ({'redis' if tcfg.router.redis_url else 'in-memory store'})")
+    attached = [job.teacher_app(r) for r in job.routes if r not in missing]
+    if attached:
+        log(f"attached to running teachers {attached}")
+    shape = (job.student.channels, job.student.sample_size, job.student.sample_size)
+    for r in job.routes:
+        info = TeacherClient(job.teacher_app(r), app_prefix="", timeout_s=job.cluster.timeout_s).info
+        if tuple(info.sample_shape) != shape:
+            raise ServiceError(f"routes.{r}: teacher application {job.teacher_app(r)!r} serves {tuple(info.sample_shape)} images, "
+                               f"the student makes {shape}: point the route at a matching teacher")
+
+
+def resolve_run_id(job: JobConfig, fresh: bool) -> tuple[str, bool]:
+    """The run id kept in run.json (resume), or a new one. Returns (run_id, resuming)."""
+    marker = job.run_dir / "run.json"
+    if not fresh and marker.exists():
+        return json.loads(marker.read_text())["run_id"], True
+    run_id = f"{job.run_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    job.run_dir.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"run_id": run_id, "storage_path": str(job.storage_path)}, indent=2))
+    return run_id, False
+
+
+def evaluate_student(job: JobConfig, student_field, grid_path: Path | None):
+    from danceopd.evaluation import evaluate
+    from danceopd.fields.diffusers_field import resolve_device
+    from danceopd.suite import CapabilitySuite
+    from services.teachers.client import TeacherClient
+
+    suite = CapabilitySuite(job.suite.tier, job.suite.tau, job.suite.seed)
+    teachers = {r: TeacherClient(job.teacher_app(r), app_prefix="", timeout_s=job.cluster.timeout_s) for r in job.routes}
+    return evaluate(student_field, teachers, job.routes, suite, job.eval, device=resolve_device(job.device), grid_path=grid_path)
+
+
+def before_after_table(before: dict | None, after: dict) -> str:
+    lines = [f"{'route':<14}{'teacher':>9}{'before':>9}{'after':>9}  extra (after)"]
+    for name, e in after["routes"].items():
+        b = "-" if before is None else f"{before['routes'][name]['student']['score']:.3f}"
+        extra = f"PSNR {e['student']['psnr_db']:.1f} dB" if "psnr_db" in e["student"] else ""
+        if "diversity" in e:
+            d = e["diversity"]
+            extra = f"modes hit {d['student']['modes_hit']}/{d['teacher']['modes_hit']} of the teacher's"
+        lines.append(f"{name:<14}{e['teacher']['score']:>9.3f}{b:>9}{e['student']['score']:>9.3f}  {extra}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m trainer.main", description="Distributed DanceOPD training (Ray Train + Serve teachers + router).")
+    p.add_argument("--config", type=Path, help="YAML job config (default: embedded defaults)")
+    p.add_argument("--no-resume", action="store_true", help="start a new run even if this run_name has checkpoints")
+    p.add_argument("--eval", action="store_true", help="score the student before and after training; write report.json + grid.png")
+    p.add_argument("overrides", nargs="*", help="key.path=value settings, e.g. steps=100 cluster.num_workers=4")
+    args = p.parse_intermixed_args(argv)
+    try:
+        job = load_job_config(args.config, dict(parse_override(o) for o in args.overrides))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    t_job = time.perf_counter()
+    print(connect(job), flush=True)
+    try:
+        ensure_services(job, log=lambda m: print(m, flush=True))
+    except (ServiceError, RequestError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    run_id, resuming = resolve_run_id(job, fresh=args.no_resume)
+    print(f"run {run_id} ({'resuming' if resuming else 'new'}): {job.cluster.num_workers} workers x {job.worker_batch_size} samples, "
+          f"{job.steps} steps; checkpoints in {job.storage_path / run_id}", flush=True)
+
+    from danceopd.student import build_student, load_student
+    from trainer.distributed import run_distributed
+
+    before = None
+    if args.eval and not resuming:
+        initial = load_student(job.init_from) if job.init_from else build_student(job.student)
+        before = evaluate_student(job, initial.field, None)
+    t0 = time.perf_counter()
+    result = run_distributed(job, run_id)
+    train_s = time.perf_counter() - t0
+    if result.error is not None or result.checkpoint is None:
+        print(f"error: training failed: {result.error}", file=sys.stderr)
+        return 1
+    final_dir = job.run_dir / "student"
+    with result.checkpoint.as_directory() as d:
+        shutil.rmtree(final_dir, ignore_errors=True)
+        shutil.copytree(Path(d) / "student", final_dir)
+    m = result.metrics
+    print(f"trained to step {m['step']} in {train_s / 60:.1f} min; student (EMA) saved to {final_dir}", flush=True)
+    if args.eval:
+        from danceopd.evaluation import write_report
+
+        report = evaluate_student(job, load_student(final_dir).field, job.run_dir / "grid.png")
+        report["before"] = before
+        report["training"] = {"run_id": run_id, "steps": m["step"], "train_seconds": train_s, "job_seconds": time.perf_counter() - t_job,
+                               "workers": job.cluster.num_workers, "samples_per_s": m.get("samples_per_s"),
+                               "time_share": m.get("time_share_total"), "checkpoint": result.checkpoint.path}
+        path = write_report(report, job.run_dir / "report.json")
+        print(before_after_table(before, report))
+        print(f"report: {path.resolve()}\ngrid:   {Path(report['grid']).resolve()}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
