@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install os-deps demo demo-reference test test-fast bench-learning bench-teachers gpu-check clean
+.PHONY: install os-deps deploy-files demo demo-reference test test-fast bench-learning bench-teachers gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,11 +18,12 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-## os-deps: the services the tests start themselves (Debian packages: redis-server, prometheus)
+## os-deps: what the tests run for real (Debian packages): redis-server, prometheus, and docker-compose
+## (validates docker-compose.yml with `docker-compose config`; no Docker engine needed)
 os-deps:
-	@if command -v redis-server >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1; then :; else \
+	@if command -v redis-server >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 && command -v docker-compose >/dev/null 2>&1; then :; else \
 	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
-	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server prometheus >/dev/null; \
+	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server prometheus docker-compose >/dev/null; \
 	fi
 
 ## demo: the distributed job on a local Ray: suite teachers on Serve, router, 2 Ray Train workers; eval: report.json + grid.png
@@ -51,6 +52,12 @@ bench-teachers: install
 ## gpu-check: CUDA tests + a short learning benchmark on the GPU (< 8 minutes)
 gpu-check: install
 	bash scripts/gpu_check.sh
+
+## deploy-files: regenerate what deploy/ derives from configs and the metrics contract (tests check they are current)
+deploy-files: install
+	$(BIN)/danceopd serve-config configs/teachers.yaml > deploy/serve-teachers.yaml
+	$(BIN)/python deploy/grafana/generate.py
+	$(BIN)/python deploy/kuberay/generate.py
 
 clean:
 	rm -rf runs .pytest_cache benchmarks/results/*.tmp

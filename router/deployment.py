@@ -10,8 +10,9 @@ import os
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from ray import serve
-from ray.util import metrics
 
+import danceopd.telemetry as T
+from danceopd.telemetry import make
 from router.core import Router, RouterError
 from router.store import MemoryStore, RedisStore
 
@@ -29,10 +30,12 @@ class RouterServer:
         url = redis_url or os.environ.get("DANCEOPD_REDIS_URL")
         self.router = Router(RedisStore(url) if url else MemoryStore())
         self.backend = "redis" if url else "memory"
-        tags = ("run", "route")
-        self.m_assign = metrics.Counter("danceopd_router_assignments", "Samples assigned per route", tag_keys=tags)
-        self.m_weight = metrics.Gauge("danceopd_router_route_weight", "Current route weight", tag_keys=tags)
-        self.m_loss = metrics.Gauge("danceopd_router_reported_loss", "Last reported loss per route", tag_keys=tags)
+        self.m_assign = make(T.ROUTER_ASSIGNMENTS)
+        self.m_weight = make(T.ROUTER_WEIGHT)
+        self.m_loss = make(T.ROUTER_LOSS)
+
+    def _tags(self, run_id: str, route: str) -> dict:
+        return {"run": run_id, "route": route, "capability": self.router.config(run_id).routes[route].bucket}
 
     # ------------------------------------------------------------------ handle API (trainers)
     async def register_run(self, run_id: str, config: dict) -> dict:
@@ -41,14 +44,14 @@ class RouterServer:
     async def assign(self, run_id: str, step: int, rank: int = 0, micro: int = 0) -> dict:
         out = self.router.assign(run_id, step, rank, micro)
         for route, n in out["route_samples"].items():
-            self.m_assign.inc(n, tags={"run": run_id, "route": route})
+            self.m_assign.inc(n, tags=self._tags(run_id, route))
         for route, w in out["weights"].items():
-            self.m_weight.set(w, tags={"run": run_id, "route": route})
+            self.m_weight.set(w, tags=self._tags(run_id, route))
         return out
 
     async def report_loss(self, run_id: str, step: int, route: str, loss: float) -> dict:
         stats = self.router.report_loss(run_id, step, route, loss)
-        self.m_loss.set(loss, tags={"run": run_id, "route": route})
+        self.m_loss.set(loss, tags=self._tags(run_id, route))
         return stats
 
     async def set_status(self, run_id: str, status: str) -> None:

@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -27,6 +28,7 @@ from danceopd.suite import CapabilitySuite
 from trainer.checkpoint import restore_checkpoint, save_checkpoint
 from trainer.ema import EMA
 from trainer.job import JobConfig
+from trainer.metrics import TrainerMetrics
 from trainer.steps import StepTimes, distillation_loss, format_progress, lr_at, query_batch
 
 
@@ -72,7 +74,8 @@ def worker_loop(config: dict) -> None:
         if rank == 0:
             say(f"[{run_id}] resumed from the checkpoint at step {start}")
 
-    window = Window(job, rank, world, start, record_step_losses=config.get("record_step_losses", False))
+    metrics = TrainerMetrics(run_id, {r: c.capability for r, c in job.routes.items()}) if rank == 0 else None
+    window = Window(job, rank, world, start, metrics, record_step_losses=config.get("record_step_losses", False))
     for step in range(start, job.steps):
         times = StepTimes()
         optimizer.zero_grad(set_to_none=True)
@@ -108,15 +111,16 @@ def worker_loop(config: dict) -> None:
         done = step + 1
         stop = window.log_due(done) and window.summarize(done)  # collective: every rank agrees to stop
         if done % job.checkpoint_every == 0 or done == job.steps or stop:
-            metrics = window.report_metrics(done)
+            report = window.report_metrics(done)
             if rank == 0:  # one writer; every rank calls report (a collective)
                 state = {"routing_cursor": done, "run": run_id, "history": window.history, "config": config["job"]}
                 with tempfile.TemporaryDirectory() as d:
                     final = student if ema is None else with_transformer(student, ema.model)
                     path = save_checkpoint(Path(d), done, final, inner.state_dict(), optimizer, state, keep=1)
-                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(path)))
+                    ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(str(path)))
+                metrics.checkpointed()
             else:
-                ray.train.report(metrics)
+                ray.train.report(report)
         if stop:
             break
 
@@ -124,8 +128,9 @@ def worker_loop(config: dict) -> None:
 class Window:
     """Per-route losses and step times since the last log line, reduced over all workers."""
 
-    def __init__(self, job: JobConfig, rank: int, world: int, start: int, record_step_losses: bool = False):
+    def __init__(self, job: JobConfig, rank: int, world: int, start: int, metrics=None, record_step_losses: bool = False):
         self.job, self.rank, self.world, self.start = job, rank, world, start
+        self.metrics = metrics  # TrainerMetrics on rank 0 (Prometheus), else None
         self.record_step_losses = record_step_losses
         self.routes = list(job.routes)
         self.t0 = time.perf_counter()
@@ -165,6 +170,10 @@ class Window:
             eta = min(eta, max(0.0, self.job.max_minutes * 60 - elapsed))
         self.last = {"step": done, "loss": losses, "samples_per_s": rate, "elapsed_s": elapsed,
                      "time_share": self.times.shares(), "eta_s": eta}
+        if self.metrics is not None:
+            window_steps = max(1, sum(len(v) for v in self.sums.values()))
+            self.metrics.window(done, losses, {r: int(buf[n + i]) // self.world for i, r in enumerate(self.routes)}, rate,
+                                {k: v / window_steps for k, v in asdict(self.times).items()})
         self.history.append(self.last)
         if self.rank == 0:
             say(format_progress(done, self.job.steps, losses, rate, self.last["time_share"], eta))
