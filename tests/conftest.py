@@ -62,7 +62,7 @@ def ray_cluster():
     os.environ[TEST_TOKEN_ENV] = TEST_TOKEN  # inherited by the workers: the auth gateway reads it
     http_port, metrics_port = free_port(), free_port()
     # Metrics reach the export port every second (default 10 s), so short runs show up in Prometheus.
-    ray.init(num_cpus=8, include_dashboard=False, _metrics_export_port=metrics_port, logging_level="WARNING",
+    ray.init(address="local", num_cpus=8, include_dashboard=False, _metrics_export_port=metrics_port, logging_level="WARNING",
              configure_logging=False, _system_config={"metrics_report_interval_ms": 1000})
     serve.start(http_options={"host": "127.0.0.1", "port": http_port})
     yield types.SimpleNamespace(http=f"http://127.0.0.1:{http_port}", metrics_port=metrics_port)

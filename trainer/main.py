@@ -14,7 +14,6 @@ Re-running the same config continues the run from its latest checkpoint (the run
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -22,8 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-from danceopd.config import ConfigError, parse_override
 from danceopd.remote import RequestError
+from trainer.cli import load_or_report, parse_args
 from trainer.job import JobConfig, load_job_config
 
 
@@ -127,16 +126,9 @@ def before_after_table(before: dict | None, after: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m trainer.main", description="Distributed DanceOPD training (Ray Train + Serve teachers + router).")
-    p.add_argument("--config", type=Path, help="YAML job config (default: embedded defaults)")
-    p.add_argument("--no-resume", action="store_true", help="start a new run even if this run_name has checkpoints")
-    p.add_argument("--eval", action="store_true", help="score the student before and after training; write report.json + grid.png")
-    p.add_argument("overrides", nargs="*", help="key.path=value settings, e.g. steps=100 cluster.num_workers=4")
-    args = p.parse_intermixed_args(argv)
-    try:
-        job = load_job_config(args.config, dict(parse_override(o) for o in args.overrides))
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+    args = parse_args("python -m trainer.main", "Distributed DanceOPD training (Ray Train + Serve teachers + router).", argv)
+    job = load_or_report(load_job_config, args)
+    if job is None:
         return 2
     t_job = time.perf_counter()
     print(connect(job), flush=True)

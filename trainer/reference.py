@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from danceopd.config import ConfigError, TrainConfig, load_config, parse_override
+from danceopd.config import TrainConfig, load_config
 from danceopd.fields.base import Conditions
 from danceopd.fields.operators import SoftMixField
 from danceopd.flow import sigma_schedule, velocity_target
@@ -25,6 +24,7 @@ from danceopd.student import Student, build_student, load_student, with_transfor
 from danceopd.suite import CapabilitySuite
 from trainer.checkpoint import latest_checkpoint, restore_checkpoint, save_checkpoint
 from trainer.steps import QueryBatch, StepTimes, distillation_loss, format_progress, lr_at, query_batch
+from trainer.cli import load_or_report, parse_args
 from trainer.ema import EMA
 from trainer.job import JobConfig
 
@@ -162,16 +162,9 @@ class ReferenceTrainer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m trainer.reference", description="Reference (single-process) DanceOPD training.")
-    p.add_argument("--config", type=Path, help="YAML run config (default: embedded defaults)")
-    p.add_argument("--no-resume", action="store_true", help="start fresh even if the run has checkpoints")
-    p.add_argument("--eval", action="store_true", help="evaluate after training and write report.json + grid.png")
-    p.add_argument("overrides", nargs="*", help="key.path=value settings, e.g. optim.lr=3e-4 steps=100")
-    args = p.parse_intermixed_args(argv)
-    try:
-        cfg = load_config(args.config, dict(parse_override(o) for o in args.overrides), model=JobConfig)  # a job file works too
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+    args = parse_args("python -m trainer.reference", "Reference (single-process) DanceOPD training.", argv)
+    cfg = load_or_report(lambda path, over: load_config(path, over, model=JobConfig), args)  # a job file works too
+    if cfg is None:
         return 2
     trainer = ReferenceTrainer(cfg, log=lambda m: print(m, flush=True))
     if not args.no_resume:
