@@ -3,6 +3,7 @@
     danceopd eval --student runs/demo/student --config configs/demo.yaml
     danceopd query t2i --prompt "a red circle" --sigma 0.5 --url http://127.0.0.1:8000
     danceopd serve-config configs/teachers.yaml > deploy/serve-teachers.yaml
+    danceopd experiment experiments/specs/*.yaml --report docs/results.md [--smoke]
 
 Exit codes: 0 ok, 2 bad input (config, paths), 1 unexpected failure.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 from danceopd.config import ConfigError, load_config, parse_override
@@ -55,6 +57,35 @@ def _serve_config(args) -> int:
     return 0
 
 
+def _experiment(args) -> int:
+    from experiments.report import write_report
+    from experiments.runner import run_experiment
+    from experiments.spec import load_spec
+
+    specs = [load_spec(p) for p in args.specs]  # every spec and every run config validates before anything trains
+    sections = []
+    t0 = time.perf_counter()
+    for spec in specs:
+        results = run_experiment(spec, args.out, smoke=args.smoke, log=lambda m: print(m, flush=True))
+        summary = write_report(spec, results, args.out / spec.name)
+        sections.append((spec, summary, (args.out / spec.name / f"{spec.name}.md")))
+        if "claim" in summary:
+            c = summary["claim"]
+            print(f"{spec.name}: {c['metric']} {c['better']} - {c['worse']} = {c['difference']:+.3f} ± {c['ci95']:.3f}: {c['verdict']}")
+    if args.report:
+        args.report.parent.mkdir(parents=True, exist_ok=True)
+        head = [f"# Experiment results{' (SMOKE: numbers mean nothing)' if args.smoke else ''}", "",
+                f"Regenerate: `danceopd experiment {' '.join(map(str, args.specs))} --out {args.out} --report {args.report}`"
+                f"{' --smoke' if args.smoke else ''}. Wall time of this run (finished runs are reused): "
+                f"{(time.perf_counter() - t0) / 60:.1f} min.", ""]
+        import os
+
+        body = [md.read_text().replace("](", f"]({os.path.relpath(md.parent, args.report.parent)}/") for _, _, md in sections]
+        args.report.write_text("\n".join(head + body))
+        print(f"report: {args.report}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from services.teachers.query_cli import CliError, add_parser as add_query
 
@@ -72,6 +103,12 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--out", type=Path, help="output folder (default: next to the student, eval/)")
     ev.add_argument("overrides", nargs="*", help="key.path=value, e.g. eval.samples_per_capability=48")
     ev.set_defaults(run=_eval)
+    ex = sub.add_parser("experiment", help="run experiment specs (arms x seeds), write results JSON, markdown and plots")
+    ex.add_argument("specs", nargs="+", type=Path)
+    ex.add_argument("--out", type=Path, default=Path("runs/experiments"), help="run folders and per-experiment reports")
+    ex.add_argument("--report", type=Path, help="also write one combined markdown report here (e.g. docs/results.md)")
+    ex.add_argument("--smoke", action="store_true", help="a few steps and two seeds per arm: checks the pipeline, not the claims")
+    ex.set_defaults(run=_experiment)
     args, extra = parser.parse_known_args(argv)
     unknown = [e for e in extra if e.startswith("-") or "=" not in e or args.command != "eval"]
     if unknown:

@@ -1,0 +1,63 @@
+"""An experiment spec (YAML): arms x seeds of one base config at an equal budget, and the claim it tests.
+
+    name: query-position
+    base: configs/demo.yaml            # a run or job config
+    budget: {steps: 300}               # applied to every run: the arms differ only in their own overrides
+    seeds: [0, 1, 2]
+    trainer: reference                 # reference (in-process) or distributed (python -m trainer.main per run)
+    arms:
+      low:  {method.query_position: low}
+      high: {method.query_position: high}
+    claim: {metric: t2i.score, better: low, worse: high, paper: "low-noise query beats high by 19.5%"}
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from danceopd.config import ConfigError, read_yaml_mapping, validate_config
+
+
+class Claim(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    metric: str = Field(description="<route>.<score|psnr_db|modes_hit|coverage> or mean_score")
+    better: str = Field(description="the arm the paper says is better on this metric")
+    worse: str
+    paper: str = ""
+
+
+class ExperimentSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    base: Path
+    budget: dict = Field(default_factory=dict)
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    trainer: Literal["reference", "distributed"] = "reference"
+    arms: dict[str, dict] = Field(min_length=1)
+    claim: Claim | None = None
+
+    @model_validator(mode="after")
+    def _claim_arms(self):
+        if self.claim is not None:
+            for arm in (self.claim.better, self.claim.worse):
+                if arm not in self.arms:
+                    raise ValueError(f"claim names arm {arm!r}, which is not in arms ({sorted(self.arms)})")
+        if not self.base.exists():
+            raise ValueError(f"base config {self.base} does not exist")
+        return self
+
+
+def load_spec(path: str | Path) -> ExperimentSpec:
+    spec = validate_config(ExperimentSpec, read_yaml_mapping(path), str(path))
+    from trainer.job import JobConfig
+    from danceopd.config import load_config
+
+    for arm, over in spec.arms.items():  # every run's config validates now, before anything trains
+        try:
+            load_config(spec.base, {**spec.budget, **over, "seed": spec.seeds[0]}, model=JobConfig)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: arm {arm!r}: {e}") from None
+    return spec

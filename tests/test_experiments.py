@@ -1,0 +1,58 @@
+"""The experiment runner, smoke-sized: arms x seeds train and are judged, the report states each claim's
+verdict with its interval, plots are written, and a killed experiment continues where it stopped."""
+
+import json
+import os
+
+import pytest
+import yaml
+
+from danceopd_cli.main import main
+
+
+@pytest.fixture
+def spec(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "tiny", "base": "configs/demo.yaml", "budget": {"torch_threads": 1}, "seeds": [0, 1],
+        "arms": {"low": {"method.query_position": "low"}, "high": {"method.query_position": "high"}},
+        "claim": {"metric": "mean_score", "better": "low", "worse": "high", "paper": "low beats high"}}))
+    return path
+
+
+def test_smoke_experiment_report_and_resume(spec, tmp_path, capsys):
+    out, report = tmp_path / "out", tmp_path / "results.md"
+    assert main(["experiment", str(spec), "--smoke", "--out", str(out), "--report", str(report)]) == 0
+    data = json.loads((out / "tiny" / "tiny.json").read_text())
+    runs = data["runs"]
+    assert sorted((r["arm"], r["seed"]) for r in runs) == [("high", 0), ("high", 1), ("low", 0), ("low", 1)]
+    assert all(r["steps"] == 4 and set(r["routes"]) == {"t2i", "local_edit", "global_edit"} for r in runs)
+    assert all(0 <= r["routes"]["t2i"]["score"] <= 1 and "coverage" in r["routes"]["t2i"] for r in runs)
+    claim = data["summary"]["claim"]
+    assert claim["verdict"] in ("holds", "reversed", "inconclusive") and claim["ci95"] >= 0
+    low = [sum(v["score"] for v in r["routes"].values()) / 3 for r in runs if r["arm"] == "low"]
+    high = [sum(v["score"] for v in r["routes"].values()) / 3 for r in runs if r["arm"] == "high"]
+    assert claim["difference"] == pytest.approx(sum(low) / 2 - sum(high) / 2)
+    text = report.read_text()
+    assert "SMOKE" in text and "low beats high" in text and claim["verdict"] in text and "tiny/tiny-scores.png" in text
+    assert (out / "tiny" / "tiny-scores.png").stat().st_size > 1000 and (out / "tiny" / "tiny-loss.png").exists()
+
+    # A killed experiment: one run lost its result (and was mid-way). Rerunning redoes that run only.
+    lost = out / "tiny" / "high" / "seed1" / "result.json"
+    lost.unlink()
+    kept = {p: p.stat().st_mtime_ns for p in (out / "tiny").glob("*/seed*/result.json")}
+    capsys.readouterr()
+    assert main(["experiment", str(spec), "--smoke", "--out", str(out)]) == 0
+    log = capsys.readouterr().out
+    assert "high seed 1" in log and "low seed 0" not in log and lost.exists()
+    assert all(p.stat().st_mtime_ns == t for p, t in kept.items())
+
+
+def test_bad_spec_exits_2_naming_the_problem(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"name": "bad", "base": "configs/demo.yaml", "arms": {"a": {"method.k": 0}},
+                                   "claim": {"metric": "mean_score", "better": "a", "worse": "a"}}))
+    assert main(["experiment", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "arm 'a'" in err and "method.k" in err
+    os.remove(bad)
