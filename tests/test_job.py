@@ -46,8 +46,12 @@ def head_node(tmp_path):
     gcs, dash = free_port(), free_port()
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
     log = open(tmp_path / "head.log", "w")
+    # Own ports for every agent too: the session's Ray (other tests) holds the defaults, and a job agent that
+    # cannot bind its port never registers ("No available agent to submit job").
+    ports = [f"--{name}={free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                    "runtime-env-agent-port", "metrics-export-port", "ray-client-server-port")]
     proc = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}",
-                             "--dashboard-host=127.0.0.1", "--num-cpus=6", "--disable-usage-stats"],
+                             "--dashboard-host=127.0.0.1", "--num-cpus=6", "--disable-usage-stats", *ports],
                             stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=tmp_path)
     address = f"http://127.0.0.1:{dash}"
     deadline = time.time() + 120

@@ -73,10 +73,6 @@ class JobConfig(TrainConfig):
 
     @model_validator(mode="after")
     def _job_consistent(self) -> "JobConfig":
-        n = self.cluster.num_workers
-        if self.optim.batch_size % n:
-            raise ValueError(f"optim.batch_size ({self.optim.batch_size}) is the global micro-batch and must divide by "
-                             f"cluster.num_workers ({n}): each worker draws batch_size / num_workers samples")
         unknown = sorted(set(self.services.teachers) - set(self.routes))
         if unknown:
             raise ValueError(f"services.teachers names {unknown}, which are not routes ({sorted(self.routes)})")
@@ -128,6 +124,10 @@ class JobConfig(TrainConfig):
 
 def load_job_config(path: str | Path | None, overrides: dict | None = None) -> JobConfig:
     job = load_config(path, overrides, model=JobConfig)
+    n = job.cluster.num_workers
+    if job.optim.batch_size % n:  # (the reference trainer reads job files too; it has no workers to divide among)
+        raise ConfigError(f"optim.batch_size ({job.optim.batch_size}) is the global micro-batch and must divide by "
+                          f"cluster.num_workers ({n}): each worker draws batch_size / num_workers samples")
     if job.method.routing != "hard":
         raise ConfigError("method.routing: the distributed trainer routes 'hard' (soft mixing runs in trainer.reference)")
     if job.method.target != "teacher":

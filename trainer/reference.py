@@ -170,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_resume:
         trainer.resume()
     trainer.fit()
+    final = cfg.run_dir / "student"  # the trained student (EMA), ready for init_from, eval or serving
+    trainer.final_student.save_pretrained(final)
+    print(f"student: {final}")
     if args.eval:
         from danceopd.evaluation import evaluate, summary_table, write_report
 
