@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Literal
 
@@ -168,7 +169,7 @@ def validate_config(model: type[BaseModel], data: dict, source: str):
 def load_config(path: str | Path | None = None, overrides: dict | None = None, model: type[BaseModel] = TrainConfig):
     """Load a YAML config (or the embedded defaults when path is None), apply dotted overrides, validate."""
     data = read_yaml_mapping(path) if path is not None else {}
-    for key, value in (overrides or {}).items():
+    for key, value in copy.deepcopy(overrides or {}).items():  # never write into the caller's dicts
         node = data
         *parents, leaf = key.split(".")
         for part in parents:

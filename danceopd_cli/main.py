@@ -71,7 +71,10 @@ def _experiment(args) -> int:
         sections.append((spec, summary, (args.out / spec.name / f"{spec.name}.md")))
         if "claim" in summary:
             c = summary["claim"]
-            print(f"{spec.name}: {c['metric']} {c['better']} - {c['worse']} = {c['difference']:+.3f} ± {c['ci95']:.3f}: {c['verdict']}")
+            if c["kind"] == "compare":
+                print(f"{spec.name}: {c['metric']} {c['better']} - {c['worse']} = {c['difference']:+.3f} ± {c['ci95']:.3f}: {c['verdict']}")
+            else:
+                print(f"{spec.name}: {c['metric']} = {c['value']:g} ± {c['tolerance']:g} on every arm: {c['verdict']}")
     if args.report:
         args.report.parent.mkdir(parents=True, exist_ok=True)
         head = [f"# Experiment results{' (SMOKE: numbers mean nothing)' if args.smoke else ''}", "",

@@ -18,11 +18,17 @@ def t95(df: float) -> float:
 
 
 def metric(result: dict, name: str) -> float:
-    """'<route>.<key>' or 'mean_score' (the mean of the routes' scores)."""
+    """'<route>.<key>', 'probe.<key>', 'gap_closed.<route>' (share of the teacher-minus-initial reward gap the
+    run closed) or 'mean_score' (the mean of the routes' scores)."""
     if name == "mean_score":
         return sum(r["score"] for r in result["routes"].values()) / len(result["routes"])
-    route, key = name.split(".", 1)
-    return float(result["routes"][route][key])
+    head, key = name.split(".", 1)
+    if head == "probe":
+        return float(result["probes"][key])
+    if head == "gap_closed":
+        r, b = result["routes"][key], result["before"][key]
+        return (r["reward"] - b["reward"]) / (r["teacher_reward"] - b["reward"])
+    return float(result["routes"][head][key])
 
 
 def mean_ci(values: list[float]) -> tuple[float, float]:
@@ -61,7 +67,10 @@ def verdict(diff: float, half: float) -> str:
 def metric_names(results: list[dict]) -> list[str]:
     names = []
     for route, v in results[0]["routes"].items():
-        names += [f"{route}.{k}" for k in ("score", "psnr_db", "modes_hit", "coverage") if k in v]
+        names += [f"{route}.{k}" for k in ("score", "psnr_db", "modes_hit", "coverage", "reward") if k in v]
+        if "reward" in v and results[0].get("before"):
+            names.append(f"gap_closed.{route}")
+    names += [f"probe.{k}" for k in results[0].get("probes") or {}]
     return names + ["mean_score"]
 
 
@@ -72,12 +81,22 @@ def summarize(spec: ExperimentSpec, results: list[dict]) -> dict:
         arms[arm] = {"seeds": [r["seed"] for r in rs], "steps": rs[0]["steps"] if rs else None,
                      "metrics": {m: dict(zip(("mean", "ci95"), mean_ci([metric(r, m) for r in rs]))) for m in metric_names(results)}}
     out = {"name": spec.name, "base": str(spec.base), "budget": spec.budget, "trainer": spec.trainer, "arms": arms}
-    if spec.claim:
-        c = spec.claim
+    c = spec.claim
+    if c is not None and c.kind == "compare":
         a = [metric(r, c.metric) for r in results if r["arm"] == c.better]
         b = [metric(r, c.metric) for r in results if r["arm"] == c.worse]
         diff, half = difference_ci(a, b)
         out["claim"] = {**c.model_dump(), "difference": diff, "ci95": half, "verdict": verdict(diff, half)}
+    elif c is not None:  # target: each arm's interval inside value +- tolerance
+        per_arm = {}
+        for arm in spec.arms:
+            m, half = arms[arm]["metrics"][c.metric]["mean"], arms[arm]["metrics"][c.metric]["ci95"]
+            lo, hi = m - (0 if math.isnan(half) else half), m + (0 if math.isnan(half) else half)
+            inside = c.value - c.tolerance <= lo and hi <= c.value + c.tolerance
+            outside = hi < c.value - c.tolerance or lo > c.value + c.tolerance
+            per_arm[arm] = {"mean": m, "ci95": half, "verdict": "holds" if inside else "does not hold" if outside else "inconclusive"}
+        verdicts = {v["verdict"] for v in per_arm.values()}
+        out["claim"] = {**c.model_dump(), "arms": per_arm, "verdict": verdicts.pop() if len(verdicts) == 1 else "mixed"}
     return out
 
 
@@ -133,10 +152,14 @@ def markdown(summary: dict, plots: list[Path]) -> str:
     for arm, a in summary["arms"].items():
         cells = [f"{a['metrics'][m]['mean']:.3f} ± {a['metrics'][m]['ci95']:.3f}" for m in names]
         lines.append(f"| {arm} | {len(a['seeds'])} | " + " | ".join(cells) + " |")
-    if "claim" in summary:
-        c = summary["claim"]
+    c = summary.get("claim")
+    if c is not None and c["kind"] == "compare":
         lines += ["", f"Claim ({c['paper'] or 'paper direction'}): `{c['metric']}` of **{c['better']}** minus **{c['worse']}** = "
                       f"{c['difference']:+.3f} ± {c['ci95']:.3f} (95% CI) → **{c['verdict']}**."]
+    elif c is not None:
+        per = "; ".join(f"{a}: {v['mean']:.3f} ± {v['ci95']:.3f} ({v['verdict']})" for a, v in c["arms"].items())
+        lines += ["", f"Claim ({c['paper'] or 'target'}): `{c['metric']}` = {c['value']:g} ± {c['tolerance']:g} on every arm → "
+                      f"**{c['verdict']}** ({per})."]
     lines += [""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
     return "\n".join(lines)
 

@@ -36,10 +36,22 @@ def scores(report: dict) -> dict:
         out[route] = {"score": s["score"], "teacher_score": e["teacher"]["score"]}
         if "psnr_db" in s:
             out[route]["psnr_db"] = s["psnr_db"]
+        if "reward" in s:
+            out[route]["reward"] = s["reward"]
+            out[route]["teacher_reward"] = e["teacher"]["reward"]
         if "diversity" in e:
             out[route]["modes_hit"] = e["diversity"]["student"]["modes_hit"]
             out[route]["coverage"] = e["diversity"]["coverage_vs_teacher"]
     return out
+
+
+def run_probes(spec: ExperimentSpec, cfg: JobConfig, student_field, suite, device) -> dict:
+    if spec.probe is None:
+        return {}
+    from experiments.probes import effective_guidance
+
+    alpha = (cfg.routes["t2i"].cfg_alpha or 1.0) if "t2i" in cfg.routes else 1.0
+    return effective_guidance(student_field, suite, alpha, spec.probe.betas, spec.probe.samples, seed=cfg.eval.seed, device=device)
 
 
 def run_one(spec: ExperimentSpec, arm: str, seed: int, out: Path, smoke: bool, log=print) -> dict:
@@ -54,9 +66,16 @@ def run_one(spec: ExperimentSpec, arm: str, seed: int, out: Path, smoke: bool, l
 
         tr = ReferenceTrainer(cfg, log=lambda m: None)
         tr.resume()  # an interrupted run continues from its checkpoint
+        before_path = cfg.run_dir / "before.json"  # scored once, before the first step (kept across a resume)
+        if spec.eval_before and not before_path.exists() and tr.step == 0:
+            cfg.run_dir.mkdir(parents=True, exist_ok=True)
+            before_path.write_text(json.dumps(scores(evaluate(tr.final_student.field, tr.teachers, cfg.routes, tr.suite, cfg.eval,
+                                                              device=tr.device))))
         tr.fit()
         report = evaluate(tr.final_student.field, tr.teachers, cfg.routes, tr.suite, cfg.eval, device=tr.device,
                           grid_path=cfg.run_dir / "grid.png")
+        probes = run_probes(spec, cfg, tr.final_student.field, tr.suite, tr.device)
+        before = json.loads(before_path.read_text()) if before_path.exists() else None
         history, steps = tr.history, tr.step
     else:  # the distributed job, one Ray job per run (it resumes by itself: run.json + Ray Train storage)
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
@@ -67,8 +86,17 @@ def run_one(spec: ExperimentSpec, arm: str, seed: int, out: Path, smoke: bool, l
             raise RuntimeError(f"{arm}/seed{seed}: trainer.main failed ({proc.returncode}): {proc.stderr[-2000:]}")
         report = json.loads((cfg.run_dir / "report.json").read_text())
         history, steps = report["training"].get("history", []), report["training"]["steps"]
+        before = scores(report["before"]) if spec.eval_before and report.get("before") else None
+        if spec.probe is not None:
+            from danceopd.student import load_student
+            from danceopd.suite import CapabilitySuite
+
+            probes = run_probes(spec, cfg, load_student(cfg.run_dir / "student").field,
+                                CapabilitySuite(cfg.suite.tier, cfg.suite.tau, cfg.suite.seed), "cpu")
+        else:
+            probes = {}
     result = {"arm": arm, "seed": seed, "steps": steps, "seconds": time.perf_counter() - t0, "routes": scores(report),
-              "history": [{"step": h["step"], "loss": h["loss"]} for h in history]}
+              "before": before, "probes": probes, "history": [{"step": h["step"], "loss": h["loss"]} for h in history]}
     tmp = result_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=2))
     tmp.rename(result_path)  # atomic: a crash never leaves a half-written result

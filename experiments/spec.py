@@ -22,11 +22,36 @@ from danceopd.config import ConfigError, read_yaml_mapping, validate_config
 
 
 class Claim(BaseModel):
+    """compare: arm `better` beats arm `worse` on `metric` (Welch 95% interval of the difference).
+    target: on every arm, `metric` is `value` within +-`tolerance` (the arm's 95% interval inside the band)."""
+
     model_config = ConfigDict(extra="forbid")
-    metric: str = Field(description="<route>.<score|psnr_db|modes_hit|coverage> or mean_score")
-    better: str = Field(description="the arm the paper says is better on this metric")
-    worse: str
+    kind: Literal["compare", "target"] = "compare"
+    metric: str = Field(description="<route>.<score|psnr_db|modes_hit|coverage|reward>, probe.<key>, or mean_score")
+    better: str | None = None
+    worse: str | None = None
+    value: float | None = None
+    tolerance: float | None = Field(None, gt=0)
     paper: str = ""
+
+    @model_validator(mode="after")
+    def _complete(self):
+        if self.kind == "compare" and (self.better is None or self.worse is None):
+            raise ValueError("a compare claim names the arms `better` and `worse`")
+        if self.kind == "target" and (self.value is None or self.tolerance is None):
+            raise ValueError("a target claim gives `value` and `tolerance`")
+        return self
+
+
+class Probe(BaseModel):
+    """cfg: fit the effective guidance scale w of the student sampled at each student scale beta, against the
+    exact conditional / unconditional T2I fields: v = v_u + w (v_c - v_u). Stored as probe.w_b<beta> and
+    probe.ratio_b<beta> = w / (alpha beta), alpha = the t2i route's cfg_alpha (1 when unset)."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["cfg"]
+    betas: list[float] = Field(default_factory=lambda: [1.0, 2.0], min_length=1)
+    samples: int = Field(64, ge=4)
 
 
 class ExperimentSpec(BaseModel):
@@ -38,10 +63,12 @@ class ExperimentSpec(BaseModel):
     trainer: Literal["reference", "distributed"] = "reference"
     arms: dict[str, dict] = Field(min_length=1)
     claim: Claim | None = None
+    probe: Probe | None = None
+    eval_before: bool = Field(False, description="also score the initial student (e.g. the reward gap a run closes)")
 
     @model_validator(mode="after")
     def _claim_arms(self):
-        if self.claim is not None:
+        if self.claim is not None and self.claim.kind == "compare":
             for arm in (self.claim.better, self.claim.worse):
                 if arm not in self.arms:
                     raise ValueError(f"claim names arm {arm!r}, which is not in arms ({sorted(self.arms)})")

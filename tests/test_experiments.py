@@ -56,3 +56,17 @@ def test_bad_spec_exits_2_naming_the_problem(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "arm 'a'" in err and "method.k" in err
     os.remove(bad)
+
+
+def test_cfg_probe_recovers_the_guidance_scale_of_a_known_field(basic_suite):
+    """A 'student' that is exactly CFG(alpha) over the T2I field (and the unconditional field for the empty
+    prompt) acts like CFG at alpha * beta when sampled at beta: the probe must measure w = alpha * beta."""
+    from danceopd.fields.operators import CFGField
+    from experiments.probes import effective_guidance
+
+    t2i = basic_suite.field("t2i")
+    absorbed = effective_guidance(CFGField(t2i, 2.0), basic_suite, alpha=2.0, betas=[1.0, 1.5], n=32)
+    assert absorbed["w_b1"] == pytest.approx(2.0, rel=1e-4) and absorbed["w_b1.5"] == pytest.approx(3.0, rel=1e-4)
+    assert absorbed["ratio_b1.5"] == pytest.approx(1.0, rel=1e-4)
+    plain = effective_guidance(t2i, basic_suite, alpha=2.0, betas=[1.0], n=32)  # nothing absorbed: w = beta
+    assert plain["w_b1"] == pytest.approx(1.0, rel=1e-4) and plain["ratio_b1"] == pytest.approx(0.5, rel=1e-4)
