@@ -43,7 +43,8 @@ class RouteConfig(_Strict):
 
 
 class MethodConfig(_Strict):
-    routing: Literal["hard", "soft"] = "hard"
+    routing: Literal["hard", "soft", "adaptive"] = Field("hard", description="hard: one field per update, drawn by weight; soft: "
+                                                       "the weighted mix of all fields as target; adaptive: hard, with weights moved toward routes whose loss stays high")
     states: Literal["on_policy", "off_policy", "teacher_rollout"] = "on_policy"
     target: Literal["teacher", "data"] = Field("teacher", description="'data' = plain flow matching (eps - x0), off_policy only")
     query_position: str = "low"

@@ -36,9 +36,9 @@ def test_loss_falls_on_every_route(tmp_path):
         assert last < 0.5 * first, (r, first, last)
 
 
-@pytest.mark.parametrize("ema_decay", [0.995, 0.0])
-def test_same_seed_same_run_and_exact_resume(tmp_path, ema_decay):
-    ema_cfg = {"optim.ema_decay": ema_decay}
+@pytest.mark.parametrize("ema_decay, routing", [(0.995, "hard"), (0.0, "hard"), (0.995, "adaptive")])
+def test_same_seed_same_run_and_exact_resume(tmp_path, ema_decay, routing):
+    ema_cfg = {"optim.ema_decay": ema_decay, "method.routing": routing}
     straight = ReferenceTrainer(small_config(tmp_path / "a", steps=6, **ema_cfg), log=lambda m: None)
     straight.fit()
     again = ReferenceTrainer(small_config(tmp_path / "b", steps=6, **ema_cfg), log=lambda m: None)
@@ -61,6 +61,9 @@ def test_same_seed_same_run_and_exact_resume(tmp_path, ema_decay):
         assert resumed.ema is None and straight.ema is None
     opt_a, opt_b = straight.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
     assert all(torch.equal(opt_a[k]["exp_avg"], opt_b[k]["exp_avg"]) for k in opt_a)
+    if routing == "adaptive":  # the adaptive router's loss statistics came back with the checkpoint
+        stats = lambda t: t.adaptive.store.get_loss_stats("reference")  # noqa: E731
+        assert stats(resumed) == stats(straight) and len(stats(straight)) >= 2
 
 
 def test_hard_routing_uses_one_route_per_step_by_weight(tmp_path):

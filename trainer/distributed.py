@@ -29,14 +29,7 @@ from trainer.checkpoint import restore_checkpoint, save_checkpoint
 from trainer.ema import EMA
 from trainer.job import JobConfig
 from trainer.metrics import TrainerMetrics
-from trainer.steps import StepTimes, distillation_loss, format_progress, lr_at, query_batch
-
-
-def routing_config(job: JobConfig) -> dict:
-    """The router's view of the run: hard routing, one route per update for all ranks and micro-batches."""
-    return {"policy": "hard", "seed": job.seed, "world_size": job.cluster.num_workers, "micro_batches": job.optim.grad_accum,
-            "batch_size": job.worker_batch_size,
-            "routes": {n: {"teacher": job.teacher_app(n), "bucket": r.capability, "weight": r.weight} for n, r in job.routes.items()}}
+from trainer.steps import StepTimes, distillation_loss, format_progress, lr_at, query_batch, routing_config
 
 
 def worker_loop(config: dict) -> None:
@@ -222,8 +215,8 @@ def run_distributed(job: JobConfig, run_id: str, crash_once: dict | None = None,
 
     from router.client import RouterClient
 
-    RouterClient(job.services.router_app, timeout_s=job.cluster.timeout_s).register_run(run_id, routing_config(job))
     c = job.cluster
+    RouterClient(job.services.router_app, timeout_s=job.cluster.timeout_s).register_run(run_id, routing_config(job, c.num_workers, job.worker_batch_size, job.teacher_app))
     gpu = use_gpu(job)
     resources = {"CPU": c.cpus_per_worker, **({"GPU": c.gpus_per_worker} if gpu else {})}
     trainer = TorchTrainer(

@@ -128,8 +128,8 @@ def load_job_config(path: str | Path | None, overrides: dict | None = None) -> J
     if job.optim.batch_size % n:  # (the reference trainer reads job files too; it has no workers to divide among)
         raise ConfigError(f"optim.batch_size ({job.optim.batch_size}) is the global micro-batch and must divide by "
                           f"cluster.num_workers ({n}): each worker draws batch_size / num_workers samples")
-    if job.method.routing != "hard":
-        raise ConfigError("method.routing: the distributed trainer routes 'hard' (soft mixing runs in trainer.reference)")
+    if job.method.routing == "soft":
+        raise ConfigError("method.routing: the distributed trainer routes 'hard' or 'adaptive' (soft mixing runs in trainer.reference)")
     if job.method.target != "teacher":
         raise ConfigError("method.target: the distributed trainer distils teachers ('teacher'); plain flow matching runs in trainer.reference")
     job.teachers_config()  # the derived teachers validate now, before Ray starts

@@ -23,10 +23,13 @@ from danceopd.seeding import derive_seed
 from danceopd.student import Student, build_student, load_student, with_transformer
 from danceopd.suite import CapabilitySuite
 from trainer.checkpoint import latest_checkpoint, restore_checkpoint, save_checkpoint
-from trainer.steps import QueryBatch, StepTimes, distillation_loss, format_progress, lr_at, query_batch
+from trainer.steps import QueryBatch, StepTimes, distillation_loss, format_progress, lr_at, query_batch, routing_config
 from trainer.cli import load_or_report, parse_args
 from trainer.ema import EMA
 from trainer.job import JobConfig
+
+
+RUN = "reference"  # the run id of the in-process adaptive router
 
 
 class ReferenceTrainer:
@@ -42,6 +45,12 @@ class ReferenceTrainer:
         self.device = self.student.field.device
         self.teachers = build_route_fields(cfg.routes, self.suite, device=self.device)
         self.router = HardRouter({n: r.weight for n, r in cfg.routes.items()}, cfg.seed)
+        self.adaptive = None
+        if cfg.method.routing == "adaptive":  # the router service's policy, in process (its state is checkpointed)
+            from router.core import Router
+
+            self.adaptive = Router()
+            self.adaptive.register_run(RUN, routing_config(cfg, world_size=1, batch_size=cfg.optim.batch_size))
         if cfg.method.routing == "soft":
             self.soft_target = SoftMixField(list(self.teachers.values()), [r.weight for r in cfg.routes.values()])
         self.sigmas = sigma_schedule(cfg.method.rollout_steps, cfg.method.schedule, cfg.method.shift).to(self.device)
@@ -56,7 +65,8 @@ class ReferenceTrainer:
     # ----------------------------------------------------------------------------------- one update
     def train_step(self) -> dict:
         cfg, step = self.cfg, self.step
-        route = self.router.route(step)  # hard route: one field for every micro-batch of this update
+        # hard route: one field for every micro-batch of this update
+        route = self.adaptive.assign(RUN, step)["route"] if self.adaptive else self.router.route(step)
         times = StepTimes()
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
@@ -84,6 +94,8 @@ class ReferenceTrainer:
         if self.ema is not None:
             self.ema.update(self.student.transformer, step)
         times.optimizer = time.perf_counter() - t4
+        if self.adaptive:
+            self.adaptive.report_loss(RUN, step, route, total)
         self.route_log.append(route)
         self.step += 1
         return {"step": step, "route": route, "loss": total, "grad_norm": grad_norm, "times": times}
@@ -107,6 +119,7 @@ class ReferenceTrainer:
     # ----------------------------------------------------------------------------------- the run
     def state(self) -> dict:
         return {"routing_cursor": self.step, "route_log": self.route_log, "history": self.history,
+                "adaptive_loss_stats": self.adaptive.store.get_loss_stats(RUN) if self.adaptive else None,
                 "config": json.loads(self.cfg.model_dump_json())}
 
     @property
@@ -126,6 +139,8 @@ class ReferenceTrainer:
         state = restore_checkpoint(ckpt, self.student.transformer, self.optimizer, self.ema and self.ema.model, self.device, self.cfg.dtype)
         self.step = state["routing_cursor"]
         self.route_log, self.history = state["route_log"], state["history"]
+        for route, stats in (state.get("adaptive_loss_stats") or {}).items():  # the adaptive weights continue exactly
+            self.adaptive.store.update_loss_stats(RUN, route, lambda _, s=stats: s)
         self.log(f"resumed from {ckpt} at step {self.step}")
         return True
 

@@ -100,3 +100,11 @@ def format_progress(step: int, end: int, losses: dict[str, float], samples_per_s
     loss_txt = " ".join(f"{r}={v:.4f}" for r, v in sorted(losses.items()))
     parts = " ".join(f"{k.replace('forward_backward', 'fwd/bwd')} {v:.0%}" for k, v in shares.items() if v > 0.005)
     return f"step {step:>5}/{end}  loss {loss_txt}  {samples_per_s:6.1f} samples/s  {parts}  ETA {eta_s / 60:4.1f} min"
+
+
+def routing_config(cfg: TrainConfig, world_size: int, batch_size: int, teacher=lambda route: route) -> dict:
+    """The router's view of a run (router.config.RoutingConfig): one route per update for all ranks and
+    micro-batches, drawn by weight (hard) or by weights that follow the routes' losses (adaptive)."""
+    return {"policy": "adaptive" if cfg.method.routing == "adaptive" else "hard", "seed": cfg.seed, "world_size": world_size,
+            "micro_batches": cfg.optim.grad_accum, "batch_size": batch_size,
+            "routes": {n: {"teacher": teacher(n), "bucket": r.capability, "weight": r.weight} for n, r in cfg.routes.items()}}
