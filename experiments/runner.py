@@ -23,10 +23,35 @@ SMOKE = {"steps": 4, "log_every": 2, "checkpoint_every": 2, "eval.samples_per_ca
          "student.num_layers": 1, "method.rollout_steps": 4}
 
 
+def substitute(value, root: Path):
+    """'{out}' -> the experiments folder, in strings nested anywhere in an override value."""
+    if isinstance(value, str):
+        return value.replace("{out}", str(root))
+    if isinstance(value, dict):
+        return {k: substitute(v, root) for k, v in value.items()}
+    if isinstance(value, list):
+        return [substitute(v, root) for v in value]
+    return value
+
+
 def run_config(spec: ExperimentSpec, arm: str, seed: int, out: Path, smoke: bool) -> JobConfig:
     over = {**spec.budget, **spec.arms[arm], **(SMOKE if smoke else {}), "seed": seed, "student.seed": seed,
             "run_name": f"seed{seed}", "output_dir": str(out / arm), "max_minutes": None}
-    return load_config(spec.base, over, model=JobConfig)
+    return load_config(spec.base, substitute(over, out.parent), model=JobConfig)
+
+
+def prepare(spec: ExperimentSpec, root: Path, smoke: bool, log=print) -> None:
+    for step in spec.prepare:
+        target = Path(substitute(step.creates, root))
+        if target.exists():
+            continue
+        argv = [sys.executable if a == "python" else substitute(a, root) for a in step.run]
+        if smoke:
+            argv += [f"{k}={v}" for k, v in SMOKE.items()]
+        log(f"{spec.name}: preparing {target}: {' '.join(argv[1:])}")
+        proc = subprocess.run(argv, capture_output=True, text=True)
+        if proc.returncode != 0 or not target.exists():
+            raise RuntimeError(f"{spec.name}: preparing {target} failed ({proc.returncode}): {proc.stderr[-2000:]}")
 
 
 def scores(report: dict) -> dict:
@@ -107,4 +132,5 @@ def run_one(spec: ExperimentSpec, arm: str, seed: int, out: Path, smoke: bool, l
 
 def run_experiment(spec: ExperimentSpec, out: Path, smoke: bool = False, log=print) -> list[dict]:
     seeds = spec.seeds[:2] if smoke else spec.seeds
+    prepare(spec, out, smoke, log)
     return [run_one(spec, arm, seed, out / spec.name, smoke, log) for arm in spec.arms for seed in seeds]

@@ -54,6 +54,15 @@ class Probe(BaseModel):
     samples: int = Field(64, ge=4)
 
 
+class Prepare(BaseModel):
+    """A step that makes an input the runs need (e.g. a pre-trained initial student), run once if `creates`
+    is missing. `{out}` in `creates`, `run` and in the spec's overrides stands for the experiments folder."""
+
+    model_config = ConfigDict(extra="forbid")
+    creates: str
+    run: list[str] = Field(min_length=1, description="argv; 'python' is this interpreter; smoke runs append the smoke overrides")
+
+
 class ExperimentSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
@@ -64,6 +73,7 @@ class ExperimentSpec(BaseModel):
     arms: dict[str, dict] = Field(min_length=1)
     claim: Claim | None = None
     probe: Probe | None = None
+    prepare: list[Prepare] = Field(default_factory=list)
     eval_before: bool = Field(False, description="also score the initial student (e.g. the reward gap a run closes)")
 
     @model_validator(mode="after")

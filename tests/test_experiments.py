@@ -70,3 +70,25 @@ def test_cfg_probe_recovers_the_guidance_scale_of_a_known_field(basic_suite):
     assert absorbed["ratio_b1.5"] == pytest.approx(1.0, rel=1e-4)
     plain = effective_guidance(t2i, basic_suite, alpha=2.0, betas=[1.0], n=32)  # nothing absorbed: w = beta
     assert plain["w_b1"] == pytest.approx(1.0, rel=1e-4) and plain["ratio_b1"] == pytest.approx(0.5, rel=1e-4)
+
+
+def test_prepare_makes_the_initial_student_once(tmp_path, capsys):
+    """`prepare` pre-trains the initial student (plain flow matching) into the experiments folder once; the
+    runs start from it (init_from with {out})."""
+    spec = tmp_path / "compose.yaml"
+    spec.write_text(yaml.safe_dump({
+        "name": "compose", "base": "configs/demo.yaml", "seeds": [0],
+        "prepare": [{"creates": "{out}/pretrain-t2i/student",
+                     "run": ["python", "-m", "trainer.reference", "--config", "configs/pretrain-t2i.yaml", "output_dir={out}"]}],
+        "budget": {"torch_threads": 1, "init_from": "{out}/pretrain-t2i/student"},
+        "arms": {"danceopd": {}}}))
+    out = tmp_path / "out"
+    assert main(["experiment", str(spec), "--smoke", "--out", str(out)]) == 0
+    assert "preparing" in capsys.readouterr().out
+    student = out / "pretrain-t2i" / "student"
+    assert (student / "danceopd_student.json").exists()
+    cfg = json.loads((out / "compose" / "danceopd" / "seed0" / "checkpoints").joinpath(
+        sorted(p.name for p in (out / "compose" / "danceopd" / "seed0" / "checkpoints").iterdir())[-1], "state.json").read_text())["config"]
+    assert cfg["init_from"] == str(student)
+    assert main(["experiment", str(spec), "--smoke", "--out", str(out)]) == 0
+    assert "preparing" not in capsys.readouterr().out  # made once, reused
