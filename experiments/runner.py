@@ -6,6 +6,7 @@ own latest checkpoint. `danceopd experiment <spec.yaml> [--out DIR] [--smoke]`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -81,9 +82,16 @@ def run_probes(spec: ExperimentSpec, cfg: JobConfig, student_field, suite, devic
 
 def run_one(spec: ExperimentSpec, arm: str, seed: int, out: Path, smoke: bool, log=print) -> dict:
     cfg = run_config(spec, arm, seed, out, smoke)
-    result_path = cfg.run_dir / "result.json"
+    fingerprint = hashlib.sha256(cfg.model_dump_json().encode()).hexdigest()[:16]
+    result_path, marker = cfg.run_dir / "result.json", cfg.run_dir / "config.sha"
+    if marker.exists() and marker.read_text() != fingerprint:  # the spec changed: never reuse or resume a stale run
+        stale = cfg.run_dir.with_name(f"{cfg.run_dir.name}.stale-{int(time.time())}")
+        cfg.run_dir.rename(stale)
+        log(f"{spec.name}: {arm} seed {seed}: config changed, previous run moved to {stale}")
     if result_path.exists():
         return json.loads(result_path.read_text())
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    marker.write_text(fingerprint)
     t0 = time.perf_counter()
     if spec.trainer == "reference":
         from danceopd.evaluation import evaluate

@@ -47,6 +47,16 @@ def test_smoke_experiment_report_and_resume(spec, tmp_path, capsys):
     assert "high seed 1" in log and "low seed 0" not in log and lost.exists()
     assert all(p.stat().st_mtime_ns == t for p, t in kept.items())
 
+    # A changed spec never reuses a stale result: the changed arm runs again, the old run is kept aside.
+    changed = yaml.safe_load(spec.read_text())
+    changed["arms"]["high"]["optim.lr"] = 0.002
+    spec.write_text(yaml.safe_dump(changed))
+    capsys.readouterr()
+    assert main(["experiment", str(spec), "--smoke", "--out", str(out)]) == 0
+    log = capsys.readouterr().out
+    assert log.count("config changed") == 2 and "high seed 0:" in log and "low seed 0:" not in log
+    assert len(list((out / "tiny" / "high").glob("seed0.stale-*"))) == 1
+
 
 def test_bad_spec_exits_2_naming_the_problem(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
