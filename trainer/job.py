@@ -117,10 +117,6 @@ class JobConfig(TrainConfig):
         except Exception as e:  # pydantic ValidationError: name the job keys it came from
             raise ConfigError(f"services: the teachers derived from routes are invalid: {e}") from None
 
-    def routed_teachers(self) -> list[str]:
-        """The teacher applications the trainer queries (a CFG route's base is internal to its replica)."""
-        return list(self.routes)
-
 
 def load_job_config(path: str | Path | None, overrides: dict | None = None) -> JobConfig:
     job = load_config(path, overrides, model=JobConfig)
