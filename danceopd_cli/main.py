@@ -64,11 +64,13 @@ def _experiment(args) -> int:
 
     specs = [load_spec(p) for p in args.specs]  # every spec and every run config validates before anything trains
     sections = []
+    compute_s = 0.0
     t0 = time.perf_counter()
     for spec in specs:
         results = run_experiment(spec, args.out, smoke=args.smoke, log=lambda m: print(m, flush=True))
         summary = write_report(spec, results, args.out / spec.name)
         sections.append((spec, summary, (args.out / spec.name / f"{spec.name}.md")))
+        compute_s += sum(r["seconds"] for r in results)
         if "claim" in summary:
             c = summary["claim"]
             if c["kind"] == "compare":
@@ -79,8 +81,8 @@ def _experiment(args) -> int:
         args.report.parent.mkdir(parents=True, exist_ok=True)
         head = [f"# Experiment results{' (SMOKE: numbers mean nothing)' if args.smoke else ''}", "",
                 f"Regenerate: `danceopd experiment {' '.join(map(str, args.specs))} --out {args.out} --report {args.report}`"
-                f"{' --smoke' if args.smoke else ''}. Wall time of this run (finished runs are reused): "
-                f"{(time.perf_counter() - t0) / 60:.1f} min.", ""]
+                f"{' --smoke' if args.smoke else ''}. Training + judging time of all runs in this report: {compute_s / 60:.1f} min "
+                f"(this invocation: {(time.perf_counter() - t0) / 60:.1f} min; finished runs are reused).", ""]
         import os
 
         body = [md.read_text().replace("](", f"]({os.path.relpath(md.parent, args.report.parent)}/") for _, _, md in sections]
