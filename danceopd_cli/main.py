@@ -78,13 +78,16 @@ def _experiment(args) -> int:
             else:
                 print(f"{spec.name}: {c['metric']} = {c['value']:g} ± {c['tolerance']:g} on every arm: {c['verdict']}")
     if args.report:
+        import os
+
+        import torch
+
         args.report.parent.mkdir(parents=True, exist_ok=True)
         head = [f"# Experiment results{' (SMOKE: numbers mean nothing)' if args.smoke else ''}", "",
                 f"Regenerate: `danceopd experiment {' '.join(map(str, args.specs))} --out {args.out} --report {args.report}`"
                 f"{' --smoke' if args.smoke else ''}. Training + judging time of all runs in this report: {compute_s / 60:.1f} min "
-                f"(this invocation: {(time.perf_counter() - t0) / 60:.1f} min; finished runs are reused).", ""]
-        import os
-
+                f"(this invocation: {(time.perf_counter() - t0) / 60:.1f} min; finished runs are reused). "
+                f"Machine: {os.cpu_count()} CPU cores, torch {torch.__version__}, no GPU unless a spec says so.", ""]
         body = [md.read_text().replace("](", f"]({os.path.relpath(md.parent, args.report.parent)}/") for _, _, md in sections]
         args.report.write_text("\n".join(head + body))
         print(f"report: {args.report}")
