@@ -87,7 +87,7 @@ def _experiment(args) -> int:
                 f"Regenerate: `danceopd experiment {' '.join(map(str, args.specs))} --out {args.out} --report {args.report}`"
                 f"{' --smoke' if args.smoke else ''}. Training + judging time of all runs in this report: {compute_s / 60:.1f} min "
                 f"(this invocation: {(time.perf_counter() - t0) / 60:.1f} min; finished runs are reused). "
-                f"Machine: {os.cpu_count()} CPU cores, torch {torch.__version__}, no GPU unless a spec says so.", ""]
+                f"Machine: {os.cpu_count()} CPU cores, torch {torch.__version__}, CUDA {'yes' if torch.cuda.is_available() else 'no'}.", ""]
         body = [md.read_text().replace("](", f"]({os.path.relpath(md.parent, args.report.parent)}/") for _, _, md in sections]
         args.report.write_text("\n".join(head + body))
         print(f"report: {args.report}")
