@@ -80,18 +80,36 @@ def run_probes(spec: ExperimentSpec, cfg: JobConfig, student_field, suite, devic
     return effective_guidance(student_field, suite, alpha, spec.probe.betas, spec.probe.samples, seed=cfg.eval.seed, device=device)
 
 
+def run_key(spec: ExperimentSpec, cfg: JobConfig) -> str:
+    """What makes a run's result: its config (without where it is written), its probes and its trainer."""
+    data = json.loads(cfg.model_dump_json())
+    data.pop("output_dir"), data.pop("run_name")
+    data["_experiment"] = {"probe": spec.probe.model_dump() if spec.probe else None, "eval_before": spec.eval_before,
+                           "trainer": spec.trainer}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def run_one(spec: ExperimentSpec, arm: str, seed: int, out: Path, smoke: bool, log=print) -> dict:
     cfg = run_config(spec, arm, seed, out, smoke)
-    fingerprint = hashlib.sha256(cfg.model_dump_json().encode()).hexdigest()[:16]
-    result_path, marker = cfg.run_dir / "result.json", cfg.run_dir / "config.sha"
-    if marker.exists() and marker.read_text() != fingerprint:  # the spec changed: never reuse or resume a stale run
+    key = run_key(spec, cfg)
+    result_path, marker = cfg.run_dir / "result.json", cfg.run_dir / "run.key"
+    if result_path.exists() and not marker.exists():  # a result from a runner without keys: same spec, keep it
+        marker.write_text(key)
+    if marker.exists() and marker.read_text() != key:  # the spec changed: never reuse or resume a stale run
         stale = cfg.run_dir.with_name(f"{cfg.run_dir.name}.stale-{int(time.time())}")
         cfg.run_dir.rename(stale)
         log(f"{spec.name}: {arm} seed {seed}: config changed, previous run moved to {stale}")
     if result_path.exists():
         return json.loads(result_path.read_text())
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    marker.write_text(fingerprint)
+    marker.write_text(key)
+    twin = next((k.parent for k in sorted(out.parent.glob("*/*/seed*/run.key"))
+                 if k.read_text() == key and (k.parent / "result.json").exists()), None)
+    if twin is not None:  # the same run (same config, probes, trainer) finished in another experiment: reuse it
+        result = {**json.loads((twin / "result.json").read_text()), "arm": arm, "seed": seed, "reused_from": str(twin)}
+        result_path.write_text(json.dumps(result, indent=2))
+        log(f"{spec.name}: {arm} seed {seed}: same run as {twin}, reused")
+        return result
     t0 = time.perf_counter()
     if spec.trainer == "reference":
         from danceopd.evaluation import evaluate

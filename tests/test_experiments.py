@@ -57,6 +57,18 @@ def test_smoke_experiment_report_and_resume(spec, tmp_path, capsys):
     assert log.count("config changed") == 2 and "high seed 0:" in log and "low seed 0:" not in log
     assert len(list((out / "tiny" / "high").glob("seed0.stale-*"))) == 1
 
+    # The same run in another experiment (here: an identical arm under a new name) is reused, not retrained.
+    twin = yaml.safe_load(spec.read_text())
+    twin["name"], twin["arms"] = "twin", {"low": twin["arms"]["low"]}
+    twin.pop("claim")
+    spec.write_text(yaml.safe_dump(twin))
+    capsys.readouterr()
+    assert main(["experiment", str(spec), "--smoke", "--out", str(out)]) == 0
+    assert capsys.readouterr().out.count(", reused") == 2
+    again = json.loads((out / "twin" / "low" / "seed1" / "result.json").read_text())
+    first = json.loads((out / "tiny" / "low" / "seed1" / "result.json").read_text())
+    assert again["routes"] == first["routes"] and again["reused_from"].endswith("tiny/low/seed1")
+
 
 def test_bad_spec_exits_2_naming_the_problem(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
