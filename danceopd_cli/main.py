@@ -68,8 +68,11 @@ def _experiment(args) -> int:
     t0 = time.perf_counter()
     for spec in specs:
         results = run_experiment(spec, args.out, smoke=args.smoke, log=lambda m: print(m, flush=True))
-        summary = write_report(spec, results, args.out / spec.name)
-        sections.append((spec, summary, (args.out / spec.name / f"{spec.name}.md")))
+        # With --report, the per-experiment JSON, tables and plots sit beside it (docs/results/<name>.*), small
+        # enough to commit; the runs themselves (checkpoints) stay under --out.
+        where = args.report.parent / args.report.stem if args.report else args.out / spec.name
+        summary = write_report(spec, results, where)
+        sections.append((spec, summary, where / f"{spec.name}.md"))
         compute_s += sum(r["seconds"] for r in results)
         if "claim" in summary:
             c = summary["claim"]

@@ -23,7 +23,7 @@ def spec(tmp_path):
 def test_smoke_experiment_report_and_resume(spec, tmp_path, capsys):
     out, report = tmp_path / "out", tmp_path / "results.md"
     assert main(["experiment", str(spec), "--smoke", "--out", str(out), "--report", str(report)]) == 0
-    data = json.loads((out / "tiny" / "tiny.json").read_text())
+    data = json.loads((tmp_path / "results" / "tiny.json").read_text())  # beside the report: docs/results/<name>.*
     runs = data["runs"]
     assert sorted((r["arm"], r["seed"]) for r in runs) == [("high", 0), ("high", 1), ("low", 0), ("low", 1)]
     assert all(r["steps"] == 4 and set(r["routes"]) == {"t2i", "local_edit", "global_edit"} for r in runs)
@@ -34,8 +34,8 @@ def test_smoke_experiment_report_and_resume(spec, tmp_path, capsys):
     high = [sum(v["score"] for v in r["routes"].values()) / 3 for r in runs if r["arm"] == "high"]
     assert claim["difference"] == pytest.approx(sum(low) / 2 - sum(high) / 2)
     text = report.read_text()
-    assert "SMOKE" in text and "low beats high" in text and claim["verdict"] in text and "tiny/tiny-scores.png" in text
-    assert (out / "tiny" / "tiny-scores.png").stat().st_size > 1000 and (out / "tiny" / "tiny-loss.png").exists()
+    assert "SMOKE" in text and "low beats high" in text and claim["verdict"] in text and "](results/tiny-scores.png)" in text
+    assert (tmp_path / "results" / "tiny-scores.png").stat().st_size > 1000 and (tmp_path / "results" / "tiny-loss.png").exists()
 
     # A killed experiment: one run lost its result (and was mid-way). Rerunning redoes that run only.
     lost = out / "tiny" / "high" / "seed1" / "result.json"
