@@ -73,7 +73,7 @@ def _experiment(args) -> int:
         where = args.report.parent / args.report.stem if args.report else args.out / spec.name
         summary = write_report(spec, results, where)
         sections.append((spec, summary, where / f"{spec.name}.md"))
-        compute_s += sum(r["seconds"] for r in results)
+        compute_s += sum(r["seconds"] for r in results if "reused_from" not in r)  # a reused run was paid for once
         if "claim" in summary:
             c = summary["claim"]
             if c["kind"] == "compare":
