@@ -36,24 +36,16 @@ def stack(ray_cluster, tmp_path_factory):
         serve.delete(app)
 
 
-def replica_actor(app: str) -> str:
-    """The name of the one live replica actor of a teacher application (a killed one may linger in the list)."""
-    import ray
+def replica_id(app: str) -> str:
+    """The id of the replica answering a teacher application (one replica here)."""
+    from services.teachers.client import TeacherClient
 
-    deadline = time.time() + 60
-    while True:
-        alive = []
-        for a in ray.util.list_named_actors(all_namespaces=True):
-            if app in a["name"] and "TeacherServer" in a["name"]:
-                try:
-                    ray.get(ray.get_actor(a["name"], namespace=a["namespace"]).__ray_ready__.remote(), timeout=10)
-                    alive.append(a["name"])
-                except Exception:
-                    pass
-        if len(alive) == 1 or time.time() > deadline:
-            assert len(alive) == 1, alive
-            return alive[0]
-        time.sleep(0.5)
+    return TeacherClient(app, app_prefix="", retries=8)._call(lambda h: h.describe.remote(), 0)["replica_id"]
+
+
+def replica_actor(app: str, rid: str) -> str:
+    """The named actor of a Serve replica (Ray Serve names it SERVE_REPLICA::<app>#<deployment>#<id>)."""
+    return f"SERVE_REPLICA::{app}#TeacherServer#{rid}"
 
 
 def test_two_workers_train_through_router_and_teachers_and_survive_a_teacher_kill(stack, tmp_path):
@@ -66,7 +58,7 @@ def test_two_workers_train_through_router_and_teachers_and_survive_a_teacher_kil
     cfg = job(tmp_path, steps=48, log_every=16, checkpoint_every=16)
     run_id = f"dist-{uuid.uuid4().hex[:6]}"
     router = RouterClient("dist-router")
-    victim = replica_actor("dist-t2i")
+    victim = replica_id("dist-t2i")
     killed = {}
 
     def kill_when_running():
@@ -74,7 +66,7 @@ def test_two_workers_train_through_router_and_teachers_and_survive_a_teacher_kil
         while time.time() < deadline:
             try:
                 if router.summary(run_id, recent=1)["recent"] and router.summary(run_id, recent=1)["recent"][-1]["step"] >= 10:
-                    ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+                    ray.kill(ray.get_actor(replica_actor("dist-t2i", victim), namespace="serve"), no_restart=True)
                     killed["at"] = router.summary(run_id, recent=1)["recent"][-1]["step"]
                     return
             except Exception:  # the run is not registered yet
@@ -87,7 +79,7 @@ def test_two_workers_train_through_router_and_teachers_and_survive_a_teacher_kil
     killer.join(timeout=5)
     assert result.error is None
     assert 10 <= killed["at"] < 48, killed  # the t2i replica died mid-run ...
-    assert replica_actor("dist-t2i") != victim  # ... and Serve replaced it
+    assert replica_id("dist-t2i") != victim  # ... and Serve replaced it
     assert result.checkpoint is not None and result.metrics["step"] == 48 and result.metrics["resumed_from"] == 0
     shares = result.metrics["time_share_total"]
     assert set(shares) == {"rollout", "teacher", "forward_backward", "optimizer", "router"} and abs(sum(shares.values()) - 1) < 1e-6
@@ -161,7 +153,15 @@ def test_a_killed_teacher_replica_is_retried_transparently(stack):
     x, sigma = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0)), torch.full((4,), 0.5)
     before = client.velocity(x, sigma, cond)
     old_id = client._call(lambda h: h.describe.remote(), 0)["replica_id"]
-    ray.kill(ray.get_actor(replica_actor("dist-t2i"), namespace="serve"), no_restart=True)
+    actor = ray.get_actor(replica_actor("dist-t2i", old_id), namespace="serve")
+    ray.kill(actor, no_restart=True)
+    deadline = time.time() + 30
+    while time.time() < deadline:  # ray.kill returns at once: wait until the replica is really gone
+        try:
+            ray.get(actor.__ray_ready__.remote(), timeout=5)
+            time.sleep(0.2)
+        except Exception:
+            break
     after = client.velocity(x, sigma, cond)  # the first attempts fail; Serve starts a new replica; the retry lands
     torch.testing.assert_close(after, before)
     assert client._call(lambda h: h.describe.remote(), 0)["replica_id"] != old_id  # answered by a new replica
