@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import sys
 import tempfile
@@ -39,7 +38,6 @@ def worker_loop(config: dict) -> None:
     from router.client import RouterClient
     from services.teachers.client import TeacherClient
 
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # its INFO lines repeat every reported metric
     job = JobConfig.model_validate(config["job"])
     run_id = config["run_id"]
     ctx = ray.train.get_context()
