@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install os-deps deploy-files demo demo-reference test test-fast bench-learning bench-teachers gpu-check clean
+.PHONY: install os-deps deploy-files demo demo-reference results test test-fast bench-learning bench-teachers gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,12 @@ demo: install
 ## demo-reference: the same run config on the single-process reference trainer (2 torch threads)
 demo-reference: install
 	$(BIN)/python -m trainer.reference --config configs/demo.yaml --no-resume --eval torch_threads=2
+
+# The experiment report: every claim, 3 seeds each (finished runs under runs/experiments are reused).
+EXPERIMENTS = composition edit-pair states routing query-position query-k rollout-steps cfg-absorption \
+	cfg-absorption-uniform realism diversity-remedies adaptive-routing
+results: install
+	$(BIN)/danceopd experiment $(EXPERIMENTS:%=experiments/specs/%.yaml) --out runs/experiments --report docs/results.md
 
 ## test: the whole suite (CPU; CUDA tests skip without a GPU)
 test: install os-deps

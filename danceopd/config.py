@@ -46,6 +46,8 @@ class MethodConfig(_Strict):
     routing: Literal["hard", "soft", "adaptive"] = Field("hard", description="hard: one field per update, drawn by weight; soft: "
                                                        "the weighted mix of all fields as target; adaptive: hard, with weights moved toward routes whose loss stays high")
     states: Literal["on_policy", "off_policy", "teacher_rollout"] = "on_policy"
+    off_policy_share: float = Field(0.0, ge=0.0, lt=1.0, description="on_policy only: this share of each micro-batch's samples is "
+                                    "queried at forward-noised dataset targets (same sigma, teacher target) instead of the rollout")
     target: Literal["teacher", "data"] = Field("teacher", description="'data' = plain flow matching (eps - x0), off_policy only")
     query_position: str = "low"
     k: int = Field(1, ge=1, le=64)
@@ -67,6 +69,8 @@ class MethodConfig(_Strict):
             raise ValueError("loss 'dense_dt2' weights every rollout state: set query_position: dense")
         if self.target == "data" and self.states != "off_policy":
             raise ValueError("target 'data' (plain flow matching) needs states: off_policy")
+        if self.off_policy_share > 0 and self.states != "on_policy":
+            raise ValueError("off_policy_share mixes dataset states into on-policy rollouts: set states: on_policy (or the share to 0)")
         return self
 
 

@@ -58,7 +58,7 @@ def _serve_config(args) -> int:
 
 
 def _experiment(args) -> int:
-    from experiments.report import write_report
+    from experiments.report import claim_line, diversity_table, write_report
     from experiments.runner import run_experiment
     from experiments.spec import load_spec
 
@@ -74,12 +74,8 @@ def _experiment(args) -> int:
         summary = write_report(spec, results, where)
         sections.append((spec, summary, where / f"{spec.name}.md"))
         compute_s += sum(r["seconds"] for r in results if "reused_from" not in r)  # a reused run was paid for once
-        if "claim" in summary:
-            c = summary["claim"]
-            if c["kind"] == "compare":
-                print(f"{spec.name}: {c['metric']} {c['better']} - {c['worse']} = {c['difference']:+.3f} ± {c['ci95']:.3f}: {c['verdict']}")
-            else:
-                print(f"{spec.name}: {c['metric']} = {c['value']:g} ± {c['tolerance']:g} on every arm: {c['verdict']}")
+        for c in summary["claims"]:
+            print(f"{spec.name}: {claim_line(c)}")
     if args.report:
         import os
 
@@ -92,7 +88,7 @@ def _experiment(args) -> int:
                 f"(this invocation: {(time.perf_counter() - t0) / 60:.1f} min; finished runs are reused). "
                 f"Machine: {os.cpu_count()} CPU cores, torch {torch.__version__}, CUDA {'yes' if torch.cuda.is_available() else 'no'}.", ""]
         body = [md.read_text().replace("](", f"]({os.path.relpath(md.parent, args.report.parent)}/") for _, _, md in sections]
-        args.report.write_text("\n".join(head + body))
+        args.report.write_text("\n".join(head + body + [diversity_table([summary for _, summary, _ in sections])]))
         print(f"report: {args.report}")
     return 0
 

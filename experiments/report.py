@@ -6,7 +6,7 @@ import json
 import math
 from pathlib import Path
 
-from experiments.spec import ExperimentSpec
+from experiments.spec import Claim, ExperimentSpec
 
 # Two-sided 95% Student-t critical values by degrees of freedom (1..30); 1.96 beyond.
 T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
@@ -18,13 +18,16 @@ def t95(df: float) -> float:
 
 
 def metric(result: dict, name: str) -> float:
-    """'<route>.<key>', 'probe.<key>', 'gap_closed.<route>' (share of the teacher-minus-initial reward gap the
+    """'<route>.<key>', 'change.<route>.<key>' (after minus before), 'probe.<key>', 'gap_closed.<route>' (share of the teacher-minus-initial reward gap the
     run closed) or 'mean_score' (the mean of the routes' scores)."""
     if name == "mean_score":
         return sum(r["score"] for r in result["routes"].values()) / len(result["routes"])
     head, key = name.split(".", 1)
     if head == "probe":
         return float(result["probes"][key])
+    if head == "change":  # after minus before (the initial student)
+        route, key = key.split(".", 1)
+        return float(result["routes"][route][key]) - float(result["before"][route][key])
     if head == "gap_closed":
         r, b = result["routes"][key], result["before"][key]
         return (r["reward"] - b["reward"]) / (r["teacher_reward"] - b["reward"])
@@ -65,39 +68,69 @@ def verdict(diff: float, half: float) -> str:
 
 
 def metric_names(results: list[dict]) -> list[str]:
+    """Every metric any run has (arms may train different routes), in a stable order."""
     names = []
-    for route, v in results[0]["routes"].items():
-        names += [f"{route}.{k}" for k in ("score", "psnr_db", "modes_hit", "coverage", "reward") if k in v]
-        if "reward" in v and results[0].get("before"):
-            names.append(f"gap_closed.{route}")
-    names += [f"probe.{k}" for k in results[0].get("probes") or {}]
-    return names + ["mean_score"]
+    for r in results:
+        for route, v in r["routes"].items():
+            names += [f"{route}.{k}" for k in ("score", "psnr_db", "modes_hit", "coverage", "reward") if k in v]
+            if "reward" in v and r.get("before"):
+                names.append(f"gap_closed.{route}")
+        names += [f"probe.{k}" for k in r.get("probes") or {}]
+    return list(dict.fromkeys(names + ["mean_score"]))
+
+
+def arm_metric(rs: list[dict], name: str) -> dict | None:
+    """Mean and 95% half-width over the arm's seeds; None where the arm does not have the metric."""
+    try:
+        values = [metric(r, name) for r in rs]
+    except KeyError:
+        return None
+    return dict(zip(("mean", "ci95"), mean_ci(values))) if values else None
 
 
 def summarize(spec: ExperimentSpec, results: list[dict]) -> dict:
+    names = metric_names(results) + [c.metric for c in spec.claims if c.metric not in metric_names(results)]
     arms = {}
     for arm in spec.arms:
         rs = [r for r in results if r["arm"] == arm]
         arms[arm] = {"seeds": [r["seed"] for r in rs], "steps": rs[0]["steps"] if rs else None,
-                     "metrics": {m: dict(zip(("mean", "ci95"), mean_ci([metric(r, m) for r in rs]))) for m in metric_names(results)}}
+                     "metrics": {m: arm_metric(rs, m) for m in names}}
     out = {"name": spec.name, "base": str(spec.base), "budget": spec.budget, "trainer": spec.trainer, "arms": arms}
-    c = spec.claim
-    if c is not None and c.kind == "compare":
+    out["claims"] = [judge_claim(c, results, arms) for c in spec.claims]
+    return out
+
+
+def judge_claim(c: Claim, results: list[dict], arms: dict) -> dict:
+    if c.kind == "compare":
         a = [metric(r, c.metric) for r in results if r["arm"] == c.better]
         b = [metric(r, c.metric) for r in results if r["arm"] == c.worse]
         diff, half = difference_ci(a, b)
-        out["claim"] = {**c.model_dump(), "difference": diff, "ci95": half, "verdict": verdict(diff, half)}
-    elif c is not None:  # target: each arm's interval inside value +- tolerance
-        per_arm = {}
-        for arm in spec.arms:
-            m, half = arms[arm]["metrics"][c.metric]["mean"], arms[arm]["metrics"][c.metric]["ci95"]
-            lo, hi = m - (0 if math.isnan(half) else half), m + (0 if math.isnan(half) else half)
+        v = verdict(diff - c.margin, half)
+        return {**c.model_dump(), "difference": diff, "ci95": half, "verdict": "does not hold" if c.margin and v == "reversed" else v}
+    per_arm = {}
+    for arm in c.arms or list(arms):
+        m, half = arms[arm]["metrics"][c.metric]["mean"], arms[arm]["metrics"][c.metric]["ci95"]
+        lo, hi = m - (0 if math.isnan(half) else half), m + (0 if math.isnan(half) else half)
+        if c.kind == "target":  # the arm's interval inside value +- tolerance
             inside = c.value - c.tolerance <= lo and hi <= c.value + c.tolerance
             outside = hi < c.value - c.tolerance or lo > c.value + c.tolerance
-            per_arm[arm] = {"mean": m, "ci95": half, "verdict": "holds" if inside else "does not hold" if outside else "inconclusive"}
-        verdicts = {v["verdict"] for v in per_arm.values()}
-        out["claim"] = {**c.model_dump(), "arms": per_arm, "verdict": verdicts.pop() if len(verdicts) == 1 else "mixed"}
-    return out
+        else:  # at_least: the arm's interval above value
+            inside, outside = lo > c.value, hi < c.value
+        per_arm[arm] = {"mean": m, "ci95": half, "verdict": "holds" if inside else "does not hold" if outside else "inconclusive"}
+    verdicts = {v["verdict"] for v in per_arm.values()}
+    return {**c.model_dump(), "per_arm": per_arm, "verdict": verdicts.pop() if len(verdicts) == 1 else "mixed"}
+
+
+def claim_line(c: dict) -> str:
+    """One line: what was claimed, the measured effect with its 95% interval, and the verdict."""
+    if c["kind"] == "compare":
+        than = f" by more than {c['margin']:+g}" if c["margin"] else ""
+        return (f"Claim ({c['paper'] or 'paper direction'}): `{c['metric']}` of **{c['better']}** minus **{c['worse']}** = "
+                f"{c['difference']:+.3f} ± {c['ci95']:.3f} (95% CI){than} → **{c['verdict']}**.")
+    per = "; ".join(f"{a}: {v['mean']:.3f} ± {v['ci95']:.3f} ({v['verdict']})" for a, v in c["per_arm"].items())
+    where = "on every arm" if not c["arms"] else "on " + ", ".join(c["arms"])
+    band = f"= {c['value']:g} ± {c['tolerance']:g}" if c["kind"] == "target" else f"> {c['value']:g}"
+    return f"Claim ({c['paper'] or c['kind']}): `{c['metric']}` {band} {where} → **{c['verdict']}** ({per})."
 
 
 def plot(spec: ExperimentSpec, results: list[dict], summary: dict, out: Path) -> list[Path]:
@@ -113,7 +146,8 @@ def plot(spec: ExperimentSpec, results: list[dict], summary: dict, out: Path) ->
     for i, arm in enumerate(spec.arms):
         ms = summary["arms"][arm]["metrics"]
         xs = [j + i * width for j in range(len(score_metrics))]
-        ax.bar(xs, [ms[m]["mean"] for m in score_metrics], width, yerr=[0 if math.isnan(ms[m]["ci95"]) else ms[m]["ci95"] for m in score_metrics],
+        ax.bar(xs, [ms[m]["mean"] if ms[m] else math.nan for m in score_metrics], width,
+               yerr=[0 if not ms[m] or math.isnan(ms[m]["ci95"]) else ms[m]["ci95"] for m in score_metrics],
                capsize=3, label=arm)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(score_metrics))], [m.split(".")[0] for m in score_metrics])
     ax.set_ylim(0, 1.05)
@@ -150,18 +184,26 @@ def markdown(summary: dict, plots: list[Path]) -> str:
     lines.append("| arm | seeds | " + " | ".join(names) + " |")
     lines.append("| --- | --- | " + " | ".join("---" for _ in names) + " |")
     for arm, a in summary["arms"].items():
-        cells = [f"{a['metrics'][m]['mean']:.3f} ± {a['metrics'][m]['ci95']:.3f}" for m in names]
+        cells = [f"{a['metrics'][m]['mean']:.3f} ± {a['metrics'][m]['ci95']:.3f}" if a["metrics"][m] else "—" for m in names]
         lines.append(f"| {arm} | {len(a['seeds'])} | " + " | ".join(cells) + " |")
-    c = summary.get("claim")
-    if c is not None and c["kind"] == "compare":
-        lines += ["", f"Claim ({c['paper'] or 'paper direction'}): `{c['metric']}` of **{c['better']}** minus **{c['worse']}** = "
-                      f"{c['difference']:+.3f} ± {c['ci95']:.3f} (95% CI) → **{c['verdict']}**."]
-    elif c is not None:
-        per = "; ".join(f"{a}: {v['mean']:.3f} ± {v['ci95']:.3f} ({v['verdict']})" for a, v in c["arms"].items())
-        lines += ["", f"Claim ({c['paper'] or 'target'}): `{c['metric']}` = {c['value']:g} ± {c['tolerance']:g} on every arm → "
-                      f"**{c['verdict']}** ({per})."]
+    for c in summary["claims"]:
+        lines += ["", claim_line(c)]
     lines += [""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
     return "\n".join(lines)
+
+
+def diversity_table(summaries: list[dict]) -> str:
+    """Every arm of every experiment that judges T2I: accuracy beside coverage of the teacher's modes."""
+    keys = ("t2i.score", "t2i.modes_hit", "t2i.coverage")
+    lines = ["## Diversity beside accuracy, every method", "",
+             "T2I accuracy and coverage (student modes hit / teacher modes hit) for every arm above, 95% CI over seeds.", "",
+             "| experiment | arm | " + " | ".join(keys) + " |", "| --- | --- | " + " | ".join("---" for _ in keys) + " |"]
+    for summary in summaries:
+        for arm, a in summary["arms"].items():
+            if all(a["metrics"].get(k) for k in keys):
+                lines.append(f"| {summary['name']} | {arm} | " + " | ".join(
+                    f"{a['metrics'][k]['mean']:.3f} ± {a['metrics'][k]['ci95']:.3f}" for k in keys) + " |")
+    return "\n".join(lines + [""])
 
 
 def write_report(spec: ExperimentSpec, results: list[dict], out: Path) -> dict:

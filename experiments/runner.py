@@ -80,10 +80,18 @@ def run_probes(spec: ExperimentSpec, cfg: JobConfig, student_field, suite, devic
     return effective_guidance(student_field, suite, alpha, spec.probe.betas, spec.probe.samples, seed=cfg.eval.seed, device=device)
 
 
+# Settings added after results were recorded: left out of the key while at their default, so that adding a knob
+# does not make every finished run stale (a run that sets the knob gets its own key).
+KEY_OMITTED_AT_DEFAULT = {("method", "off_policy_share"): 0.0}
+
+
 def run_key(spec: ExperimentSpec, cfg: JobConfig) -> str:
     """What makes a run's result: its config (without where it is written), its probes and its trainer."""
     data = json.loads(cfg.model_dump_json())
     data.pop("output_dir"), data.pop("run_name")
+    for (section, name), default in KEY_OMITTED_AT_DEFAULT.items():
+        if data[section].get(name) == default:
+            data[section].pop(name)
     data["_experiment"] = {"probe": spec.probe.model_dump() if spec.probe else None, "eval_before": spec.eval_before,
                            "trainer": spec.trainer}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

@@ -9,6 +9,7 @@
       low:  {method.query_position: low}
       high: {method.query_position: high}
     claim: {metric: t2i.score, better: low, worse: high, paper: "low-noise query beats high by 19.5%"}
+    # or several: claims: [{...}, {kind: at_least, metric: change.t2i.score, value: -0.1, arms: [low]}]
 """
 
 from __future__ import annotations
@@ -22,16 +23,22 @@ from danceopd.config import ConfigError, read_yaml_mapping, validate_config
 
 
 class Claim(BaseModel):
-    """compare: arm `better` beats arm `worse` on `metric` (Welch 95% interval of the difference).
-    target: on every arm, `metric` is `value` within +-`tolerance` (the arm's 95% interval inside the band)."""
+    """compare: arm `better` beats arm `worse` on `metric` by more than `margin` (Welch 95% interval of the
+    difference; a negative margin tests "not worse by more than |margin|").
+    target: on every arm (or those in `arms`), `metric` is `value` within +-`tolerance` (the arm's 95% interval
+    inside the band).
+    at_least: on every arm (or those in `arms`), `metric` is above `value` (the arm's 95% interval above it)."""
 
     model_config = ConfigDict(extra="forbid")
-    kind: Literal["compare", "target"] = "compare"
-    metric: str = Field(description="<route>.<score|psnr_db|modes_hit|coverage|reward>, probe.<key>, or mean_score")
+    kind: Literal["compare", "target", "at_least"] = "compare"
+    metric: str = Field(description="<route>.<score|psnr_db|modes_hit|coverage|reward>, change.<route>.<key> (after minus "
+                                    "before, needs eval_before), gap_closed.<route>, probe.<key>, or mean_score")
     better: str | None = None
     worse: str | None = None
+    margin: float = 0.0
     value: float | None = None
     tolerance: float | None = Field(None, gt=0)
+    arms: list[str] | None = None
     paper: str = ""
 
     @model_validator(mode="after")
@@ -40,7 +47,12 @@ class Claim(BaseModel):
             raise ValueError("a compare claim names the arms `better` and `worse`")
         if self.kind == "target" and (self.value is None or self.tolerance is None):
             raise ValueError("a target claim gives `value` and `tolerance`")
+        if self.kind == "at_least" and self.value is None:
+            raise ValueError("an at_least claim gives `value`")
         return self
+
+    def arms_named(self) -> list[str]:
+        return [a for a in (self.better, self.worse) if a is not None] + list(self.arms or [])
 
 
 class Probe(BaseModel):
@@ -71,17 +83,22 @@ class ExperimentSpec(BaseModel):
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     trainer: Literal["reference", "distributed"] = "reference"
     arms: dict[str, dict] = Field(min_length=1)
-    claim: Claim | None = None
+    claim: Claim | None = Field(None, description="one claim (shorthand for a one-item `claims`)")
+    claims: list[Claim] = Field(default_factory=list)
     probe: Probe | None = None
     prepare: list[Prepare] = Field(default_factory=list)
     eval_before: bool = Field(False, description="also score the initial student (e.g. the reward gap a run closes)")
 
     @model_validator(mode="after")
     def _claim_arms(self):
-        if self.claim is not None and self.claim.kind == "compare":
-            for arm in (self.claim.better, self.claim.worse):
+        if self.claim is not None:
+            self.claims, self.claim = [self.claim, *self.claims], None
+        for claim in self.claims:
+            for arm in claim.arms_named():
                 if arm not in self.arms:
                     raise ValueError(f"claim names arm {arm!r}, which is not in arms ({sorted(self.arms)})")
+            if claim.metric.startswith("change.") and not self.eval_before:
+                raise ValueError(f"claim metric {claim.metric!r} compares with the initial student: set eval_before: true")
         if not self.base.exists():
             raise ValueError(f"base config {self.base} does not exist")
         return self

@@ -28,12 +28,13 @@ def test_smoke_experiment_report_and_resume(spec, tmp_path, capsys):
     assert sorted((r["arm"], r["seed"]) for r in runs) == [("high", 0), ("high", 1), ("low", 0), ("low", 1)]
     assert all(r["steps"] == 4 and set(r["routes"]) == {"t2i", "local_edit", "global_edit"} for r in runs)
     assert all(0 <= r["routes"]["t2i"]["score"] <= 1 and "coverage" in r["routes"]["t2i"] for r in runs)
-    claim = data["summary"]["claim"]
+    [claim] = data["summary"]["claims"]
     assert claim["verdict"] in ("holds", "reversed", "inconclusive") and claim["ci95"] >= 0
     low = [sum(v["score"] for v in r["routes"].values()) / 3 for r in runs if r["arm"] == "low"]
     high = [sum(v["score"] for v in r["routes"].values()) / 3 for r in runs if r["arm"] == "high"]
     assert claim["difference"] == pytest.approx(sum(low) / 2 - sum(high) / 2)
     text = report.read_text()
+    assert "| tiny | low |" in text.split("## Diversity beside accuracy")[1]
     assert "SMOKE" in text and "low beats high" in text and claim["verdict"] in text and "](results/tiny-scores.png)" in text
     assert (tmp_path / "results" / "tiny-scores.png").stat().st_size > 1000 and (tmp_path / "results" / "tiny-loss.png").exists()
 
@@ -114,3 +115,48 @@ def test_prepare_makes_the_initial_student_once(tmp_path, capsys):
     assert cfg["init_from"] == str(student)
     assert main(["experiment", str(spec), "--smoke", "--out", str(out)]) == 0
     assert "preparing" not in capsys.readouterr().out  # made once, reused
+
+
+def test_several_claims_with_margins_thresholds_and_change_from_the_initial_student():
+    """The verdicts follow the 95% intervals: a non-inferiority margin, an at_least threshold on the change
+    from the initial student, and arms that train different routes (their missing metrics are left out)."""
+    from experiments.report import markdown, summarize
+    from experiments.spec import ExperimentSpec
+
+    def run(arm, seed, local, glob=None, before=0.2):
+        routes = {"t2i": {"score": 0.9 + 0.01 * seed}, "local_edit": {"score": local}}
+        if glob is not None:
+            routes["global_edit"] = {"score": glob}
+        return {"arm": arm, "seed": seed, "steps": 1, "routes": routes, "history": [], "probes": {},
+                "before": {"t2i": {"score": 0.9}, "local_edit": {"score": before}, "global_edit": {"score": 0.0}}}
+
+    spec = ExperimentSpec(name="x", base="configs/demo.yaml", eval_before=True, arms={"both": {}, "solo": {}}, claims=[
+        {"metric": "local_edit.score", "better": "both", "worse": "solo", "margin": -0.1},
+        {"metric": "local_edit.score", "better": "both", "worse": "solo"},
+        {"kind": "at_least", "metric": "change.local_edit.score", "value": 0.0},
+        {"kind": "at_least", "metric": "change.t2i.score", "value": 0.05, "arms": ["solo"]}])
+    results = [run("both", s, 0.80 + 0.01 * s, glob=0.7) for s in range(3)] + [run("solo", s, 0.82 + 0.01 * s) for s in range(3)]
+    s = summarize(spec, results)
+    noninferior, better, gained, t2i = s["claims"]
+    assert noninferior["difference"] == pytest.approx(-0.02) and noninferior["verdict"] == "holds"
+    assert better["verdict"] == "inconclusive" and better["ci95"] == pytest.approx(0.0227, abs=1e-3)  # Welch, df 4
+    assert gained["verdict"] == "holds" and gained["per_arm"]["both"]["mean"] == pytest.approx(0.61)
+    assert t2i["verdict"] == "does not hold" and list(t2i["per_arm"]) == ["solo"]  # 0.01 +- 0.025: all below 0.05
+    assert s["arms"]["solo"]["metrics"]["global_edit.score"] is None and s["arms"]["both"]["metrics"]["global_edit.score"]["mean"] == pytest.approx(0.7)
+    text = markdown(s, [])
+    assert "by more than -0.1 → **holds**" in text and "| solo | 3 |" in text and "—" in text
+
+
+def test_shipped_specs_validate_and_make_results_runs_them_all():
+    """Every spec (and every run config in it) validates, and `make results` regenerates the report from all."""
+    import re
+    from pathlib import Path
+
+    from experiments.spec import load_spec
+
+    specs = sorted(p.stem for p in Path("experiments/specs").glob("*.yaml"))
+    for name in specs:
+        spec = load_spec(f"experiments/specs/{name}.yaml")
+        assert spec.name == name and len(spec.seeds) >= 3 and spec.claims, name
+    listed = re.search(r"^EXPERIMENTS = (.*?)\n(?=\S)", Path("Makefile").read_text(), re.S | re.M).group(1)
+    assert sorted(listed.replace("\\", " ").split()) == specs

@@ -8,6 +8,7 @@ import torch
 
 from danceopd.config import ConfigError, load_config
 from trainer.reference import ReferenceTrainer, main
+from trainer.steps import dataset_states
 
 SMALL = {
     "student.num_layers": 2, "student.attention_head_dim": 16, "optim.batch_size": 8, "method.rollout_steps": 4,
@@ -112,7 +113,29 @@ def test_query_batch_shapes_follow_k_and_position(tmp_path):
     assert set(q.sigma.tolist()) <= set(tr.sigmas[:-1].tolist())
 
 
+def test_off_policy_share_replaces_the_first_samples_states_with_noised_data(tmp_path):
+    """A share of 0.5 of 4 samples: samples 0-1 sit on the data path (x = (1 - sigma) x0 + sigma eps, at the same
+    sigma as the rollout would), samples 2-3 keep the student's own rollout states bit for bit."""
+    cond = None
+    batches = {}
+    for share in (0.0, 0.5):
+        tr = ReferenceTrainer(small_config(tmp_path, **{"method.k": 2, "method.off_policy_share": share}), log=lambda m: None)
+        cond = cond or tr.suite.bucket("t2i").sample(4, 0)
+        batches[share] = tr.query_batch("t2i", cond, 0, 0)
+    on, mixed = batches[0.0], batches[0.5]
+    assert torch.equal(mixed.sigma, on.sigma) and torch.equal(mixed.x[4:], on.x[4:])
+    assert not torch.allclose(mixed.x[:4], on.x[:4], atol=1e-3)
+    refs = tr.suite.field("t2i").references
+    x0k, eps = dataset_states(tr.cfg, tr.suite, "t2i", cond.select(slice(0, 2)), 2, 0, 0, 0, tr.device)
+    for i in range(4):  # (x - sigma eps) / (1 - sigma) must be one of the prompt's dataset images
+        x0 = (mixed.x[i] - mixed.sigma[i] * eps[i]) / (1 - mixed.sigma[i])
+        assert torch.allclose(x0, x0k[i], atol=1e-4)
+        assert min(float((x0 - r).abs().max()) for r in refs(cond.prompts[i // 2])) < 1e-4
+
+
 @pytest.mark.parametrize("override,needle", [
+    ({"method.off_policy_share": 0.25, "method.states": "off_policy"}, "states: on_policy"),
+    ({"method.off_policy_share": 1.0}, "method.off_policy_share"),
     ({"method.query_position": "middle"}, "method.query_position"),
     ({"optim.lr": -1}, "optim.lr"),
     ({"routes": {"x": {"capability": "inpainting"}}}, "routes.x.capability"),

@@ -39,14 +39,24 @@ def query_batch(cfg: TrainConfig, suite: CapabilitySuite, sigmas: torch.Tensor, 
     cond_dev = cond.to(device)
     dt = (sigmas[idx] - sigmas[idx + 1]).reshape(-1)
     if m.states == "off_policy":
-        x0 = suite.clean_samples(cfg.routes[route].capability, cond, derive_seed(cfg.seed, "x0", step, rank, micro)).to(device)
-        eps = torch.randn(b * k, *x0.shape[1:], generator=generator(cfg.seed, "eps", step, rank, micro)).to(device)
+        x0k, eps = dataset_states(cfg, suite, route, cond, k, step, rank, micro, device)
         sigma = sigmas[idx].reshape(-1)
-        x0k = x0.repeat_interleave(k, 0)
         return QueryBatch(forward_noise(x0k, eps, sigma), sigma, cond_dev.repeat(k), dt, x0k, eps)
     traj = rollout_states(lambda x, s: roller.velocity(x, s, cond_dev), noise, sigmas)
     x, sigma = gather_states(traj.states, traj.sigmas, idx)
+    n_off = round(m.off_policy_share * b) * k  # the first samples' states (sample-major) come from the data path instead
+    if n_off:
+        x0k, eps = dataset_states(cfg, suite, route, cond.select(slice(0, n_off // k)), k, step, rank, micro, device)
+        x = torch.cat([forward_noise(x0k, eps, sigma[:n_off]).to(x.dtype), x[n_off:]])
     return QueryBatch(x, sigma, cond_dev.repeat(k), dt)
+
+
+def dataset_states(cfg: TrainConfig, suite: CapabilitySuite, route: str, cond: Conditions, k: int, step: int, rank: int,
+                   micro: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dataset targets x0 (each repeated K times, sample-major) and the noise that forward-noises them."""
+    x0 = suite.clean_samples(cfg.routes[route].capability, cond, derive_seed(cfg.seed, "x0", step, rank, micro)).to(device)
+    eps = torch.randn(len(cond) * k, *x0.shape[1:], generator=generator(cfg.seed, "eps", step, rank, micro)).to(device)
+    return x0.repeat_interleave(k, 0), eps
 
 
 def distillation_loss(cfg: TrainConfig, pred: torch.Tensor, target: torch.Tensor, q: QueryBatch, num_steps: int) -> torch.Tensor:
