@@ -95,7 +95,8 @@ def summarize(spec: ExperimentSpec, results: list[dict]) -> dict:
         rs = [r for r in results if r["arm"] == arm]
         arms[arm] = {"seeds": [r["seed"] for r in rs], "steps": rs[0]["steps"] if rs else None,
                      "metrics": {m: arm_metric(rs, m) for m in names}}
-    out = {"name": spec.name, "base": str(spec.base), "budget": spec.budget, "trainer": spec.trainer, "arms": arms}
+    out = {"name": spec.name, "base": str(spec.base), "budget": spec.budget, "trainer": spec.trainer,
+           "trainers": {arm: spec.trainer_for(arm) for arm in spec.arms}, "arms": arms}
     out["claims"] = [judge_claim(c, results, arms) for c in spec.claims]
     return out
 
@@ -179,7 +180,9 @@ def plot(spec: ExperimentSpec, results: list[dict], summary: dict, out: Path) ->
 
 
 def markdown(summary: dict, plots: list[Path]) -> str:
-    lines = [f"## {summary['name']}", "", f"Base `{summary['base']}`, budget `{json.dumps(summary['budget'])}`, trainer {summary['trainer']}.", ""]
+    trainers = summary.get("trainers") or {}
+    trainer = summary["trainer"] if len(set(trainers.values())) <= 1 else ", ".join(f"{a}: {t}" for a, t in trainers.items())
+    lines = [f"## {summary['name']}", "", f"Base `{summary['base']}`, budget `{json.dumps(summary['budget'])}`, trainer {trainer}.", ""]
     names = list(next(iter(summary["arms"].values()))["metrics"])
     lines.append("| arm | seeds | " + " | ".join(names) + " |")
     lines.append("| --- | --- | " + " | ".join("---" for _ in names) + " |")

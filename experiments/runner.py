@@ -85,7 +85,7 @@ def run_probes(spec: ExperimentSpec, cfg: JobConfig, student_field, suite, devic
 KEY_OMITTED_AT_DEFAULT = {("method", "off_policy_share"): 0.0}
 
 
-def run_key(spec: ExperimentSpec, cfg: JobConfig) -> str:
+def run_key(spec: ExperimentSpec, cfg: JobConfig, arm: str) -> str:
     """What makes a run's result: its config (without where it is written), its probes and its trainer."""
     data = json.loads(cfg.model_dump_json())
     data.pop("output_dir"), data.pop("run_name")
@@ -93,13 +93,13 @@ def run_key(spec: ExperimentSpec, cfg: JobConfig) -> str:
         if data[section].get(name) == default:
             data[section].pop(name)
     data["_experiment"] = {"probe": spec.probe.model_dump() if spec.probe else None, "eval_before": spec.eval_before,
-                           "trainer": spec.trainer}
+                           "trainer": spec.trainer_for(arm)}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def run_one(spec: ExperimentSpec, arm: str, seed: int, out: Path, smoke: bool, log=print) -> dict:
     cfg = run_config(spec, arm, seed, out, smoke)
-    key = run_key(spec, cfg)
+    key = run_key(spec, cfg, arm)
     result_path, marker = cfg.run_dir / "result.json", cfg.run_dir / "run.key"
     if result_path.exists() and not marker.exists():  # a result from a runner without keys: same spec, keep it
         marker.write_text(key)
@@ -119,7 +119,7 @@ def run_one(spec: ExperimentSpec, arm: str, seed: int, out: Path, smoke: bool, l
         log(f"{spec.name}: {arm} seed {seed}: same run as {twin}, reused")
         return result
     t0 = time.perf_counter()
-    if spec.trainer == "reference":
+    if spec.trainer_for(arm) == "reference":
         from danceopd.evaluation import evaluate
         from trainer.reference import ReferenceTrainer
 

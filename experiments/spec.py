@@ -5,6 +5,7 @@
     budget: {steps: 300}               # applied to every run: the arms differ only in their own overrides
     seeds: [0, 1, 2]
     trainer: reference                 # reference (in-process) or distributed (python -m trainer.main per run)
+    trainers: {high: distributed}      # optional: per-arm trainer
     arms:
       low:  {method.query_position: low}
       high: {method.query_position: high}
@@ -82,6 +83,8 @@ class ExperimentSpec(BaseModel):
     budget: dict = Field(default_factory=dict)
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     trainer: Literal["reference", "distributed"] = "reference"
+    trainers: dict[str, Literal["reference", "distributed"]] = Field(default_factory=dict, description="per-arm trainer, "
+                                                                     "overriding `trainer` (e.g. one arm on the distributed stack)")
     arms: dict[str, dict] = Field(min_length=1)
     claim: Claim | None = Field(None, description="one claim (shorthand for a one-item `claims`)")
     claims: list[Claim] = Field(default_factory=list)
@@ -93,6 +96,8 @@ class ExperimentSpec(BaseModel):
     def _claim_arms(self):
         if self.claim is not None:
             self.claims, self.claim = [self.claim, *self.claims], None
+        if set(self.trainers) - set(self.arms):
+            raise ValueError(f"trainers names {sorted(set(self.trainers) - set(self.arms))}, not in arms ({sorted(self.arms)})")
         for claim in self.claims:
             for arm in claim.arms_named():
                 if arm not in self.arms:
@@ -102,6 +107,10 @@ class ExperimentSpec(BaseModel):
         if not self.base.exists():
             raise ValueError(f"base config {self.base} does not exist")
         return self
+
+
+    def trainer_for(self, arm: str) -> str:
+        return self.trainers.get(arm, self.trainer)
 
 
 def load_spec(path: str | Path) -> ExperimentSpec:

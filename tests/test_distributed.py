@@ -140,6 +140,9 @@ def test_a_killed_worker_resumes_from_the_checkpoint_without_losing_or_repeating
     # log, so each (step, rank) appears once and the sample counts are those of 20 clean steps.
     assert sorted((a["step"], a["rank"]) for a in stats["recent"]) == [(s, r) for s in range(20) for r in range(2)]
     assert sum(stats["counts"].values()) == 20 * 16
+    with result.checkpoint.as_directory() as d:  # the progress history survives the restart: every window once
+        history = json.loads((Path(d) / "state.json").read_text())["history"]
+    assert [h["step"] for h in history] == [5, 10, 15, 20]
 
 
 def test_a_killed_teacher_replica_is_retried_transparently(stack):

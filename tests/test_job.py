@@ -39,11 +39,13 @@ def test_bad_job_config_exits_2_naming_the_key_before_ray_starts(args, needle):
     assert "started a local Ray" not in proc.stdout and time.perf_counter() - t0 < 60
 
 
-@pytest.fixture
-def head_node(tmp_path):
+@pytest.fixture(scope="module")
+def head_node(tmp_path_factory):
     """A real `ray start --head` (own ports, own process group so that stopping it cannot touch the test
-    session's cluster; `ray stop` would kill every Ray on the machine)."""
-    gcs, dash = free_port(), free_port()
+    session's cluster; `ray stop` would kill every Ray on the machine). Yields the dashboard address, the
+    client environment, the GCS address and the Serve HTTP port the jobs on it use."""
+    tmp_path = tmp_path_factory.mktemp("head")
+    gcs, dash, http_port = free_port(), free_port(), free_port()
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
     log = open(tmp_path / "head.log", "w")
     # Own ports for every agent too: the session's Ray (other tests) holds the defaults, and a job agent that
@@ -65,7 +67,7 @@ def head_node(tmp_path):
             time.sleep(1)
     else:
         pytest.fail(f"ray head did not come up: {(tmp_path / 'head.log').read_text()[-2000:]}")
-    yield address, env
+    yield address, env, f"127.0.0.1:{gcs}", http_port
     os.killpg(proc.pid, signal.SIGTERM)
     try:
         proc.wait(timeout=10)
@@ -79,7 +81,7 @@ def head_node(tmp_path):
 
 
 def test_ray_job_submit_runs_the_demo_config(head_node, tmp_path):
-    address, env = head_node
+    address, env, _, http_port = head_node
     # The cluster refuses clients without the token: the job API answers 401 to an anonymous request.
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(f"{address}/api/jobs/", timeout=10)
@@ -90,7 +92,7 @@ def test_ray_job_submit_runs_the_demo_config(head_node, tmp_path):
            "--runtime-env-json", json.dumps({"excludes": [".venv", ".git", "runs", "benchmarks/results"]}), "--",
            "python", "-m", "trainer.main", "--config", "configs/demo.yaml", "--eval", f"output_dir={out}",
            "steps=12", "log_every=4", "checkpoint_every=6", "student.num_layers=2", "method.rollout_steps=4",
-           "eval.samples_per_capability=12", "eval.sampling_steps=4", f"services.http_port={free_port()}"]
+           "eval.samples_per_capability=12", "eval.sampling_steps=4", f"services.http_port={http_port}"]
     deadline = time.time() + 90
     while True:  # the job agent registers a few seconds after the dashboard answers
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
@@ -108,3 +110,28 @@ def test_ray_job_submit_runs_the_demo_config(head_node, tmp_path):
     assert report["training"]["steps"] == 12 and report["training"]["workers"] == 2
     assert report["before"] is not None and (out / "demo" / "grid.png").exists()
     assert (out / "demo" / "student" / "transformer" / "config.json").exists()  # save_pretrained layout
+
+
+def test_an_experiment_arm_runs_on_the_distributed_stack(head_node, tmp_path):
+    """An arm with `trainers: {arm: distributed}` trains as a Ray job (python -m trainer.main) on the cluster
+    that RAY_ADDRESS names, through the served teachers and the router; its result has the same form as a
+    reference-trainer arm's, with the initial student's scores."""
+    import yaml
+
+    _, env, gcs, http_port = head_node
+    spec = tmp_path / "dist.yaml"
+    spec.write_text(yaml.safe_dump({
+        "name": "dist", "base": "configs/demo.yaml", "seeds": [0], "eval_before": True, "trainers": {"ray": "distributed"},
+        "arms": {"ray": {"torch_threads": 1, "services.http_port": http_port}},
+        "claims": [{"kind": "at_least", "metric": "t2i.score", "value": -1.0}]}))
+    out = tmp_path / "out"
+    proc = subprocess.run([str(BIN / "danceopd"), "experiment", str(spec), "--smoke", "--out", str(out)], capture_output=True,
+                          text=True, cwd=ROOT, timeout=600, env={**env, "RAY_ADDRESS": gcs})
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    run_dir = out / "dist" / "ray" / "seed0"
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["steps"] == 4 and set(result["routes"]) == {"t2i", "local_edit", "global_edit"}
+    assert set(result["before"]) == set(result["routes"]) and "coverage" in result["routes"]["t2i"]
+    assert [h["step"] for h in result["history"]] and all(set(h["loss"]) <= set(result["routes"]) for h in result["history"])
+    report = json.loads((run_dir / "report.json").read_text())  # the job's own report: it ran on Ray Train workers
+    assert report["training"]["workers"] == 2 and (run_dir / "student" / "transformer" / "config.json").exists()

@@ -57,16 +57,18 @@ def worker_loop(config: dict) -> None:
     sigmas = sigma_schedule(job.method.rollout_steps, job.method.schedule, job.method.shift).to(device)
     accum = job.optim.grad_accum
 
-    start = 0
+    start, history = 0, []
     ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:  # resume: raw weights, optimizer, RNGs, EMA, routing cursor
+    if ckpt is not None:  # resume: raw weights, optimizer, RNGs, EMA, routing cursor, progress history
         with ckpt.as_directory() as d:
-            start = restore_checkpoint(Path(d), inner, optimizer, ema and ema.model, device, job.dtype)["routing_cursor"]
+            state = restore_checkpoint(Path(d), inner, optimizer, ema and ema.model, device, job.dtype)
+        start, history = state["routing_cursor"], state.get("history", [])
         if rank == 0:
             say(f"[{run_id}] resumed from the checkpoint at step {start}")
 
     metrics = TrainerMetrics(run_id, {r: c.capability for r, c in job.routes.items()}) if rank == 0 else None
     window = Window(job, rank, world, start, metrics, record_step_losses=config.get("record_step_losses", False))
+    window.history = history
     for step in range(start, job.steps):
         times = StepTimes()
         optimizer.zero_grad(set_to_none=True)

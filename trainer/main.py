@@ -158,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     with result.checkpoint.as_directory() as d:
         shutil.rmtree(final_dir, ignore_errors=True)
         shutil.copytree(Path(d) / "student", final_dir)
+        history = json.loads((Path(d) / "state.json").read_text())["history"]  # progress windows (kept across resumes)
     m = result.metrics
     print(f"trained to step {m['step']} in {train_s / 60:.1f} min; student (EMA) saved to {final_dir}", flush=True)
     if args.eval:
@@ -167,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         report["before"] = before
         report["training"] = {"run_id": run_id, "steps": m["step"], "train_seconds": train_s, "job_seconds": time.perf_counter() - t_job,
                                "workers": job.cluster.num_workers, "samples_per_s": m.get("samples_per_s"),
-                               "time_share": m.get("time_share_total"), "checkpoint": result.checkpoint.path}
+                               "time_share": m.get("time_share_total"), "checkpoint": result.checkpoint.path,
+                               "history": [{"step": h["step"], "loss": h["loss"], "samples_per_s": h["samples_per_s"]} for h in history]}
         path = write_report(report, job.run_dir / "report.json")
         print(before_after_table(before, report))
         print(f"report: {path.resolve()}\ngrid:   {Path(report['grid']).resolve()}", flush=True)
