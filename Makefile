@@ -36,7 +36,7 @@ demo-reference: install
 
 # The experiment report: every claim, 3 seeds each (finished runs under runs/experiments are reused).
 EXPERIMENTS = composition edit-pair states routing query-position query-k rollout-steps cfg-absorption \
-	cfg-absorption-uniform realism diversity-remedies adaptive-routing
+	cfg-absorption-uniform realism diversity-remedies adaptive-routing distributed-stack
 results: install
 	$(BIN)/danceopd experiment $(EXPERIMENTS:%=experiments/specs/%.yaml) --out runs/experiments --report docs/results.md
 

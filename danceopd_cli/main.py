@@ -58,7 +58,7 @@ def _serve_config(args) -> int:
 
 
 def _experiment(args) -> int:
-    from experiments.report import claim_line, diversity_table, write_report
+    from experiments.report import claim_line, claims_table, diversity_table, write_report
     from experiments.runner import run_experiment
     from experiments.spec import load_spec
 
@@ -88,7 +88,8 @@ def _experiment(args) -> int:
                 f"(this invocation: {(time.perf_counter() - t0) / 60:.1f} min; finished runs are reused). "
                 f"Machine: {os.cpu_count()} CPU cores, torch {torch.__version__}, CUDA {'yes' if torch.cuda.is_available() else 'no'}.", ""]
         body = [md.read_text().replace("](", f"]({os.path.relpath(md.parent, args.report.parent)}/") for _, _, md in sections]
-        args.report.write_text("\n".join(head + body + [diversity_table([summary for _, summary, _ in sections])]))
+        summaries = [summary for _, summary, _ in sections]
+        args.report.write_text("\n".join(head + [claims_table(summaries)] + body + [diversity_table(summaries)]))
         print(f"report: {args.report}")
     return 0
 

@@ -195,6 +195,22 @@ def markdown(summary: dict, plots: list[Path]) -> str:
     return "\n".join(lines)
 
 
+def claims_table(summaries: list[dict]) -> str:
+    """Every claim of every experiment on one line: the measured effect, its 95% interval and the verdict."""
+    lines = ["## Claims at a glance", "", "| experiment | claim | measured (95% CI) | verdict |", "| --- | --- | --- | --- |"]
+    for summary in summaries:
+        for c in summary["claims"]:
+            if c["kind"] == "compare":
+                what = f"`{c['metric']}` {c['better']} − {c['worse']}" + (f" > {c['margin']:g}" if c["margin"] else "")
+                measured = f"{c['difference']:+.3f} ± {c['ci95']:.3f}"
+            else:
+                band = f"= {c['value']:g} ± {c['tolerance']:g}" if c["kind"] == "target" else f"> {c['value']:g}"
+                what = f"`{c['metric']}` {band}"
+                measured = "; ".join(f"{a} {v['mean']:.3f} ± {v['ci95']:.3f}" for a, v in c["per_arm"].items())
+            lines.append(f"| {summary['name']} | {c['paper'] or ''}: {what} | {measured} | **{c['verdict']}** |")
+    return "\n".join(lines + [""])
+
+
 def diversity_table(summaries: list[dict]) -> str:
     """Every arm of every experiment that judges T2I: accuracy beside coverage of the teacher's modes."""
     keys = ("t2i.score", "t2i.modes_hit", "t2i.coverage")

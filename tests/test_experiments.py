@@ -35,6 +35,8 @@ def test_smoke_experiment_report_and_resume(spec, tmp_path, capsys):
     assert claim["difference"] == pytest.approx(sum(low) / 2 - sum(high) / 2)
     text = report.read_text()
     assert "| tiny | low |" in text.split("## Diversity beside accuracy")[1]
+    glance = text.split("## Claims at a glance")[1].split("## tiny")[0]
+    assert f"| tiny | low beats high: `mean_score` low − high | {claim['difference']:+.3f} ± {claim['ci95']:.3f} | **{claim['verdict']}** |" in glance
     assert "SMOKE" in text and "low beats high" in text and claim["verdict"] in text and "](results/tiny-scores.png)" in text
     assert (tmp_path / "results" / "tiny-scores.png").stat().st_size > 1000 and (tmp_path / "results" / "tiny-loss.png").exists()
 
