@@ -108,6 +108,13 @@ def judge_claim(c: Claim, results: list[dict], arms: dict) -> dict:
         diff, half = difference_ci(a, b)
         v = verdict(diff - c.margin, half)
         return {**c.model_dump(), "difference": diff, "ci95": half, "verdict": "does not hold" if c.margin and v == "reversed" else v}
+    if c.kind == "gap_closed":  # paired by seed: the same seed's run without the field is the baseline
+        route = c.metric.split(".")[0]
+        base = {r["seed"]: r["routes"][route] for r in results if r["arm"] == c.worse}
+        shares = [(r["routes"][route]["reward"] - base[r["seed"]]["reward"]) / (r["routes"][route]["teacher_reward"] - base[r["seed"]]["reward"])
+                  for r in results if r["arm"] == c.better and r["seed"] in base]
+        m, half = mean_ci(shares)
+        return {**c.model_dump(), "share": m, "ci95": half, "verdict": verdict(m - c.value, half).replace("reversed", "does not hold")}
     per_arm = {}
     for arm in c.arms or list(arms):
         m, half = arms[arm]["metrics"][c.metric]["mean"], arms[arm]["metrics"][c.metric]["ci95"]
@@ -128,6 +135,9 @@ def claim_line(c: dict) -> str:
         than = f" by more than {c['margin']:+g}" if c["margin"] else ""
         return (f"Claim ({c['paper'] or 'paper direction'}): `{c['metric']}` of **{c['better']}** minus **{c['worse']}** = "
                 f"{c['difference']:+.3f} ± {c['ci95']:.3f} (95% CI){than} → **{c['verdict']}**.")
+    if c["kind"] == "gap_closed":
+        return (f"Claim ({c['paper'] or 'gap closed'}): **{c['better']}** closes {c['share']:.3f} ± {c['ci95']:.3f} (95% CI, paired by "
+                f"seed) of the gap in `{c['metric']}` between **{c['worse']}** and the teacher; above {c['value']:g} → **{c['verdict']}**.")
     per = "; ".join(f"{a}: {v['mean']:.3f} ± {v['ci95']:.3f} ({v['verdict']})" for a, v in c["per_arm"].items())
     where = "on every arm" if not c["arms"] else "on " + ", ".join(c["arms"])
     band = f"= {c['value']:g} ± {c['tolerance']:g}" if c["kind"] == "target" else f"> {c['value']:g}"
@@ -203,6 +213,9 @@ def claims_table(summaries: list[dict]) -> str:
             if c["kind"] == "compare":
                 what = f"`{c['metric']}` {c['better']} − {c['worse']}" + (f" > {c['margin']:g}" if c["margin"] else "")
                 measured = f"{c['difference']:+.3f} ± {c['ci95']:.3f}"
+            elif c["kind"] == "gap_closed":
+                what = f"share of the `{c['metric']}` gap ({c['worse']} → teacher) that {c['better']} closes > {c['value']:g}"
+                measured = f"{c['share']:.3f} ± {c['ci95']:.3f}"
             else:
                 band = f"= {c['value']:g} ± {c['tolerance']:g}" if c["kind"] == "target" else f"> {c['value']:g}"
                 what = f"`{c['metric']}` {band}"

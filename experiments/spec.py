@@ -28,10 +28,12 @@ class Claim(BaseModel):
     difference; a negative margin tests "not worse by more than |margin|").
     target: on every arm (or those in `arms`), `metric` is `value` within +-`tolerance` (the arm's 95% interval
     inside the band).
-    at_least: on every arm (or those in `arms`), `metric` is above `value` (the arm's 95% interval above it)."""
+    at_least: on every arm (or those in `arms`), `metric` is above `value` (the arm's 95% interval above it).
+    gap_closed: the share of the teacher-minus-`worse` gap on a reward `metric` (<route>.reward) that arm `better`
+    closes, paired by seed: (better - worse) / (teacher - worse); above `value` (95% interval over seeds)."""
 
     model_config = ConfigDict(extra="forbid")
-    kind: Literal["compare", "target", "at_least"] = "compare"
+    kind: Literal["compare", "target", "at_least", "gap_closed"] = "compare"
     metric: str = Field(description="<route>.<score|psnr_db|modes_hit|coverage|reward>, change.<route>.<key> (after minus "
                                     "before, needs eval_before), gap_closed.<route>, probe.<key>, or mean_score")
     better: str | None = None
@@ -44,8 +46,10 @@ class Claim(BaseModel):
 
     @model_validator(mode="after")
     def _complete(self):
-        if self.kind == "compare" and (self.better is None or self.worse is None):
-            raise ValueError("a compare claim names the arms `better` and `worse`")
+        if self.kind in ("compare", "gap_closed") and (self.better is None or self.worse is None):
+            raise ValueError(f"a {self.kind} claim names the arms `better` and `worse`")
+        if self.kind == "gap_closed" and (self.value is None or not self.metric.endswith(".reward")):
+            raise ValueError("a gap_closed claim gives `value` and a `<route>.reward` metric")
         if self.kind == "target" and (self.value is None or self.tolerance is None):
             raise ValueError("a target claim gives `value` and `tolerance`")
         if self.kind == "at_least" and self.value is None:

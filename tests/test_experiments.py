@@ -162,3 +162,19 @@ def test_shipped_specs_validate_and_make_results_runs_them_all():
         assert spec.name == name and len(spec.seeds) >= 3 and spec.claims, name
     listed = re.search(r"^EXPERIMENTS = (.*?)\n(?=\S)", Path("Makefile").read_text(), re.S | re.M).group(1)
     assert sorted(listed.replace("\\", " ").split()) == specs
+
+
+def test_gap_closed_is_paired_by_seed_against_the_arm_without_the_field():
+    from experiments.report import summarize
+    from experiments.spec import ExperimentSpec
+
+    def run(arm, seed, reward):
+        return {"arm": arm, "seed": seed, "steps": 1, "history": [], "probes": {}, "before": None,
+                "routes": {"realism": {"score": reward, "reward": reward, "teacher_reward": 1.0}}}
+
+    spec = ExperimentSpec(name="r", base="configs/demo.yaml", arms={"with": {}, "without": {}}, claims=[
+        {"kind": "gap_closed", "metric": "realism.reward", "better": "with", "worse": "without", "value": 0.5}])
+    # seed s: without = 0.1 s, with = 0.1 s + 0.6 (1 - 0.1 s): every seed closes exactly 60% of its own gap
+    results = [run("without", s, 0.1 * s) for s in range(3)] + [run("with", s, 0.1 * s + 0.6 * (1 - 0.1 * s)) for s in range(3)]
+    [c] = summarize(spec, results)["claims"]
+    assert c["share"] == pytest.approx(0.6) and c["ci95"] == pytest.approx(0.0, abs=1e-9) and c["verdict"] == "holds"
