@@ -89,7 +89,8 @@ def arm_metric(rs: list[dict], name: str) -> dict | None:
 
 
 def summarize(spec: ExperimentSpec, results: list[dict]) -> dict:
-    names = metric_names(results) + [c.metric for c in spec.claims if c.metric not in metric_names(results)]
+    names = metric_names(results)
+    names += [c.metric for c in spec.claims if c.metric not in names]
     arms = {}
     for arm in spec.arms:
         rs = [r for r in results if r["arm"] == arm]
@@ -191,7 +192,8 @@ def plot(spec: ExperimentSpec, results: list[dict], summary: dict, out: Path) ->
 
 def markdown(summary: dict, plots: list[Path]) -> str:
     trainers = summary.get("trainers") or {}
-    trainer = summary["trainer"] if len(set(trainers.values())) <= 1 else ", ".join(f"{a}: {t}" for a, t in trainers.items())
+    used = set(trainers.values()) or {summary["trainer"]}
+    trainer = used.pop() if len(used) == 1 else ", ".join(f"{a}: {t}" for a, t in trainers.items())
     lines = [f"## {summary['name']}", "", f"Base `{summary['base']}`, budget `{json.dumps(summary['budget'])}`, trainer {trainer}.", ""]
     names = list(next(iter(summary["arms"].values()))["metrics"])
     lines.append("| arm | seeds | " + " | ".join(names) + " |")
