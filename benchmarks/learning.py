@@ -48,11 +48,13 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     tr = ReferenceTrainer(cfg, log=lambda m: print(m, flush=True))
-    before = evaluate(tr.final_student.field, tr.teachers, cfg.routes, tr.suite, cfg.eval, device=tr.device)
+    with tr.final_weights():
+        before = evaluate(tr.student.field, tr.teachers, cfg.routes, tr.suite, cfg.eval, device=tr.device)
     t0 = time.perf_counter()
     run = tr.fit()
     train_s = time.perf_counter() - t0
-    after = evaluate(tr.final_student.field, tr.teachers, cfg.routes, tr.suite, cfg.eval, device=tr.device, grid_path=cfg.run_dir / "grid.png")
+    with tr.final_weights():
+        after = evaluate(tr.student.field, tr.teachers, cfg.routes, tr.suite, cfg.eval, device=tr.device, grid_path=cfg.run_dir / "grid.png")
     device = str(tr.device)
     card = torch.cuda.get_device_name(tr.device) if tr.device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     result = {

@@ -7,10 +7,12 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from danceopd.flow.query import POSITIONS
+from danceopd.models import compatible
 from danceopd.student import StudentConfig
+from danceopd.teacher_model import TeacherModelSpec
 from danceopd.suite.buckets import check_capability
 from danceopd.suite.world import TIERS
 
@@ -26,20 +28,37 @@ class SuiteConfig(_Strict):
 
 
 class RouteConfig(_Strict):
-    capability: str = Field(description="suite capability: its data bucket, judge and (by default) exact teacher")
+    capability: str | None = Field(None, description="suite capability: its data bucket, judge and (by default) exact teacher; "
+                                                     "optional when data.manifest feeds the route")
     weight: float = Field(1.0, ge=0.0)
-    teacher: str = Field("suite", description="'suite' (the exact field) or a diffusers model folder / hub id")
+    teacher: Literal["suite"] | TeacherModelSpec = Field("suite", description="'suite' (the exact field), a model folder / hub id, "
+                                                         "or {base, checkpoint, loras, guidance}")
     cfg_alpha: float | None = Field(None, gt=0.0, description="wrap the teacher in CFG(alpha): absorbed guidance")
 
-    _known = field_validator("capability")(classmethod(lambda cls, v: check_capability(v)))
-
-    @field_validator("teacher")
+    @field_validator("capability")
     @classmethod
-    def _teacher_exists(cls, v: str) -> str:
-        # A local path must exist now, before anything loads; anything else is taken as a hub id.
-        if v != "suite" and v.startswith(("/", "./", "../", "~")) and not Path(v).expanduser().exists():
-            raise ValueError(f"teacher folder {v} does not exist: point it at a diffusers model folder (or use a hub id, or 'suite')")
+    def _known(cls, v: str | None) -> str | None:
+        return v if v is None else check_capability(v)
+
+    @field_validator("teacher", mode="before")
+    @classmethod
+    def _teacher_spec(cls, v):
+        # A plain folder / hub id is a base model teacher; a local path must exist now, before anything loads.
+        if isinstance(v, str) and v != "suite":
+            if v.startswith(("/", "./", "../", "~")) and not Path(v).expanduser().exists():
+                raise ValueError(f"teacher folder {v} does not exist: point it at a diffusers model folder (or use a hub id, or 'suite')")
+            return {"base": v}
         return v
+
+    @property
+    def model_teacher(self) -> TeacherModelSpec | None:
+        return None if self.teacher == "suite" else self.teacher
+
+
+class DataConfig(_Strict):
+    manifest: Path | None = Field(None, description="JSONL / Parquet rows (uid, route, prompt, source_image, target_image) "
+                                                    "feeding each route's bucket; default: the capability suite")
+    latent_cache: Path | None = Field(None, description="folder for VAE latents of manifest images (default: none, in memory)")
 
 
 class MethodConfig(_Strict):
@@ -53,7 +72,8 @@ class MethodConfig(_Strict):
     k: int = Field(1, ge=1, le=64)
     loss: Literal["mse", "dense_dt2"] = "mse"
     rollout_steps: int = Field(8, ge=1, le=100)
-    schedule: Literal["uniform", "sd3"] = "uniform"
+    schedule: Literal["uniform", "sd3", "family"] = Field("uniform", description="family: the student family's own grid "
+                                                          "(SD3: static shift; FLUX: shift by the image's token count)")
     shift: float = Field(1.0, gt=0.0)
 
     @field_validator("query_position")
@@ -90,10 +110,11 @@ class OptimConfig(_Strict):
 class EvalConfig(_Strict):
     samples_per_capability: int = Field(96, ge=1)
     sampling_steps: int = Field(16, ge=1)
-    schedule: Literal["uniform", "sd3"] = "uniform"
+    schedule: Literal["uniform", "sd3", "family"] = "uniform"
     shift: float = Field(1.0, gt=0.0)
     samples_per_condition_in_grid: int = Field(4, ge=1)
     seed: int = 12345
+    velocity_error_samples: int = Field(16, ge=1, description="held-out conditions per route for the velocity error")
 
 
 class TrainConfig(_Strict):
@@ -106,6 +127,7 @@ class TrainConfig(_Strict):
     dtype: str = "float32"
     torch_threads: int | None = Field(None, ge=1)
     suite: SuiteConfig = SuiteConfig()
+    data: DataConfig = DataConfig()
     student: StudentConfig = StudentConfig()
     init_from: Path | None = Field(None, description="start from a saved student folder instead of random init")
     routes: dict[str, RouteConfig] = Field(default_factory=lambda: {
@@ -119,11 +141,13 @@ class TrainConfig(_Strict):
     log_every: int = Field(10, ge=1)
     checkpoint_every: int = Field(100, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
+    _manifest = PrivateAttr(None)  # the validated data.manifest (loaded once, at validation)
 
     @model_validator(mode="after")
     def _consistent(self) -> "TrainConfig":
         size = TIERS[self.suite.tier].size
-        if self.student.sample_size != size:
+        pixel = self.student.model_family.name == "pixel"
+        if pixel and self.student.sample_size != size:
             raise ValueError(f"student.sample_size is {self.student.sample_size} but suite tier {self.suite.tier!r} has {size}x{size} images: set student.sample_size: {size}")
         if not self.routes:
             raise ValueError("routes is empty: name at least one capability route")
@@ -131,7 +155,68 @@ class TrainConfig(_Strict):
             raise ValueError("routes: at least one route needs weight > 0")
         if self.dtype not in ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16", "auto"):
             raise ValueError(f"dtype {self.dtype!r}: use float32, bfloat16, float16 or auto")
+        for name, route in self.routes.items():
+            if route.capability is None and self.data.manifest is None:
+                raise ValueError(f"routes.{name}.capability: required without data.manifest (the suite is the dataset)")
+        if self.data.manifest is not None:
+            self._check_manifest()
+        self._check_teachers(pixel)
         return self
+
+    def _check_manifest(self) -> None:
+        from danceopd.data.manifest import ManifestError, load_manifest
+
+        res = self.student.resolution
+        try:
+            manifest = load_manifest(self.data.manifest, routes=list(self.routes), image_size=(res, res))
+        except ManifestError as e:
+            raise ValueError(f"data.manifest: {e}") from None
+        empty = sorted(set(self.routes) - set(manifest.routes()))
+        if empty:
+            raise ValueError(f"data.manifest: no rows for routes {empty} (rows name their route in the 'route' column)")
+        self._manifest = manifest
+
+    def _check_teachers(self, pixel: bool) -> None:
+        student = self.student.model_family
+        for name, route in self.routes.items():
+            spec = route.model_teacher
+            if spec is None:
+                if not pixel:
+                    raise ValueError(f"routes.{name}.teacher: the suite's exact teachers work in the pixel model's space; "
+                                     f"a {student.name} student needs model teachers ({{base, loras, ...}})")
+                continue
+            base = spec.base or self.student.base
+            if base is None:
+                raise ValueError(f"routes.{name}.teacher.base: required when the student has no base")
+            from danceopd.student import is_student_folder, read_student_config
+
+            if is_student_folder(base):
+                family = read_student_config(base).model_family
+            else:
+                family = spec.model_family(base)
+            if family is not None and not compatible(student, family):
+                raise ValueError(f"routes.{name}.teacher: a {family.name} teacher ({base}) cannot teach a {student.name} "
+                                 f"student: they work in different latent spaces; use a {student.name}-family teacher or student")
+            try:
+                spec.check_files(base)
+            except ValueError as e:
+                raise ValueError(f"routes.{name}.teacher.{e}") from None
+        if not pixel:
+            for name, route in self.routes.items():
+                if self.route_takes_source(name) and not student.native_source and student.name != "pixel":
+                    raise ValueError(f"routes.{name}: an edit route needs a student that reads source images; "
+                                     f"{student.name} has no image input (use a flux-kontext base for FLUX edits)")
+
+    @property
+    def manifest(self):
+        """The validated data.manifest (danceopd.data.Manifest), or None when the suite is the dataset."""
+        return self._manifest
+
+    def route_takes_source(self, name: str) -> bool:
+        route = self.routes[name]
+        if self._manifest is not None:
+            return self._manifest.bucket(name).takes_source
+        return route.capability in ("local_edit", "global_edit")
 
     @property
     def run_dir(self) -> Path:

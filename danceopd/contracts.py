@@ -99,8 +99,11 @@ def split_rows(array: np.ndarray, queries: list[VelocityQuery]) -> list[np.ndarr
 def info_to_dict(info: FieldInfo) -> dict:
     return {"name": info.name, "kind": info.kind, "sample_shape": list(info.sample_shape),
             "takes_source": info.takes_source, "requires_source": info.requires_source,
-            "guidance": None if info.guidance is None or not math.isfinite(info.guidance) else info.guidance}
+            "guidance": None if info.guidance is None or not math.isfinite(info.guidance) else info.guidance,
+            # a model teacher's family, resolution and weights checksum (which merged weights answer)
+            **{k: v for k, v in info.extra.items() if k in ("family", "resolution", "weights_sha256")}}
 
 
 def info_from_dict(d: dict) -> FieldInfo:
-    return FieldInfo(d["name"], d["kind"], tuple(d["sample_shape"]), d["takes_source"], d["requires_source"], d.get("guidance"))
+    extra = {k: d[k] for k in ("family", "resolution", "weights_sha256") if k in d}
+    return FieldInfo(d["name"], d["kind"], tuple(d["sample_shape"]), d["takes_source"], d["requires_source"], d.get("guidance"), extra)

@@ -21,11 +21,11 @@ T2I_LIKE = ("t2i", "realism", "uncond")
 
 
 def sample(field: VelocityField, conditions: Conditions, steps: int, seed: int, schedule: str = "uniform",
-           shift: float = 1.0, batch: int = 128, device: str | torch.device = "cpu") -> torch.Tensor:
+           shift: float = 1.0, batch: int = 128, device: str | torch.device = "cpu", sigmas: torch.Tensor | None = None) -> torch.Tensor:
     """Euler samples from fresh seeded noise, one per condition, computed in chunks of `batch`."""
     c, h, w = field.info.sample_shape
     noise = torch.randn(len(conditions), c, h, w, generator=generator(seed, "eval-noise"))
-    sigmas = sigma_schedule(steps, schedule, shift)
+    sigmas = sigma_schedule(steps, schedule, shift) if sigmas is None else sigmas
     out = []
     for i in range(0, len(conditions), batch):
         sub = conditions.select(slice(i, i + batch)).to(device)
@@ -84,10 +84,11 @@ def _grid_block(student, teacher, suite, cap, cfg: EvalConfig, device, condition
     return rows
 
 
-def _to_pil(img: torch.Tensor, scale: int) -> Image.Image:
-    arr = ((img.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+def _to_pil(img: torch.Tensor, cell: int) -> Image.Image:
+    """A [-1, 1] image as a cell x cell tile: small suite images upscaled crisply, large decoded ones downscaled."""
+    arr = ((img.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
     im = Image.fromarray(arr)
-    return im.resize((im.width * scale, im.height * scale), Image.NEAREST)
+    return im.resize((cell, cell), Image.NEAREST if im.width <= cell else Image.BILINEAR)
 
 
 def save_grid(blocks, path: Path, cell: int = 64, pad: int = 4, text_w: int = 150) -> Path:
@@ -113,16 +114,15 @@ def save_grid(blocks, path: Path, cell: int = 64, pad: int = 4, text_w: int = 15
                 line = (line + " " + w).strip()
             lines.append(line)
             draw.text((2, y + 2), "\n".join(lines), fill=(0, 0, 0))
-            scale = cell // (src.shape[-1] if src is not None else t.shape[-1])
             if src is not None:
-                canvas.paste(_to_pil(src, scale), (text_w, y))
+                canvas.paste(_to_pil(src, cell), (text_w, y))
             x = text_w + cell + 2 * pad
             for img in t:
-                canvas.paste(_to_pil(img, scale), (x, y))
+                canvas.paste(_to_pil(img, cell), (x, y))
                 x += cell + pad
             x += pad
             for img in s:
-                canvas.paste(_to_pil(img, scale), (x, y))
+                canvas.paste(_to_pil(img, cell), (x, y))
                 x += cell + pad
             y += cell + pad
     path = Path(path)
@@ -132,8 +132,16 @@ def save_grid(blocks, path: Path, cell: int = 64, pad: int = 4, text_w: int = 15
 
 
 def summary_table(report: dict) -> str:
-    lines = [f"{'route':<14}{'capability':<13}{'teacher':>9}{'student':>9}{'ratio':>7}  extra"]
+    """Per route: judge scores where the suite judges the run, and the velocity error (before -> after where known)."""
+    before = (report.get("before") or {}).get("routes", {})
+    lines = [f"{'route':<14}{'capability':<13}{'teacher':>9}{'student':>9}{'ratio':>7}  {'velocity error':<22} extra"]
     for name, e in report["routes"].items():
+        verr = "" if e.get("velocity_error") is None else f"{e['velocity_error']:.4f}"
+        if before.get(name, {}).get("velocity_error") is not None:
+            verr = f"{before[name]['velocity_error']:.4f} -> {verr}"
+        if "teacher" not in e:  # a model family without judges: the velocity error is the score
+            lines.append(f"{name:<14}{'-':<13}{'-':>9}{'-':>9}{'-':>7}  {verr:<22}")
+            continue
         extra = ""
         if "diversity" in e:
             d = e["diversity"]
@@ -141,7 +149,7 @@ def summary_table(report: dict) -> str:
         if "psnr_db" in e["student"]:
             extra = f"PSNR {e['student']['psnr_db']:.1f} dB (teacher {e['teacher']['psnr_db']:.1f})"
         ratio = "n/a" if e["score_ratio"] is None else f"{e['score_ratio']:.2f}"
-        lines.append(f"{name:<14}{e['capability']:<13}{e['teacher']['score']:>9.3f}{e['student']['score']:>9.3f}{ratio:>7}  {extra}")
+        lines.append(f"{name:<14}{e['capability']:<13}{e['teacher']['score']:>9.3f}{e['student']['score']:>9.3f}{ratio:>7}  {verr:<22} {extra}")
     return "\n".join(lines)
 
 
@@ -152,4 +160,63 @@ def write_report(report: dict, path: Path) -> Path:
     return path
 
 
-__all__ = ["evaluate", "sample", "save_grid", "summary_table", "write_report"]
+def velocity_error(student: VelocityField, teacher: VelocityField, cond: Conditions, sigmas: torch.Tensor, seed: int,
+                   device: str | torch.device = "cpu", batch: int = 32) -> float:
+    """The student's relative velocity error against a teacher on held-out states: sum |v_s - v_t|^2 / sum |v_t|^2
+    over every state of the teacher's own rollout (fresh seeded noise, held-out conditions). Scale-free, so it
+    means the same for the pixel model and a 1024 px latent model; 0 = the teacher's field, 1 = as far as zero."""
+    c, h, w = teacher.info.sample_shape
+    noise = torch.randn(len(cond), c, h, w, generator=generator(seed, "velocity-error-noise"))
+    err = ref = 0.0
+    with torch.no_grad():
+        for i in range(0, len(cond), batch):
+            sub = cond.select(slice(i, i + batch)).to(device)
+            traj = rollout_states(lambda x, s: teacher.velocity(x, s, sub), noise[i:i + batch].to(device), sigmas)
+            for k in range(traj.num_steps):
+                x, s = traj.states[k], traj.sigmas[k].expand(traj.states.shape[1])
+                vt, vs = teacher.velocity(x, s, sub).float(), student.velocity(x, s, sub).float()
+                err += float(((vs - vt) ** 2).sum())
+                ref += float((vt ** 2).sum())
+    return err / max(ref, 1e-12)
+
+
+def evaluate_run(student, teachers: dict[str, VelocityField], cfg, suite: CapabilitySuite | None, data: dict, sigmas: torch.Tensor,
+                 device="cpu", grid_path: Path | None = None) -> dict:
+    """The evaluation of any run: the suite's judges and diversity where the student is the suite's pixel model on
+    suite data, and for every family each route's velocity error (held-out conditions, the training grid) and a
+    grid of condition | teacher samples | student samples decoded through the VAE."""
+    e = cfg.eval
+    judged = student.family.name == "pixel" and cfg.manifest is None
+    if judged:
+        report = evaluate(student.field, teachers, cfg.routes, suite, e, device=device, grid_path=grid_path)
+    else:
+        report = {"family": student.family.name, "sampling_steps": e.sampling_steps, "routes": {n: {} for n in cfg.routes}}
+    for name in cfg.routes:
+        cond = data[name].evaluation_set(e.velocity_error_samples, e.seed + 101)
+        report["routes"][name]["velocity_error"] = velocity_error(student.field, teachers[name], cond, sigmas, e.seed, device)
+    if not judged and grid_path is not None:
+        blocks = [(name, _latent_grid_block(student, teachers[name], data[name], e, device)) for name in cfg.routes]
+        save_grid(blocks, grid_path)
+        report["grid"] = str(grid_path)
+    return report
+
+
+def _latent_grid_block(student, teacher, data, e: EvalConfig, device, conditions_shown: int = 3):
+    n = e.samples_per_condition_in_grid
+    base = data.evaluation_set(conditions_shown, e.seed + 1)
+    cond = base.repeat(n)
+    sigmas = eval_sigmas(e, student)
+    with torch.no_grad():
+        t = student.decode_latents(sample(teacher, cond, e.sampling_steps, e.seed + 7, sigmas=sigmas, device=device)).cpu()
+        s = student.decode_latents(sample(student.field, cond, e.sampling_steps, e.seed + 7, sigmas=sigmas, device=device)).cpu()
+        src = None if base.source is None else student.decode_latents(base.source.to(device)).cpu()
+    return [(base.prompts[i], None if src is None else src[i], t[i * n:(i + 1) * n], s[i * n:(i + 1) * n]) for i in range(len(base))]
+
+
+def eval_sigmas(e: EvalConfig, student) -> torch.Tensor:
+    if e.schedule == "family":
+        return student.family.default_sigmas(student.pipe, e.sampling_steps, student.field.info.sample_shape)
+    return sigma_schedule(e.sampling_steps, e.schedule, e.shift)
+
+
+__all__ = ["evaluate", "evaluate_run", "sample", "save_grid", "summary_table", "velocity_error", "write_report"]

@@ -4,23 +4,25 @@ from __future__ import annotations
 
 import torch
 
-from danceopd.config import RouteConfig
 from danceopd.fields.base import VelocityField
-from danceopd.fields.diffusers_field import load_model_field
 from danceopd.fields.operators import CFGField
 from danceopd.suite import CapabilitySuite
+from danceopd.teacher_model import load_teacher_field
 
 
-def build_route_field(name: str, route: RouteConfig, suite: CapabilitySuite, device: str | torch.device = "cpu",
-                      dtype: str = "auto") -> VelocityField:
-    if route.teacher == "suite":
+def build_route_field(name: str, cfg, suite: CapabilitySuite, device: str | torch.device = "cpu", dtype: str = "auto") -> VelocityField:
+    """Route `name` of a TrainConfig: the suite's exact field, or a model teacher (base + checkpoint + LoRAs, merged),
+    wrapped in CFG(alpha) when the route absorbs guidance."""
+    route = cfg.routes[name]
+    if route.model_teacher is None:
         field = suite.field(route.capability)
     else:
-        field = load_model_field(route.teacher, name=name, device=device, dtype=dtype)
+        field = load_teacher_field(route.model_teacher, name, cfg.student.resolution, default_base=cfg.student.base,
+                                   device=device, dtype=dtype)
     if route.cfg_alpha is not None:
         field = CFGField(field, route.cfg_alpha, name=name)
     return field
 
 
-def build_route_fields(routes: dict[str, RouteConfig], suite: CapabilitySuite, device="cpu", dtype="auto") -> dict[str, VelocityField]:
-    return {name: build_route_field(name, r, suite, device, dtype) for name, r in routes.items()}
+def build_route_fields(cfg, suite: CapabilitySuite, device="cpu", dtype="auto") -> dict[str, VelocityField]:
+    return {name: build_route_field(name, cfg, suite, device, dtype) for name in cfg.routes}

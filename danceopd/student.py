@@ -1,10 +1,14 @@
-"""The student: a tiny diffusers flow-matching transformer (SD3Transformer2DModel) with a tiny CLIP text
-encoder over the suite's vocabulary and an offline word-level tokenizer.
+"""The student: one model of a family, trained as peft LoRA adapters on a frozen base (real diffusers pipelines)
+or in full (the suite's tiny pixel model, or `adapter: full`).
 
-Edits condition on the source image by channel concatenation (in_channels = 2 x image channels; zeros
-for text-to-image). The text encoder is random-init and frozen (its prompt embeddings are cached): with a
-closed vocabulary it only has to keep prompts apart, and the transformer learns to read them.
-Saved and loaded the diffusers/transformers way: transformer/, text_encoder/, tokenizer/ subfolders.
+Precision: whatever `dtype` the frozen base runs in, the trainable parameters (adapters, or all weights when
+training in full) are fp32 master weights, and so are their optimizer state and EMA; the forward runs under
+autocast in `dtype`.
+
+Saving: a LoRA student's folder is a diffusers LoRA folder (`pytorch_lora_weights.safetensors`, written by the
+pipeline class's `save_lora_weights`), so `pipe.load_lora_weights(folder)` on a fresh pipeline of the base
+loads it; `danceopd_student.json` records the family, the base and the resolution. A fully trained student
+saves `transformer/` (and, for the pixel model, its text encoder and tokenizer).
 """
 
 from __future__ import annotations
@@ -12,133 +16,217 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from danceopd.fields.diffusers_field import STUDENT_MARKER, TransformerField, resolve_device, resolve_dtype
-from danceopd.suite import world
+from danceopd.fields.model_field import ModelField
+from danceopd.models import FAMILIES, ModelFamily, family_of_folder, get_family
+from danceopd.models.base import resolve_device, resolve_dtype
+from danceopd.models.pixel import PixelModelConfig, build_pixel_pipeline, load_pixel_pipeline
+
+STUDENT_MARKER = "danceopd_student.json"
 
 
-class StudentConfig(BaseModel):
+class LoraSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    sample_size: int = Field(16, ge=4, le=128, description="image side in pixels (the suite tier's size)")
-    channels: int = Field(3, ge=1)
-    patch_size: int = Field(2, ge=1)
-    num_layers: int = Field(4, ge=1)
-    num_attention_heads: int = Field(4, ge=1)
-    attention_head_dim: int = Field(32, ge=4)
-    text_hidden_size: int = Field(64, ge=8)
-    text_layers: int = Field(1, ge=1)
-    max_prompt_tokens: int = Field(16, ge=4)
-    seed: int = 0
+    rank: int = Field(128, ge=1, description="the paper's recipe: rank 128, alpha 128")
+    alpha: float = Field(128.0, gt=0)
+    target_modules: list[str] | None = Field(None, description="module-name suffixes; default: the family's attention and "
+                                                                "feed-forward projections")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
 
 
-def suite_vocabulary() -> list[str]:
-    words = {"a", "make", "the", "left", "of", "above", "realistic"}
-    for tier in world.TIERS.values():
-        words.update(tier.colours, tier.shapes, tier.global_edits)
-    return sorted(words)
+class StudentConfig(PixelModelConfig):
+    """The pixel model's settings (used when there is no `base`) plus a real model's."""
 
+    family: str | None = Field(None, description="model family; default: read from base's model_index.json (pixel without a base)")
+    base: str | None = Field(None, description="the base pipeline: a local diffusers folder or a hub id (then set family)")
+    resolution: int = Field(32, ge=8, description="image side in pixels the student is trained at (diffusers families)")
+    adapter: Literal["auto", "lora", "full"] = Field("auto", description="auto: LoRA on a diffusers base, full for the pixel model")
+    lora: LoraSettings = LoraSettings()
+    guidance: float | None = Field(None, description="guidance-embedding value of the student's own calls (FLUX); default the family's")
+    gradient_checkpointing: bool = False
+    max_sequence_length: int | None = Field(None, ge=1, description="prompt tokens; default the pipeline's (SD3 256, FLUX 512)")
+    prompt_cache_size: int = Field(512, ge=0, description="prompt embeddings kept (LRU); 0 = no cache")
 
-def build_tokenizer(max_tokens: int):
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    @model_validator(mode="after")
+    def _family(self) -> "StudentConfig":
+        if self.family is not None and self.family not in FAMILIES:
+            raise ValueError(f"family {self.family!r}: choose from {sorted(FAMILIES)}")
+        if self.base is None:
+            if self.family not in (None, "pixel"):
+                raise ValueError(f"family {self.family!r} needs student.base: a diffusers pipeline folder or hub id")
+            if self.adapter == "lora":
+                raise ValueError("adapter 'lora' needs a diffusers base (student.base); the pixel model trains in full")
+            return self
+        if self.base.startswith(("/", "./", "../", "~")) and not Path(self.base).expanduser().exists():
+            raise ValueError(f"base folder {self.base} does not exist: point it at a diffusers pipeline folder (or a hub id)")
+        found = family_of_folder(self.base)
+        if found is None and self.family is None:
+            raise ValueError(f"base {self.base!r} is not a local pipeline folder: set student.family ({sorted(FAMILIES)}) for a hub id")
+        if found is not None and self.family is not None and found.latent_space != get_family(self.family).latent_space:
+            raise ValueError(f"family {self.family!r} does not match base {self.base} ({found.name})")
+        return self
 
-    specials = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
-    vocab = {w: i for i, w in enumerate(specials + suite_vocabulary())}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="[BOS] $A [EOS]", special_tokens=[("[BOS]", vocab["[BOS]"]), ("[EOS]", vocab["[EOS]"])])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]",
-                                   eos_token="[EOS]", model_max_length=max_tokens)
+    @property
+    def model_family(self) -> ModelFamily:
+        if self.family is not None:
+            return get_family(self.family)
+        return family_of_folder(self.base) if self.base else get_family("pixel")
+
+    @property
+    def trains_lora(self) -> bool:
+        return self.adapter == "lora" or (self.adapter == "auto" and self.base is not None)
 
 
 @dataclass
 class Student:
-    """Holds the trainable field and what is needed to save it."""
+    """The trainable field of a family plus what is needed to save it."""
 
-    field: TransformerField
-    text_encoder: torch.nn.Module
-    tokenizer: object
+    family: ModelFamily
+    pipe: Any
+    field: ModelField
     config: StudentConfig
 
     @property
     def transformer(self) -> torch.nn.Module:
         return self.field.transformer
 
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.transformer.parameters() if p.requires_grad]
+
+    def with_transformer(self, transformer: torch.nn.Module, name: str | None = None) -> "Student":
+        return Student(self.family, self.pipe, self.field.with_transformer(transformer, name), self.config)
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """[-1, 1] images -> the student's latent space (VAE with the family's scaling; pixels for the pixel model)."""
+        return self.family.encode_images(self.pipe, images)
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.family.decode_latents(self.pipe, latents)
+
     def save_pretrained(self, path: str | Path) -> None:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        self.field.transformer.save_pretrained(path / "transformer")
-        self.text_encoder.save_pretrained(path / "text_encoder")
-        self.tokenizer.save_pretrained(path / "tokenizer")
-        (path / STUDENT_MARKER).write_text(json.dumps({"format": 1, "config": self.config.model_dump()}, indent=2))
+        model = getattr(self.transformer, "module", self.transformer)
+        cfg = self.config
+        if cfg.trains_lora:
+            from peft.utils import get_peft_model_state_dict
+
+            lora = get_peft_model_state_dict(model)
+            self.family.pipeline_class().save_lora_weights(path, transformer_lora_layers=lora,
+                                                           transformer_lora_adapter_metadata=model.peft_config["default"].to_dict())
+        elif self.family.name == "pixel":
+            self.pipe.transformer = model
+            self.pipe.save_pretrained(path)
+        else:
+            model.save_pretrained(path / "transformer")
+        base = cfg.base
+        if base is not None and Path(base).expanduser().exists():
+            base = str(Path(base).expanduser().resolve())  # loadable from any working directory
+        meta = {"format": 2, "family": self.family.name, "base": base, "resolution": cfg.resolution,
+                "adapter": "lora" if cfg.trains_lora else "full", "config": {**cfg.model_dump(), "base": base}}
+        (path / STUDENT_MARKER).write_text(json.dumps(meta, indent=2))
 
 
-def _make_field(transformer, text_encoder, tokenizer, cfg: StudentConfig, device, dtype, name: str) -> Student:
-    text_encoder.requires_grad_(False).eval()
+def _lora_config(cfg: StudentConfig, family: ModelFamily):
+    from peft import LoraConfig
 
-    def encode(prompts: list[str]):
-        ids = tokenizer(prompts, padding="max_length", max_length=cfg.max_prompt_tokens, truncation=True, return_tensors="pt")
-        out = text_encoder(input_ids=ids.input_ids.to(device), attention_mask=ids.attention_mask.to(device))
-        return out.last_hidden_state, out.pooler_output
-
-    field = TransformerField(name, "student", transformer, encode, (cfg.channels, cfg.sample_size, cfg.sample_size), device, dtype)
-    return Student(field, text_encoder, tokenizer, cfg)
+    targets = cfg.lora.target_modules or list(family.default_lora_targets)
+    return LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, target_modules=targets, lora_dropout=cfg.lora.dropout,
+                      init_lora_weights=True)
 
 
-def with_transformer(student: Student, transformer: torch.nn.Module, name: str | None = None) -> Student:
-    """The same student (encoders, tokenizer, config) with other transformer weights, e.g. an EMA copy."""
-    f = student.field
-    field = TransformerField(name or f.info.name, f.info.kind, transformer, f._encode, f.info.sample_shape, f.device, f.dtype)
-    field._cache = f._cache  # same frozen encoders: share the prompt-embedding cache
-    return Student(field, student.text_encoder, student.tokenizer, student.config)
+def _assemble(cfg: StudentConfig, family: ModelFamily, pipe: Any, device: torch.device, dtype: torch.dtype, name: str,
+              lora_weights: dict | None = None) -> Student:
+    """Freeze the base in `dtype`, add the trainable part in fp32 (LoRA adapters or the whole transformer)."""
+    transformer = pipe.transformer
+    for module in (getattr(pipe, k, None) for k in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae")):
+        if isinstance(module, torch.nn.Module):
+            module.requires_grad_(False).eval().to(device)
+            _cast_params(module, dtype)
+    if cfg.trains_lora:
+        transformer.requires_grad_(False).to(device)
+        _cast_params(transformer, dtype)
+        transformer.add_adapter(_lora_config(cfg, family))
+        if lora_weights is not None:
+            from peft.utils import set_peft_model_state_dict
+
+            result = set_peft_model_state_dict(transformer, lora_weights, adapter_name="default")
+            if getattr(result, "unexpected_keys", None):
+                raise ValueError(f"the student's LoRA has keys the model does not: {result.unexpected_keys[:3]}")
+        _cast_params(transformer.to(device), torch.float32, trainable=True)
+    else:
+        transformer.requires_grad_(True).to(device)
+        _cast_params(transformer, torch.float32)  # fp32 master weights
+    if cfg.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    transformer.train()
+    shape = family.latent_shape(pipe, cfg.resolution)
+    field = ModelField(name, "student", family, pipe, transformer, shape, device, dtype, guidance=cfg.guidance,
+                       max_sequence_length=cfg.max_sequence_length, cache_size=cfg.prompt_cache_size,
+                       extra={"family": family.name, "base": cfg.base, "resolution": cfg.resolution})
+    return Student(family, pipe, field, cfg)
 
 
-def build_student(cfg: StudentConfig, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32", name: str = "student") -> Student:
-    """A randomly initialised student, reproducible from cfg.seed."""
-    from diffusers import SD3Transformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+def _cast_params(module: torch.nn.Module, dtype: torch.dtype, trainable: bool = False) -> None:
+    """Cast parameters (all, or the trainable ones) in place; diffusers' Module.to(dtype) warns on every model."""
+    for p in module.parameters():
+        if p.dtype != dtype and p.is_floating_point() and (p.requires_grad or not trainable):
+            p.data = p.data.to(dtype)
+    for b in module.buffers():
+        if b.is_floating_point() and b.dtype != dtype and not trainable:
+            b.data = b.data.to(dtype)
 
+
+def build_student(cfg: StudentConfig, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32",
+                  name: str = "student") -> Student:
+    """A new student: the pixel model randomly initialised from cfg.seed, or the base pipeline with fresh adapters
+    (peft's init: B = 0, so the student starts exactly as its base)."""
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    tokenizer = build_tokenizer(cfg.max_prompt_tokens)
-    torch.manual_seed(cfg.seed)
-    text_cfg = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=cfg.text_hidden_size, intermediate_size=2 * cfg.text_hidden_size,
-                              num_hidden_layers=cfg.text_layers, num_attention_heads=max(1, cfg.text_hidden_size // 32),
-                              max_position_embeddings=cfg.max_prompt_tokens, projection_dim=cfg.text_hidden_size,
-                              pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    text_encoder = CLIPTextModel(text_cfg)
-    inner = cfg.num_attention_heads * cfg.attention_head_dim
-    transformer = SD3Transformer2DModel(
-        sample_size=cfg.sample_size, patch_size=cfg.patch_size, in_channels=2 * cfg.channels, out_channels=cfg.channels,
-        num_layers=cfg.num_layers, attention_head_dim=cfg.attention_head_dim, num_attention_heads=cfg.num_attention_heads,
-        joint_attention_dim=cfg.text_hidden_size, caption_projection_dim=inner, pooled_projection_dim=cfg.text_hidden_size,
-        pos_embed_max_size=cfg.sample_size // cfg.patch_size,
-    )
-    if dt != torch.float32:
-        transformer, text_encoder = transformer.to(dtype=dt), text_encoder.to(dtype=dt)
-    return _make_field(transformer.to(dev), text_encoder.to(dev), tokenizer, cfg, dev, dt, name)
+    family = cfg.model_family
+    if family.name == "pixel":
+        pipe = build_pixel_pipeline(PixelModelConfig(**{k: getattr(cfg, k) for k in PixelModelConfig.model_fields}))
+    else:
+        pipe = family.load_pipeline(cfg.base, dev, dt, vae=True)
+    return _assemble(cfg, family, pipe, dev, dt, name)
 
 
-def load_student(path: str | Path, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto", name: str = "student") -> Student:
-    from diffusers import SD3Transformer2DModel
-    from transformers import AutoTokenizer, CLIPTextModel
-
-    path = Path(path)
-    marker = path / STUDENT_MARKER
+def read_student_config(path: str | Path) -> StudentConfig:
+    marker = Path(path) / STUDENT_MARKER
     if not marker.exists():
         raise ValueError(f"{path} is not a DanceOPD student folder (no {STUDENT_MARKER})")
-    cfg = StudentConfig(**json.loads(marker.read_text())["config"])
+    return StudentConfig(**json.loads(marker.read_text())["config"])
+
+
+def is_student_folder(path: str | Path) -> bool:
+    return (Path(path).expanduser() / STUDENT_MARKER).exists()
+
+
+def load_student(path: str | Path, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
+                 name: str = "student") -> Student:
+    """A saved student, trainable again (init_from, resume) or to evaluate and serve."""
+    path = Path(path)
+    cfg = read_student_config(path)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    transformer = SD3Transformer2DModel.from_pretrained(path / "transformer", dtype=dt).to(dev)
-    text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", dtype=dt).to(dev)
-    tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
-    return _make_field(transformer, text_encoder, tokenizer, cfg, dev, dt, name)
+    family = cfg.model_family
+    if family.name == "pixel":
+        pipe = load_pixel_pipeline(path, PixelModelConfig(**{k: getattr(cfg, k) for k in PixelModelConfig.model_fields}), torch.float32)
+        return _assemble(cfg, family, pipe, dev, dt, name)
+    pipe = family.load_pipeline(cfg.base, dev, dt, vae=True)
+    if not cfg.trains_lora:
+        pipe.transformer = type(pipe.transformer).from_pretrained(path / "transformer", dtype=torch.float32)
+        return _assemble(cfg, family, pipe, dev, dt, name)
+    lora = family.pipeline_class().lora_state_dict(str(path))
+    lora = lora[0] if isinstance(lora, tuple) else lora
+    weights = {k.removeprefix("transformer."): v for k, v in lora.items()}
+    return _assemble(cfg, family, pipe, dev, dt, name, lora_weights=weights)
 
 
-def count_parameters(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
+def count_parameters(module: torch.nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)

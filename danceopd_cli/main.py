@@ -4,6 +4,7 @@
     danceopd query t2i --prompt "a red circle" --sigma 0.5 --url http://127.0.0.1:8000
     danceopd serve-config configs/teachers.yaml > deploy/serve-teachers.yaml
     danceopd experiment experiments/specs/*.yaml --report docs/results.md [--smoke]
+    danceopd tiny-pipeline --family sd3|flux|flux-kontext --out DIR [--seed N] [--sample-size PX]
 
 Exit codes: 0 ok, 2 bad input (config, paths), 1 unexpected failure.
 """
@@ -19,10 +20,12 @@ from danceopd.config import ConfigError, load_config, parse_override
 
 
 def _eval(args) -> int:
-    from danceopd.evaluation import evaluate, summary_table, write_report
+    from danceopd.data.routes import build_route_data
+    from danceopd.evaluation import evaluate_run, summary_table, write_report
     from danceopd.routes import build_route_fields
     from danceopd.student import load_student
     from danceopd.suite import CapabilitySuite
+    from trainer.steps import run_sigmas
 
     from trainer.job import JobConfig
 
@@ -31,12 +34,14 @@ def _eval(args) -> int:
         raise ConfigError(f"--student {args.student}: not a saved student folder (expected {args.student}/danceopd_student.json); "
                           "pass a checkpoint's student/ folder")
     student = load_student(args.student, device=cfg.device, dtype=cfg.dtype)
-    if student.config.sample_size != world_size(cfg.suite.tier):
+    if student.family.name == "pixel" and student.config.sample_size != world_size(cfg.suite.tier):
         raise ConfigError(f"--student {args.student} makes {student.config.sample_size}px images but suite.tier {cfg.suite.tier!r} needs {world_size(cfg.suite.tier)}px")
     suite = CapabilitySuite(cfg.suite.tier, cfg.suite.tau, cfg.suite.seed)
-    teachers = build_route_fields(cfg.routes, suite, device=student.field.device)
+    teachers = build_route_fields(cfg, suite, device=student.field.device, dtype=cfg.dtype)
     out = args.out or args.student.parent / "eval"
-    report = evaluate(student.field, teachers, cfg.routes, suite, cfg.eval, device=student.field.device, grid_path=out / "grid.png")
+    student.transformer.eval()
+    report = evaluate_run(student, teachers, cfg, suite, build_route_data(cfg, suite, student), run_sigmas(cfg, student),
+                          device=student.field.device, grid_path=out / "grid.png")
     path = write_report(report, out / "report.json")
     print(summary_table(report))
     print(f"report: {path}\ngrid:   {report['grid']}")
@@ -94,6 +99,17 @@ def _experiment(args) -> int:
     return 0
 
 
+def _tiny_pipeline(args) -> int:
+    from danceopd.models.tiny import build_tiny_pipeline
+
+    try:
+        path = build_tiny_pipeline(args.family, args.out, seed=args.seed, sample_size=args.sample_size)
+    except ValueError as e:  # e.g. a sample size that is not a multiple of 4
+        raise ConfigError(str(e)) from e
+    print(path)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from services.teachers.query_cli import CliError, add_parser as add_query
 
@@ -117,6 +133,12 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("--report", type=Path, help="also write one combined markdown report here (e.g. docs/results.md)")
     ex.add_argument("--smoke", action="store_true", help="a few steps and two seeds per arm: checks the pipeline, not the claims")
     ex.set_defaults(run=_experiment)
+    tp = sub.add_parser("tiny-pipeline", help="write a tiny random diffusers pipeline (offline, for tests and demos)")
+    tp.add_argument("--family", required=True, choices=("sd3", "flux", "flux-kontext"))  # = danceopd.models.tiny.FAMILIES
+    tp.add_argument("--out", type=Path, required=True, help="output folder (standard diffusers layout)")
+    tp.add_argument("--seed", type=int, default=0, help="same seed, same weights")
+    tp.add_argument("--sample-size", type=int, default=32, help="image size in pixels (multiple of 4)")
+    tp.set_defaults(run=_tiny_pipeline)
     args, extra = parser.parse_known_args(argv)
     unknown = [e for e in extra if e.startswith("-") or "=" not in e or args.command != "eval"]
     if unknown:

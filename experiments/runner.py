@@ -82,7 +82,12 @@ def run_probes(spec: ExperimentSpec, cfg: JobConfig, student_field, suite, devic
 
 # Settings added after results were recorded: left out of the key while at their default, so that adding a knob
 # does not make every finished run stale (a run that sets the knob gets its own key).
-KEY_OMITTED_AT_DEFAULT = {("method", "off_policy_share"): 0.0}
+KEY_OMITTED_AT_DEFAULT = {("method", "off_policy_share"): 0.0, ("eval", "velocity_error_samples"): 16,
+                          **{("student", k): v for k, v in {"family": None, "base": None, "resolution": 32, "adapter": "auto",
+                                                            "lora": {"rank": 128, "alpha": 128.0, "target_modules": None, "dropout": 0.0},
+                                                            "guidance": None, "gradient_checkpointing": False,
+                                                            "max_sequence_length": None, "prompt_cache_size": 512}.items()}}
+SECTION_OMITTED_AT_DEFAULT = {"data": {"manifest": None, "latent_cache": None}}
 
 
 def run_key(spec: ExperimentSpec, cfg: JobConfig, arm: str) -> str:
@@ -92,6 +97,9 @@ def run_key(spec: ExperimentSpec, cfg: JobConfig, arm: str) -> str:
     for (section, name), default in KEY_OMITTED_AT_DEFAULT.items():
         if data[section].get(name) == default:
             data[section].pop(name)
+    for section, default in SECTION_OMITTED_AT_DEFAULT.items():
+        if data.get(section) == default:
+            data.pop(section)
     data["_experiment"] = {"probe": spec.probe.model_dump() if spec.probe else None, "eval_before": spec.eval_before,
                            "trainer": spec.trainer_for(arm)}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
@@ -128,12 +136,14 @@ def run_one(spec: ExperimentSpec, arm: str, seed: int, out: Path, smoke: bool, l
         before_path = cfg.run_dir / "before.json"  # scored once, before the first step (kept across a resume)
         if spec.eval_before and not before_path.exists() and tr.step == 0:
             cfg.run_dir.mkdir(parents=True, exist_ok=True)
-            before_path.write_text(json.dumps(scores(evaluate(tr.final_student.field, tr.teachers, cfg.routes, tr.suite, cfg.eval,
-                                                              device=tr.device))))
+            with tr.final_weights():
+                before_path.write_text(json.dumps(scores(evaluate(tr.student.field, tr.teachers, cfg.routes, tr.suite, cfg.eval,
+                                                                  device=tr.device))))
         tr.fit()
-        report = evaluate(tr.final_student.field, tr.teachers, cfg.routes, tr.suite, cfg.eval, device=tr.device,
-                          grid_path=cfg.run_dir / "grid.png")
-        probes = run_probes(spec, cfg, tr.final_student.field, tr.suite, tr.device)
+        with tr.final_weights():
+            report = evaluate(tr.student.field, tr.teachers, cfg.routes, tr.suite, cfg.eval, device=tr.device,
+                              grid_path=cfg.run_dir / "grid.png")
+            probes = run_probes(spec, cfg, tr.student.field, tr.suite, tr.device)
         before = json.loads(before_path.read_text()) if before_path.exists() else None
         history, steps = tr.history, tr.step
     else:  # the distributed job, one Ray job per run (it resumes by itself: run.json + Ray Train storage)

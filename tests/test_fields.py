@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from danceopd.fields.base import Conditions
-from danceopd.fields.diffusers_field import load_model_field
+from danceopd.teacher_model import load_model_field
 from danceopd.fields.operators import CFGField
 from danceopd.flow import rollout_states, sd3_sigmas
 from danceopd.student import StudentConfig, build_student, load_student
@@ -22,7 +22,7 @@ def sd3_pipe(tiny_sd3_path):
 @pytest.mark.parametrize("steps", [4, 12])
 def test_rollout_over_model_field_reproduces_diffusers_pipeline(tiny_sd3_path, sd3_pipe, guidance, steps):
     prompts = ["a red circle", "a blue square left of a green triangle", "x"]
-    latents = sd3_pipe(prompt=prompts, num_inference_steps=steps, guidance_scale=guidance, height=8, width=8,
+    latents = sd3_pipe(prompt=prompts, num_inference_steps=steps, guidance_scale=guidance, height=16, width=16,
                        generator=torch.Generator().manual_seed(0), output_type="latent").images
     field = load_model_field(tiny_sd3_path, device="cpu", dtype="float32")
     if guidance > 1.0:
@@ -36,14 +36,19 @@ def test_rollout_over_model_field_reproduces_diffusers_pipeline(tiny_sd3_path, s
 def test_model_field_caches_prompt_embeddings(tiny_sd3_path):
     field = load_model_field(tiny_sd3_path, device="cpu", dtype="float32")
     calls = []
-    inner = field._encode
-    field._encode = lambda prompts: (calls.append(list(prompts)), inner(prompts))[1]
+    inner = field.prompts.encode
+    field.prompts.encode = lambda prompts: (calls.append(list(prompts)), inner(prompts))[1]
     x, s = torch.randn(1, 4, 8, 8).expand(4, -1, -1, -1).clone(), torch.full((4,), 0.5)
     v1 = field.velocity(x, s, Conditions(["a", "b", "a", ""]))
     v2 = field.velocity(x, s, Conditions(["a", "b", "a", ""]))
     assert calls == [["a", "b", ""]]
     torch.testing.assert_close(v1, v2)
     torch.testing.assert_close(v1[0], v1[2])
+    field.prompts.max_entries = 2  # bounded: the least recently used prompt is evicted, and re-encoded when asked again
+    field.velocity(x[:1], s[:1], Conditions(["c"]))
+    assert list(field.prompts.entries) == ["", "c"]
+    field.velocity(x[:1], s[:1], Conditions(["a"]))
+    assert calls[-1] == ["a"] and len(field.prompts.entries) == 2
 
 
 def test_model_field_runs_in_bfloat16(tiny_sd3_path):

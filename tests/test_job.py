@@ -29,7 +29,7 @@ def run_main(*args, timeout=120):
     (["--config", "configs/demo.yaml", "cluster.num_workrs=4"], "cluster.num_workrs: Extra inputs are not permitted"),
     (["--config", "configs/demo.yaml", "services.teachers.nope.num_replicas=2"], "services.teachers names ['nope']"),
     (["--config", "configs/demo.yaml", "method.routing=soft"], "method.routing"),
-    (["--config", "configs/gpu-cluster.yaml"], "does not exist"),  # the placeholder teacher paths
+    (["--config", "configs/gpu-cluster.yaml", "student.base=./models/nope"], "base folder ./models/nope does not exist"),
 ])
 def test_bad_job_config_exits_2_naming_the_key_before_ray_starts(args, needle):
     t0 = time.perf_counter()

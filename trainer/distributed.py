@@ -21,14 +21,14 @@ from pathlib import Path
 
 import torch
 
-from danceopd.flow import sigma_schedule
-from danceopd.student import build_student, load_student, with_transformer
+from danceopd.data.routes import build_route_data
+from danceopd.student import build_student, load_student
 from danceopd.suite import CapabilitySuite
 from trainer.checkpoint import restore_checkpoint, save_checkpoint
 from trainer.ema import EMA
 from trainer.job import JobConfig
 from trainer.metrics import TrainerMetrics
-from trainer.steps import StepTimes, distillation_loss, format_progress, lr_at, query_batch, routing_config
+from trainer.steps import StepTimes, distillation_loss, format_progress, lr_at, query_batch, routing_config, run_sigmas
 
 
 def worker_loop(config: dict) -> None:
@@ -46,22 +46,24 @@ def worker_loop(config: dict) -> None:
     device = ray.train.torch.get_device()
     suite = CapabilitySuite(job.suite.tier, job.suite.tau, job.suite.seed)
     student = load_student(job.init_from, device, job.dtype) if job.init_from else build_student(job.student, device, job.dtype)
+    data = build_route_data(job, suite, student)
     model = ray.train.torch.prepare_model(student.transformer, parallel_strategy_kwargs={"find_unused_parameters": True})
     inner = model.module if hasattr(model, "module") else model
-    train_field = with_transformer(student, model).field  # gradients flow through DDP
-    roll_field = with_transformer(student, inner).field  # no-grad rollouts skip DDP's hooks
-    optimizer = torch.optim.AdamW(inner.parameters(), lr=job.optim.lr, betas=job.optim.betas, weight_decay=job.optim.weight_decay)
+    train_field = student.field.with_transformer(model)  # gradients flow through DDP
+    roll_field = student.field  # no-grad rollouts skip DDP's hooks
+    params = student.trainable_parameters()  # fp32 master weights (LoRA adapters, or all)
+    optimizer = torch.optim.AdamW(params, lr=job.optim.lr, betas=job.optim.betas, weight_decay=job.optim.weight_decay)
     ema = EMA(inner, job.optim.ema_decay) if job.optim.ema_decay > 0 else None
     teachers = {r: TeacherClient(job.teacher_app(r), app_prefix="", timeout_s=job.cluster.timeout_s) for r in job.routes}
     router = RouterClient(job.services.router_app, timeout_s=job.cluster.timeout_s)
-    sigmas = sigma_schedule(job.method.rollout_steps, job.method.schedule, job.method.shift).to(device)
+    sigmas = run_sigmas(job, student).to(device)
     accum = job.optim.grad_accum
 
     start, history = 0, []
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:  # resume: raw weights, optimizer, RNGs, EMA, routing cursor, progress history
         with ckpt.as_directory() as d:
-            state = restore_checkpoint(Path(d), inner, optimizer, ema and ema.model, device, job.dtype)
+            state = restore_checkpoint(Path(d), inner, optimizer, ema)
         start, history = state["routing_cursor"], state.get("history", [])
         if rank == 0:
             say(f"[{run_id}] resumed from the checkpoint at step {start}")
@@ -77,7 +79,7 @@ def worker_loop(config: dict) -> None:
             with times.time("router"):
                 a = router.assign(run_id, step, rank, micro)  # the hard route of this update, and the data seed
             route = a["route"]
-            cond = suite.bucket(job.routes[route].capability).sample(job.worker_batch_size, a["data_seed"])
+            cond = data[route].sample(job.worker_batch_size, a["data_seed"])
             with times.time("rollout"):
                 roller = roll_field if job.method.states == "on_policy" else teachers[route]
                 q = query_batch(job, suite, sigmas, roller, route, cond, step, rank, micro, device)
@@ -90,7 +92,7 @@ def worker_loop(config: dict) -> None:
                 loss.backward()  # the last micro-batch all-reduces the gradients across workers
             step_loss += loss.item()
         with times.time("optimizer"):
-            torch.nn.utils.clip_grad_norm_(inner.parameters(), job.optim.grad_clip)
+            torch.nn.utils.clip_grad_norm_(params, job.optim.grad_clip)
             for g in optimizer.param_groups:
                 g["lr"] = lr_at(job, step)
             optimizer.step()
@@ -108,8 +110,7 @@ def worker_loop(config: dict) -> None:
             if rank == 0:  # one writer; every rank calls report (a collective)
                 state = {"routing_cursor": done, "run": run_id, "history": window.history, "config": config["job"]}
                 with tempfile.TemporaryDirectory() as d:
-                    final = student if ema is None else with_transformer(student, ema.model)
-                    path = save_checkpoint(Path(d), done, final, inner.state_dict(), optimizer, state, keep=1)
+                    path = save_checkpoint(Path(d), done, student, ema, optimizer, state, keep=1)
                     ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(str(path)))
                 metrics.checkpointed()
             else:

@@ -93,10 +93,12 @@ class JobConfig(TrainConfig):
         """The teachers (one per route) as a validated TeachersConfig: what `deploy_teachers` deploys."""
         teachers = []
         for name, route in self.routes.items():
-            if route.teacher == "suite":
+            spec = route.model_teacher
+            if spec is None:
                 field = {"kind": "suite", "capability": route.capability, "tier": self.suite.tier, "tau": self.suite.tau, "seed": self.suite.seed}
-            else:
-                field = {"kind": "diffusers", "path": route.teacher}
+            else:  # a model teacher in the student's latent space, at the student's resolution
+                field = {"kind": "diffusers", "path": spec.base or self.student.base, "resolution": self.student.resolution,
+                         **spec.model_dump(exclude={"base"}, exclude_none=True, exclude_defaults=True)}
             default = self.services.teacher_defaults.model_dump(exclude_none=True)
             own = self.services.teachers.get(name, TeacherDeployOptions()).model_dump(exclude_none=True)
             if "autoscaling_config" in own:  # the route's own scaling replaces the default one

@@ -83,10 +83,10 @@ def ensure_services(job: JobConfig, log=print) -> None:
     attached = [job.teacher_app(r) for r in job.routes if r not in missing]
     if attached:
         log(f"attached to running teachers {attached}")
-    shape = (job.student.channels, job.student.sample_size, job.student.sample_size)
+    shape = expected_sample_shape(job.student)
     for r in job.routes:
         info = TeacherClient(job.teacher_app(r), app_prefix="", timeout_s=job.cluster.timeout_s).info
-        if tuple(info.sample_shape) != shape:
+        if shape is not None and tuple(info.sample_shape) != shape:
             raise ServiceError(f"routes.{r}: teacher application {job.teacher_app(r)!r} serves {tuple(info.sample_shape)} images, "
                                f"the student makes {shape}: point the route at a matching teacher")
 
@@ -102,26 +102,49 @@ def resolve_run_id(job: JobConfig, fresh: bool) -> tuple[str, bool]:
     return run_id, False
 
 
-def evaluate_student(job: JobConfig, student_field, grid_path: Path | None):
-    from danceopd.evaluation import evaluate
-    from danceopd.fields.diffusers_field import resolve_device
+def evaluate_student(job: JobConfig, student, grid_path: Path | None):
+    """Score a student against the served teachers: suite judges (pixel model) and every route's velocity error."""
+    from danceopd.data.routes import build_route_data
+    from danceopd.evaluation import evaluate_run
     from danceopd.suite import CapabilitySuite
     from services.teachers.client import TeacherClient
+    from trainer.steps import run_sigmas
 
     suite = CapabilitySuite(job.suite.tier, job.suite.tau, job.suite.seed)
     teachers = {r: TeacherClient(job.teacher_app(r), app_prefix="", timeout_s=job.cluster.timeout_s) for r in job.routes}
-    return evaluate(student_field, teachers, job.routes, suite, job.eval, device=resolve_device(job.device), grid_path=grid_path)
+    student.transformer.eval()
+    return evaluate_run(student, teachers, job, suite, build_route_data(job, suite, student), run_sigmas(job, student),
+                        device=student.field.device, grid_path=grid_path)
+
+
+def expected_sample_shape(cfg) -> tuple[int, int, int] | None:
+    """The student's sample shape from its config alone (pixels, or latents at its resolution); None for a hub id."""
+    if cfg.model_family.name == "pixel":
+        return (cfg.channels, cfg.sample_size, cfg.sample_size)
+    vae = Path(cfg.base).expanduser() / "vae" / "config.json"
+    if not vae.exists():
+        return None
+    v = json.loads(vae.read_text())
+    f = 2 ** (len(v["block_out_channels"]) - 1)
+    return (v["latent_channels"], cfg.resolution // f, cfg.resolution // f)
 
 
 def before_after_table(before: dict | None, after: dict) -> str:
-    lines = [f"{'route':<14}{'teacher':>9}{'before':>9}{'after':>9}  extra (after)"]
+    """Per route: judge score (suite) and velocity error against the teacher, before and after training."""
+    lines = [f"{'route':<14}{'teacher':>9}{'before':>9}{'after':>9}  {'velocity error':<22} extra (after)"]
     for name, e in after["routes"].items():
-        b = "-" if before is None else f"{before['routes'][name]['student']['score']:.3f}"
+        b = (before or {"routes": {}})["routes"].get(name, {})
+        verr = f"{b['velocity_error']:.4f} -> " if "velocity_error" in b else ""
+        verr += f"{e['velocity_error']:.4f}" if "velocity_error" in e else ""
+        if "student" not in e:
+            lines.append(f"{name:<14}{'-':>9}{'-':>9}{'-':>9}  {verr:<22}")
+            continue
         extra = f"PSNR {e['student']['psnr_db']:.1f} dB" if "psnr_db" in e["student"] else ""
         if "diversity" in e:
             d = e["diversity"]
             extra = f"modes hit {d['student']['modes_hit']}/{d['teacher']['modes_hit']} of the teacher's"
-        lines.append(f"{name:<14}{e['teacher']['score']:>9.3f}{b:>9}{e['student']['score']:>9.3f}  {extra}")
+        bs = f"{b['student']['score']:.3f}" if "student" in b else "-"
+        lines.append(f"{name:<14}{e['teacher']['score']:>9.3f}{bs:>9}{e['student']['score']:>9.3f}  {verr:<22} {extra}")
     return "\n".join(lines)
 
 
@@ -146,8 +169,9 @@ def main(argv: list[str] | None = None) -> int:
 
     before = None
     if args.eval and not resuming:
-        initial = load_student(job.init_from) if job.init_from else build_student(job.student)
-        before = evaluate_student(job, initial.field, None)
+        initial = load_student(job.init_from, job.device, job.dtype) if job.init_from else build_student(job.student, job.device, job.dtype)
+        before = evaluate_student(job, initial, None)
+        del initial
     t0 = time.perf_counter()
     result = run_distributed(job, run_id)
     train_s = time.perf_counter() - t0
@@ -164,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.eval:
         from danceopd.evaluation import write_report
 
-        report = evaluate_student(job, load_student(final_dir).field, job.run_dir / "grid.png")
+        report = evaluate_student(job, load_student(final_dir, job.device, job.dtype), job.run_dir / "grid.png")
         report["before"] = before
         report["training"] = {"run_id": run_id, "steps": m["step"], "train_seconds": train_s, "job_seconds": time.perf_counter() - t_job,
                                "workers": job.cluster.num_workers, "samples_per_s": m.get("samples_per_s"),

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -14,16 +15,17 @@ from pathlib import Path
 import torch
 
 from danceopd.config import TrainConfig, load_config
+from danceopd.data.routes import build_route_data
 from danceopd.fields.base import Conditions
 from danceopd.fields.operators import SoftMixField
-from danceopd.flow import sigma_schedule, velocity_target
+from danceopd.flow import velocity_target
 from danceopd.routes import build_route_fields
 from danceopd.routing import HardRouter
 from danceopd.seeding import derive_seed
-from danceopd.student import Student, build_student, load_student, with_transformer
+from danceopd.student import build_student, load_student
 from danceopd.suite import CapabilitySuite
 from trainer.checkpoint import latest_checkpoint, restore_checkpoint, save_checkpoint
-from trainer.steps import QueryBatch, StepTimes, distillation_loss, format_progress, lr_at, query_batch, routing_config
+from trainer.steps import QueryBatch, StepTimes, distillation_loss, format_progress, lr_at, query_batch, routing_config, run_sigmas
 from trainer.cli import load_or_report, parse_args
 from trainer.ema import EMA
 from trainer.job import JobConfig
@@ -43,7 +45,8 @@ class ReferenceTrainer:
         else:
             self.student = build_student(cfg.student, device=cfg.device, dtype=cfg.dtype)
         self.device = self.student.field.device
-        self.teachers = build_route_fields(cfg.routes, self.suite, device=self.device)
+        self.teachers = build_route_fields(cfg, self.suite, device=self.device, dtype=cfg.dtype)
+        self.data = build_route_data(cfg, self.suite, self.student)
         self.router = HardRouter({n: r.weight for n, r in cfg.routes.items()}, cfg.seed)
         self.adaptive = None
         if cfg.method.routing == "adaptive":  # the router service's policy, in process (its state is checkpointed)
@@ -53,9 +56,9 @@ class ReferenceTrainer:
             self.adaptive.register_run(RUN, routing_config(cfg, world_size=1, batch_size=cfg.optim.batch_size))
         if cfg.method.routing == "soft":
             self.soft_target = SoftMixField(list(self.teachers.values()), [r.weight for r in cfg.routes.values()])
-        self.sigmas = sigma_schedule(cfg.method.rollout_steps, cfg.method.schedule, cfg.method.shift).to(self.device)
+        self.sigmas = run_sigmas(cfg, self.student).to(self.device)
         o = cfg.optim
-        self.params = [p for p in self.student.transformer.parameters() if p.requires_grad]
+        self.params = self.student.trainable_parameters()  # fp32 master weights (LoRA adapters, or all)
         self.optimizer = torch.optim.AdamW(self.params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
         self.ema = EMA(self.student.transformer, o.ema_decay) if o.ema_decay > 0 else None
         self.step = 0
@@ -71,7 +74,7 @@ class ReferenceTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
         for micro in range(cfg.optim.grad_accum):
-            cond = self.suite.bucket(cfg.routes[route].capability).sample(cfg.optim.batch_size, derive_seed(cfg.seed, "batch", step, self.rank, micro))
+            cond = self.data[route].sample(cfg.optim.batch_size, derive_seed(cfg.seed, "batch", step, self.rank, micro))
             t0 = time.perf_counter()
             q = self.query_batch(route, cond, step, micro)  # rollout of the current student, no grad
             t1 = time.perf_counter()
@@ -122,27 +125,33 @@ class ReferenceTrainer:
                 "adaptive_loss_stats": self.adaptive.store.get_loss_stats(RUN) if self.adaptive else None,
                 "config": json.loads(self.cfg.model_dump_json())}
 
-    @property
-    def final_student(self) -> Student:
-        """What is evaluated, saved as the checkpoint's student/ and served: the EMA weights (if on)."""
-        return self.student if self.ema is None else with_transformer(self.student, self.ema.model)
+    def final_weights(self):
+        """Inside the block the student holds what is evaluated, saved as the checkpoint's student/ and served:
+        the EMA weights (if on); the training weights again after it."""
+        return self.ema.applied(self.student.transformer) if self.ema is not None else contextlib.nullcontext()
 
     def save(self) -> Path:
-        return save_checkpoint(self.cfg.run_dir, self.step, self.final_student, self.student.transformer.state_dict(),
-                               self.optimizer, self.state(), self.cfg.keep_checkpoints)
+        return save_checkpoint(self.cfg.run_dir, self.step, self.student, self.ema, self.optimizer, self.state(),
+                               self.cfg.keep_checkpoints)
 
     def resume(self) -> bool:
         """Continue from the run's latest checkpoint if there is one (weights, optimizer, step, RNG, routing)."""
         ckpt = latest_checkpoint(self.cfg.run_dir)
         if ckpt is None:
             return False
-        state = restore_checkpoint(ckpt, self.student.transformer, self.optimizer, self.ema and self.ema.model, self.device, self.cfg.dtype)
+        state = restore_checkpoint(ckpt, self.student.transformer, self.optimizer, self.ema)
         self.step = state["routing_cursor"]
         self.route_log, self.history = state["route_log"], state["history"]
         for route, stats in (state.get("adaptive_loss_stats") or {}).items():  # the adaptive weights continue exactly
             self.adaptive.store.update_loss_stats(RUN, route, lambda _, s=stats: s)
         self.log(f"resumed from {ckpt} at step {self.step}")
         return True
+
+    def evaluate(self, grid_path: Path | None = None) -> dict:
+        """Score the student as it is now (inside final_weights() for the EMA) against the in-process teachers."""
+        from danceopd.evaluation import evaluate_run
+
+        return evaluate_run(self.student, self.teachers, self.cfg, self.suite, self.data, self.sigmas, self.device, grid_path)
 
     def fit(self, steps: int | None = None) -> dict:
         cfg = self.cfg
@@ -184,15 +193,18 @@ def main(argv: list[str] | None = None) -> int:
     trainer = ReferenceTrainer(cfg, log=lambda m: print(m, flush=True))
     if not args.no_resume:
         trainer.resume()
+    before = trainer.evaluate() if args.eval and trainer.step == 0 else None
     trainer.fit()
     final = cfg.run_dir / "student"  # the trained student (EMA), ready for init_from, eval or serving
-    trainer.final_student.save_pretrained(final)
+    with trainer.final_weights():
+        trainer.student.save_pretrained(final)
     print(f"student: {final}")
     if args.eval:
-        from danceopd.evaluation import evaluate, summary_table, write_report
+        from danceopd.evaluation import summary_table, write_report
 
-        report = evaluate(trainer.final_student.field, trainer.teachers, cfg.routes, trainer.suite, cfg.eval,
-                          device=trainer.device, grid_path=cfg.run_dir / "grid.png")
+        with trainer.final_weights():
+            report = trainer.evaluate(grid_path=cfg.run_dir / "grid.png")
+        report["before"] = before
         report["training"] = {"steps": trainer.step, "history": trainer.history[-1:] if trainer.history else []}
         path = write_report(report, cfg.run_dir / "report.json")
         print(summary_table(report))

@@ -12,7 +12,7 @@ import torch
 
 from danceopd.config import TrainConfig
 from danceopd.fields.base import Conditions, VelocityField
-from danceopd.flow import dense_velocity_loss, forward_noise, gather_states, rollout_states, sample_query_indices, velocity_mse
+from danceopd.flow import dense_velocity_loss, forward_noise, gather_states, rollout_states, sample_query_indices, sigma_schedule, velocity_mse
 from danceopd.seeding import derive_seed, generator
 from danceopd.suite import CapabilitySuite
 
@@ -63,6 +63,14 @@ def distillation_loss(cfg: TrainConfig, pred: torch.Tensor, target: torch.Tensor
     if cfg.method.loss == "dense_dt2":
         return dense_velocity_loss(pred, target, q.dt, k=num_steps)
     return velocity_mse(pred, target)
+
+
+def run_sigmas(cfg: TrainConfig, student) -> torch.Tensor:
+    """The rollout grid: uniform / SD3-shifted, or the student family's own (method.schedule: family)."""
+    m = cfg.method
+    if m.schedule == "family":
+        return student.family.default_sigmas(student.pipe, m.rollout_steps, student.field.info.sample_shape)
+    return sigma_schedule(m.rollout_steps, m.schedule, m.shift)
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:

@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from danceopd.config import ConfigError, read_yaml_mapping, validate_config
 from danceopd.suite.buckets import check_capability
+from danceopd.teacher_model import LoraAdapterSpec, TeacherModelSpec
 
 
 class _Strict(BaseModel):
@@ -43,9 +44,16 @@ class SuiteFieldSpec(_Strict):
 
 
 class DiffusersFieldSpec(_Strict):
+    """A model teacher: base pipeline (or a DanceOPD student folder) [+ fine-tuned checkpoint] [+ LoRAs], merged at load."""
+
     kind: Literal["diffusers"]
-    path: str = Field(description="a local diffusers folder (SD3 pipeline or DanceOPD student) or a hub id")
-    max_sequence_length: int = Field(256, ge=1)
+    path: str = Field(description="the base: a local diffusers pipeline folder, a DanceOPD student folder, or a hub id")
+    family: str | None = Field(None, description="model family; default: read from the folder's model_index.json")
+    checkpoint: str | None = None
+    loras: list[LoraAdapterSpec] = Field(default_factory=list)
+    guidance: float | None = None
+    resolution: int | None = Field(None, ge=8, description="image side in pixels the student trains at; default the transformer's native size")
+    max_sequence_length: int | None = Field(None, ge=1, description="prompt tokens; default the pipeline's (SD3 256, FLUX 512)")
 
     @field_validator("path")
     @classmethod
@@ -53,6 +61,15 @@ class DiffusersFieldSpec(_Strict):
         if v.startswith(("/", "./", "../", "~")) and not Path(v).expanduser().exists():
             raise ValueError(f"model folder {v} does not exist: give a diffusers model folder or a hub id")
         return v
+
+    @model_validator(mode="after")
+    def _files(self):
+        self.model_spec().check_files(self.path)
+        return self
+
+    def model_spec(self) -> TeacherModelSpec:
+        return TeacherModelSpec(base=self.path, family=self.family, checkpoint=self.checkpoint, loras=self.loras,
+                                guidance=self.guidance, max_sequence_length=self.max_sequence_length)
 
 
 class CFGFieldSpec(_Strict):

@@ -18,7 +18,7 @@ import torch
 from ray import serve
 
 from danceopd.contracts import QueryError, VelocityQuery, concat_queries, info_to_dict, split_rows
-from danceopd.fields.diffusers_field import resolve_device
+from danceopd.models.base import resolve_device
 from services.teachers.config import TeacherConfig, TeachersConfig
 from services.teachers.fields import build_field
 from services.teachers.metrics import TeacherMetrics

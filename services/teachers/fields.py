@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from danceopd.fields.base import VelocityField
-from danceopd.fields.diffusers_field import load_model_field
 from danceopd.fields.operators import CFGField
 from danceopd.suite import CapabilitySuite
+from danceopd.teacher_model import load_teacher_field, native_resolution
 from services.teachers.config import CFGFieldSpec, DiffusersFieldSpec, SuiteFieldSpec, TeacherConfig, TeachersConfig
 
 
@@ -17,8 +17,8 @@ def build_field(teacher: TeacherConfig, all_teachers: TeachersConfig | None = No
         # the unconditional field (for soft mixing), which over REST would be a silently wrong answer.
         return _served_copy(field, teacher.name, requires_source=field.info.takes_source)
     if isinstance(spec, DiffusersFieldSpec):
-        return load_model_field(spec.path, name=teacher.name, device=teacher.device, dtype=teacher.dtype,
-                                max_sequence_length=spec.max_sequence_length)
+        resolution = spec.resolution or native_resolution(spec.path) or 0
+        return load_teacher_field(spec.model_spec(), teacher.name, resolution, device=teacher.device, dtype=teacher.dtype)
     if isinstance(spec, CFGFieldSpec):
         if all_teachers is None:
             raise ValueError(f"teacher {teacher.name!r} is CFG over {spec.base!r}: the full teachers config is needed")

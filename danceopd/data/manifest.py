@@ -1,0 +1,413 @@
+"""Dataset manifest: the conditions of each training route's bucket, read from files, for real diffusers models.
+
+A manifest is JSONL (one JSON object per line) or Parquet; every row is one condition of one route:
+
+    {"uid": "e7", "route": "local_edit", "prompt": "make the cup red", "source_image": "images/e7.png"}
+
+`task` is accepted as an alias of `route` (exactly one of them per row). Image paths are relative to the
+manifest's folder unless absolute. The whole file is validated at load (schema, duplicate uids, known routes,
+image headers and sizes), so that a bad row fails before any model loads, not hours into a run; sampling is
+a pure function of (bucket, n, seed), like the suite's buckets, so a retried or resumed worker draws the same
+rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+COLUMNS = ("uid", "route", "task", "prompt", "source_image", "target_image")
+IMAGE_COLUMNS = ("source_image", "target_image")
+_MAX_LISTED = 20  # problems spelled out in one ManifestError; the rest are counted
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be used; the message names file, 1-based row, uid and column, and the fix.
+
+    When several rows are wrong, one error lists them all (`problems` holds one ManifestError per problem;
+    `row`, `uid` and `column` are those of the first), so a large manifest is fixed in one pass.
+    """
+
+    def __init__(self, message: str, *, path: str | None = None, row: int | None = None, uid: str | None = None,
+                 column: str | None = None, problems: Sequence[ManifestError] = ()):
+        super().__init__(message)
+        self.path, self.row, self.uid, self.column = path, row, uid, column
+        self.problems: list[ManifestError] = list(problems) or [self]
+
+
+def _problem(path: Path, row: int | None, uid: str | None, column: str | None, text: str) -> ManifestError:
+    where = str(path)
+    if row is not None:
+        where += f" row {row}"
+    if uid is not None:
+        where += f" (uid {uid!r})"
+    message = f"{where}: {column}: {text}" if column else f"{where}: {text}"
+    return ManifestError(message, path=str(path), row=row, uid=uid, column=column)
+
+
+def _combine(path: Path, problems: list[ManifestError]) -> ManifestError:
+    if len(problems) == 1:
+        return problems[0]
+    lines = [str(p) for p in problems[:_MAX_LISTED]]
+    if len(problems) > _MAX_LISTED:
+        lines.append(f"... and {len(problems) - _MAX_LISTED} more")
+    first = problems[0]
+    return ManifestError(f"{path}: {len(problems)} problems:\n  " + "\n  ".join(lines), path=str(path), row=first.row,
+                         uid=first.uid, column=first.column, problems=problems)
+
+
+@dataclass(frozen=True)
+class ManifestRow:
+    """One condition: a prompt ("" = unconditional) and, for edit routes, the source image (absolute path)."""
+
+    uid: str
+    route: str
+    prompt: str
+    source_image: Path | None = None
+    target_image: Path | None = None
+
+
+class _RowSchema(BaseModel):
+    # strict: a numeric uid or a null prompt is a mistake in the file, not something to coerce silently
+    model_config = ConfigDict(extra="forbid", strict=True)
+    uid: str = Field(min_length=1)
+    route: str | None = Field(None, min_length=1)
+    task: str | None = Field(None, min_length=1)
+    prompt: str
+    source_image: str | None = Field(None, min_length=1)
+    target_image: str | None = Field(None, min_length=1)
+
+
+def _schema_problems(path: Path, row: int, uid: str | None, err: ValidationError) -> list[ManifestError]:
+    out = []
+    for e in err.errors():
+        column = str(e["loc"][0]) if e["loc"] else None
+        if e["type"] == "missing":
+            text = "required column is missing" + (" (use \"\" for an unconditional prompt)" if column == "prompt" else "")
+        elif e["type"] == "extra_forbidden":
+            text = "unknown column: the columns are uid, route (or its alias task), prompt, source_image, target_image"
+        else:
+            text = f"{e['msg']} (got {e['input']!r})"
+        out.append(_problem(path, row, uid, column, text))
+    return out
+
+
+class ManifestBucket:
+    """The rows of one route: what that route's training batches and evaluation sets are drawn from."""
+
+    def __init__(self, route: str, rows: Sequence[ManifestRow]):
+        if not rows:
+            raise ValueError(f"route {route!r} has no rows")
+        self.route, self.rows = route, list(rows)
+
+    @property
+    def takes_source(self) -> bool:
+        """Whether the route is an edit route (every row has a source image; mixed buckets fail at load)."""
+        return all(r.source_image is not None for r in self.rows)
+
+    def sample(self, n: int, seed: int) -> list[ManifestRow]:
+        """n rows drawn with replacement; a pure function of (bucket, n, seed) so retries redraw the same rows."""
+        if n < 0:
+            raise ValueError(f"n must be >= 0, got {n}")
+        idx = np.random.default_rng(seed).integers(0, len(self.rows), n)
+        return [self.rows[int(i)] for i in idx]
+
+    def evaluation_set(self, n: int, seed: int = 12345) -> list[ManifestRow]:
+        """A fixed evaluation set: distinct rows first (a seeded permutation, cycled when n > len(rows))."""
+        if n < 0:
+            raise ValueError(f"n must be >= 0, got {n}")
+        perm = np.random.default_rng(seed).permutation(len(self.rows))
+        return [self.rows[int(perm[i % len(perm)])] for i in range(n)]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __repr__(self) -> str:
+        return f"ManifestBucket({self.route!r}, {len(self.rows)} rows, takes_source={self.takes_source})"
+
+
+class Manifest:
+    """A validated manifest: its rows in file order, grouped into one bucket per route."""
+
+    def __init__(self, path: Path, rows: list[ManifestRow], buckets: dict[str, ManifestBucket]):
+        self.path, self.rows, self._buckets = path, rows, buckets
+
+    def routes(self) -> list[str]:
+        return sorted(self._buckets)
+
+    def bucket(self, route: str) -> ManifestBucket:
+        if route not in self._buckets:
+            raise _problem(self.path, None, None, "route",
+                           f"no rows for route {route!r}: the manifest has routes {self.routes()}; add rows for it "
+                           f"or train that route from another source")
+        return self._buckets[route]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __repr__(self) -> str:
+        return f"Manifest({str(self.path)!r}, {len(self.rows)} rows, routes={self.routes()})"
+
+
+def _read_records(path: Path) -> tuple[list[tuple[int, Any]], list[ManifestError]]:
+    """(row number, raw record) pairs; JSONL row numbers are line numbers (blank lines are skipped)."""
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise _problem(path, None, None, None, "reading Parquet needs pyarrow (pip install pyarrow), "
+                                                   "or convert the manifest to .jsonl") from None
+        try:
+            records = pq.read_table(path).to_pylist()
+        except Exception as e:  # pyarrow raises several types for a corrupt file
+            raise _problem(path, None, None, None, f"not a readable Parquet file ({e})") from None
+        return list(enumerate(records, start=1)), []
+    if suffix not in (".jsonl", ".ndjson"):
+        raise _problem(path, None, None, None, "unsupported manifest format: use .jsonl (one JSON object per line) or .parquet")
+    records, problems = [], []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append((number, json.loads(line)))
+            except json.JSONDecodeError as e:
+                problems.append(_problem(path, number, None, None,
+                                         f"invalid JSON ({e.msg} at character {e.colno}): each line must be one JSON object"))
+    return records, problems
+
+
+def load_manifest(path: str | os.PathLike, routes: Iterable[str] | None = None,
+                  image_size: tuple[int, int] | None = None) -> Manifest:
+    """Read and validate every row of a manifest.
+
+    routes: the run's route names; a row of any other route is an error (a typo would otherwise train nothing).
+    image_size: (width, height) every image must have. Image checks read headers only, so a large dataset
+    validates in seconds.
+    """
+    path = Path(path)
+    if isinstance(routes, str):
+        raise TypeError("routes must be an iterable of route names, not a single string")
+    known = None if routes is None else set(routes)
+    if not path.is_file():
+        raise _problem(path, None, None, None, "manifest file does not exist")
+    folder = path.absolute().parent
+    shown_folder = f"{path.parent}/"
+    records, problems = _read_records(path)
+    rows: list[ManifestRow] = []
+    first_row_of_uid: dict[str, int] = {}
+    headers: dict[Path, tuple[int, int] | str] = {}  # image path -> size, or why it cannot be used
+    row_numbers: dict[str, int] = {}
+
+    for number, raw in records:
+        if not isinstance(raw, dict):
+            problems.append(_problem(path, number, None, None, f"expected a JSON object, got {type(raw).__name__}"))
+            continue
+        uid = raw.get("uid") if isinstance(raw.get("uid"), str) and raw.get("uid") else None
+        try:
+            rec = _RowSchema.model_validate(raw)
+        except ValidationError as e:
+            problems.extend(_schema_problems(path, number, uid, e))
+            continue
+        ok = True
+        if rec.uid in first_row_of_uid:
+            problems.append(_problem(path, number, uid, "uid",
+                                     f"duplicate uid (first used at row {first_row_of_uid[rec.uid]}): uids must be unique"))
+            ok = False
+        else:
+            first_row_of_uid[rec.uid] = number
+        if (rec.route is None) == (rec.task is None):
+            given = "both route and task are given" if rec.route is not None else "neither route nor task is given"
+            problems.append(_problem(path, number, uid, "route", f"{given}: give exactly one (task is an alias of route)"))
+            continue
+        column, route = ("route", rec.route) if rec.route is not None else ("task", rec.task)
+        if known is not None and route not in known:
+            problems.append(_problem(path, number, uid, column,
+                                     f"unknown route {route!r}: the known routes are {sorted(known)}; fix the row or add the route"))
+            ok = False
+        images: dict[str, Path | None] = {}
+        for col in IMAGE_COLUMNS:
+            value = getattr(rec, col)
+            if value is None:
+                images[col] = None
+                continue
+            file = folder / value
+            images[col] = file
+            if file not in headers:
+                headers[file] = _image_header(file)
+            size = headers[file]
+            hint = "" if Path(value).is_absolute() else f" (paths are relative to {shown_folder})"
+            if isinstance(size, str):
+                problems.append(_problem(path, number, uid, col, f"file {value} {size}{hint}"))
+                ok = False
+            elif image_size is not None and tuple(size) != tuple(image_size):
+                problems.append(_problem(path, number, uid, col,
+                                         f"file {value} is {size[0]}x{size[1]} (width x height) but the run expects "
+                                         f"{image_size[0]}x{image_size[1]}: resize the image or change the image size"))
+                ok = False
+        if ok:
+            rows.append(ManifestRow(rec.uid, route, rec.prompt, images["source_image"], images["target_image"]))
+            row_numbers[rec.uid] = number
+
+    if not records and not problems:
+        problems.append(_problem(path, None, None, None, "the manifest has no rows: add at least one"))
+    by_route: dict[str, list[ManifestRow]] = {}
+    for r in rows:
+        by_route.setdefault(r.route, []).append(r)
+    for route, members in by_route.items():
+        with_source = [r for r in members if r.source_image is not None]
+        if with_source and len(with_source) < len(members):
+            missing = next(r for r in members if r.source_image is None)
+            problems.append(_problem(path, row_numbers[missing.uid], missing.uid, "source_image",
+                                     f"route {route!r} mixes rows with and without a source image (row "
+                                     f"{row_numbers[with_source[0].uid]} has one): give every row of an edit route a "
+                                     f"source image, or move this row to another route"))
+    if problems:
+        problems.sort(key=lambda p: (p.row is None, p.row or 0))
+        raise _combine(path, problems)
+    return Manifest(path, rows, {route: ManifestBucket(route, members) for route, members in by_route.items()})
+
+
+def _image_header(file: Path) -> tuple[int, int] | str:
+    """The image's (width, height) from its header only (no pixel decode), or why it cannot be read."""
+    if not file.exists():
+        return "does not exist"
+    if not file.is_file():
+        return "is not a file"
+    try:
+        with Image.open(file) as im:
+            return im.size
+    except (UnidentifiedImageError, OSError) as e:
+        return f"is not a readable image ({type(e).__name__}: {e})"
+
+
+def load_image(path: str | os.PathLike, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """An image as `[3, H, W]` float32 in [-1, 1], RGB (the range diffusers VAEs take).
+
+    size: (width, height); the image is resized (bicubic) when it differs.
+    """
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        if size is not None and im.size != tuple(size):
+            im = im.resize(tuple(size), Image.Resampling.BICUBIC)
+        array = np.asarray(im, dtype=np.uint8).copy()
+    return torch.from_numpy(array).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+
+
+class LatentCache:
+    """Per-image latents, so each image is encoded once by the VAE however often its row is drawn.
+
+    encode: `images[B, 3, H, W]` (CPU float32 in [-1, 1]) -> `latents[B, ...]`; moving to its device is its job.
+    size: (width, height) images are loaded at (see `load_image`).
+    directory: when given, every latent is also saved there as `<sha1 of the file bytes>.pt` and read back by a
+    later cache, so a restarted worker does not re-encode. Use one directory per encoder and size: the file
+    records the size (a mismatch is re-encoded) but cannot tell two encoders apart.
+    In memory, latents are keyed by the file's resolved path, byte size and mtime: an edited file is re-encoded.
+    """
+
+    def __init__(self, encode: Callable[[torch.Tensor], torch.Tensor], size: tuple[int, int] | None = None,
+                 directory: str | os.PathLike | None = None):
+        self.encode, self.size = encode, None if size is None else tuple(size)
+        self.directory = None if directory is None else Path(directory)
+        if self.directory is not None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        self._memory: dict[tuple[str, int, int], torch.Tensor] = {}
+        self.encoded = 0  # images actually passed to `encode`
+        self.loaded = 0  # latents read back from `directory`
+
+    def get(self, items: Iterable[ManifestRow | str | os.PathLike], column: str = "source_image") -> torch.Tensor:
+        """Stacked latents of `items` (rows, whose `column` image is used, or image paths), in order.
+
+        Images not cached yet are encoded in one batched call (one per distinct image shape).
+        """
+        files = [self._file(item, column) for item in items]
+        if not files:
+            raise ValueError("LatentCache.get needs at least one row or path")
+        keys = [self._key(f) for f in files]
+        todo: dict[tuple[str, int, int], tuple[Path, str | None]] = {}
+        for f, key in zip(files, keys):
+            if key in self._memory or key in todo:
+                continue
+            digest = None
+            if self.directory is not None:
+                digest = hashlib.sha1(f.read_bytes()).hexdigest()
+                latent = self._load(digest)
+                if latent is not None:
+                    self._memory[key] = latent
+                    self.loaded += 1
+                    continue
+            todo[key] = (f, digest)
+        if todo:
+            self._encode(todo)
+        return torch.stack([self._memory[k] for k in keys])
+
+    def _file(self, item: ManifestRow | str | os.PathLike, column: str) -> Path:
+        if isinstance(item, ManifestRow):
+            if column not in IMAGE_COLUMNS:
+                raise ValueError(f"column must be one of {list(IMAGE_COLUMNS)}, got {column!r}")
+            file = getattr(item, column)
+            if file is None:
+                raise ValueError(f"row {item.uid!r} (route {item.route!r}) has no {column}")
+            return Path(file)
+        return Path(item)
+
+    @staticmethod
+    def _key(file: Path) -> tuple[str, int, int]:
+        resolved = file.resolve()
+        st = resolved.stat()
+        return str(resolved), st.st_size, st.st_mtime_ns
+
+    def _encode(self, todo: dict[tuple[str, int, int], tuple[Path, str | None]]) -> None:
+        images = {key: load_image(f, self.size) for key, (f, _) in todo.items()}
+        groups: dict[tuple[int, ...], list[tuple[str, int, int]]] = {}
+        for key, image in images.items():
+            groups.setdefault(tuple(image.shape), []).append(key)
+        for group in groups.values():
+            with torch.no_grad():
+                latents = self.encode(torch.stack([images[k] for k in group]))
+            if latents.shape[0] != len(group):
+                raise ValueError(f"encode returned a batch of {latents.shape[0]} latents for {len(group)} images")
+            self.encoded += len(group)
+            for key, latent in zip(group, latents):
+                latent = latent.detach().cpu().clone()  # clone: do not keep (or save) the whole batch's storage
+                self._memory[key] = latent
+                digest = todo[key][1]
+                if digest is not None:
+                    self._save(digest, latent)
+
+    def _load(self, digest: str) -> torch.Tensor | None:
+        file = self.directory / f"{digest}.pt"
+        if not file.exists():
+            return None
+        try:
+            saved = torch.load(file, map_location="cpu", weights_only=True)
+        except Exception:  # a torn or foreign file: re-encode and overwrite it
+            return None
+        if not isinstance(saved, dict) or "latent" not in saved:
+            return None
+        if saved.get("size") != (None if self.size is None else list(self.size)):
+            return None
+        return saved["latent"]
+
+    def _save(self, digest: str, latent: torch.Tensor) -> None:
+        # write-then-rename: workers sharing the directory never read a half-written file
+        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".{digest}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            torch.save({"latent": latent, "size": None if self.size is None else list(self.size)}, tmp)
+            os.replace(tmp, self.directory / f"{digest}.pt")
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)

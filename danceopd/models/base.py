@@ -1,0 +1,188 @@
+"""What every model family knows about its own conventions, behind one small protocol.
+
+A family is a stateless object: given a loaded pipeline it encodes prompts, calls its transformer on
+unpacked latents `x [B, C, H, W]` with `sigma [B]`, maps images to latents and back, and names its sigma
+grid. The field (`danceopd.fields.model_field`), the student and the evaluator are built on these methods
+only, so adding a family (Qwen-Image, Z-Image) is one new module registered in `danceopd.models`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from danceopd.flow.schedule import shift_sigmas
+
+Embeds = tuple[torch.Tensor, ...]  # per-family prompt embeddings, batch first
+
+
+class ModelFamily:
+    name: str = ""
+    pipeline_classes: tuple[str, ...] = ()  # model_index.json `_class_name`s this family loads; [0] saves LoRAs
+    native_source: bool = False  # the source image enters as extra tokens (Kontext); else channel concatenation
+    default_guidance: float | None = None  # guidance-embedding value (FLUX.1-dev) where the transformer has one
+    # LoRA targets (peft module-name suffixes): attention and feed-forward projections, the paper's recipe.
+    default_lora_targets: tuple[str, ...] = ()
+    latent_space: str = ""  # families that share a latent space (and transformer calls) can teach each other
+    default_max_sequence_length: int = 256  # the pipeline's own default (T5 prompts are padded to it)
+
+    # ----------------------------------------------------------------------------- loading
+    def pipeline_class(self):
+        import diffusers
+
+        return getattr(diffusers, self.pipeline_classes[0])
+
+    def load_pipeline(self, path: str, device: torch.device, dtype: torch.dtype, vae: bool = True) -> Any:
+        """The pipeline's encoders, transformer and (optionally) VAE, frozen, on `device` in `dtype`."""
+        import diffusers
+        import transformers
+
+        diffusers.utils.logging.disable_progress_bar()  # loading bars are noise in a training log
+        transformers.utils.logging.disable_progress_bar()
+        kwargs = {} if vae else {"vae": None}
+        pipe = self.pipeline_class().from_pretrained(path, dtype=dtype, **kwargs, **absent_components(path))
+        pipe.set_progress_bar_config(disable=True)
+        pipe = pipe.to(device)
+        for name, module in pipe.components.items():
+            if isinstance(module, torch.nn.Module):
+                module.requires_grad_(False).eval()
+        return pipe
+
+    # ----------------------------------------------------------------------------- the model call
+    def encode_prompts(self, pipe: Any, prompts: list[str], max_sequence_length: int) -> Embeds:
+        raise NotImplementedError
+
+    def call_transformer(self, transformer: torch.nn.Module, x: torch.Tensor, sigma: torch.Tensor, embeds: Embeds,
+                         source: torch.Tensor | None, guidance: float | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def takes_source(self, transformer: torch.nn.Module) -> bool:
+        """Whether this transformer reads a source image (natively, or on grown input channels)."""
+        if self.native_source:
+            return True
+        cfg = getattr(transformer, "module", transformer).config
+        return cfg.in_channels == 2 * (cfg.out_channels or cfg.in_channels)
+
+    # ----------------------------------------------------------------------------- latent space
+    def latent_shape(self, pipe: Any, resolution: int) -> tuple[int, int, int]:
+        f = pipe.vae_scale_factor
+        c = pipe.vae.config.latent_channels if pipe.vae is not None else self._latent_channels(pipe)
+        return (c, resolution // f, resolution // f)
+
+    def _latent_channels(self, pipe: Any) -> int:
+        cfg = pipe.transformer.config
+        return cfg.out_channels or cfg.in_channels
+
+    def encode_images(self, pipe: Any, images: torch.Tensor) -> torch.Tensor:
+        """Images [B, 3, H, W] in [-1, 1] -> latents, with the VAE's shift and scaling (the mode, no sampling)."""
+        vae = pipe.vae
+        with torch.no_grad():
+            z = vae.encode(images.to(vae.device, vae.dtype)).latent_dist.mode()
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return (z - shift) * vae.config.scaling_factor
+
+    def decode_latents(self, pipe: Any, latents: torch.Tensor) -> torch.Tensor:
+        vae = pipe.vae
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        z = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor + shift
+        with torch.no_grad():
+            return vae.decode(z, return_dict=False)[0].float().clamp(-1, 1)
+
+    def default_sigmas(self, pipe: Any, num_steps: int, sample_shape: tuple[int, int, int]) -> torch.Tensor:
+        """The family's own sampling grid of `num_steps` steps (N + 1 values, ending at 0)."""
+        raise NotImplementedError
+
+
+class PromptCache:
+    """A bounded LRU cache of per-prompt embeddings: the encoders are frozen, prompts repeat across steps, and
+    a real encoder's output (SD3: ~2.7 MB per prompt) must not grow without bound over a dataset."""
+
+    def __init__(self, encode: Callable[[list[str]], Embeds], max_entries: int = 512):
+        self.encode, self.max_entries = encode, max_entries
+        self.entries: OrderedDict[str, tuple[torch.Tensor, ...]] = OrderedDict()
+        self.misses = 0
+
+    def __call__(self, prompts: list[str]) -> Embeds:
+        if self.max_entries == 0:
+            return self.encode(prompts)
+        missing = [p for p in dict.fromkeys(prompts) if p not in self.entries]
+        got: dict[str, tuple[torch.Tensor, ...]] = {p: self.entries[p] for p in dict.fromkeys(prompts) if p in self.entries}
+        if missing:
+            self.misses += len(missing)
+            with torch.no_grad():
+                out = self.encode(missing)
+            for i, p in enumerate(missing):
+                got[p] = tuple(t[i] for t in out)
+                self.entries[p] = got[p]
+        for p in got:
+            self.entries.move_to_end(p)
+        while len(self.entries) > self.max_entries:
+            self.entries.popitem(last=False)
+        return tuple(torch.stack([got[p][j] for p in prompts]) for j in range(len(next(iter(got.values())))))
+
+
+def model_index(path: str | Path) -> dict | None:
+    """A local pipeline folder's model_index.json, or None (a hub id, or not a pipeline folder)."""
+    f = Path(path).expanduser() / "model_index.json"
+    return json.loads(f.read_text()) if f.exists() else None
+
+
+def absent_components(path: str | Path) -> dict:
+    """Components a local folder declares empty (e.g. SD3 without T5), passed as None to from_pretrained."""
+    index = model_index(path) or {}
+    return {k: None for k, v in index.items() if not k.startswith("_") and v in (None, [None, None])}
+
+
+def shifted_linspace(num_steps: int, shift: float) -> torch.Tensor:
+    """linspace(1, 1/N, N) shifted by `shift`, then 0: the FLUX / dynamic-shift grid of diffusers' pipelines."""
+    s = torch.linspace(1.0, 1.0 / num_steps, num_steps, dtype=torch.float64)
+    return torch.cat([shift_sigmas(s, shift), torch.zeros(1, dtype=torch.float64)]).to(torch.float32)
+
+
+def scheduler_sigmas(pipe: Any, num_steps: int, image_seq_len: int, linspace_sigmas: bool) -> torch.Tensor:
+    """The sigmas the pipeline's own scheduler would use, from a fresh copy of it (never its stateful step()):
+    static shift from its config, or the resolution-dependent shift (mu from the image's token count)."""
+    import numpy as np
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    cfg = pipe.scheduler.config
+    sched = FlowMatchEulerDiscreteScheduler.from_config(cfg)
+    kwargs: dict = {}
+    if linspace_sigmas:
+        kwargs["sigmas"] = np.linspace(1.0, 1 / num_steps, num_steps)
+    else:
+        kwargs["num_inference_steps"] = num_steps
+    if cfg.get("use_dynamic_shifting", False):
+        base_len, max_len = cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096)
+        base_shift, max_shift = cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15)
+        m = (max_shift - base_shift) / (max_len - base_len)
+        kwargs["mu"] = image_seq_len * m + base_shift - m * base_len
+    sched.set_timesteps(**kwargs)
+    return sched.sigmas.to(torch.float32).cpu()
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device} requested but CUDA is not available on this machine: use 'cpu' or 'auto'")
+    return device
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        # bf16 where the hardware runs it natively; fp32 on CPU (bf16 matmuls there are slow and lossy).
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise ValueError(f"unknown dtype {dtype!r}: use one of {sorted(table)} or 'auto'")
+    return table[dtype]

@@ -1,0 +1,47 @@
+"""Stable Diffusion 3 / 3.5 (`StableDiffusion3Pipeline`): two CLIP encoders (+ optional T5), pooled projections,
+timestep = 1000 * sigma, a static-shift sigma grid. No native image input: an edit student reads the source
+latents on extra input channels (zero-initialised, so it starts as the base; see danceopd.student)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from danceopd.models.base import Embeds, ModelFamily, scheduler_sigmas
+
+
+def call_sd3_transformer(transformer: torch.nn.Module, x: torch.Tensor, sigma: torch.Tensor, hidden: torch.Tensor,
+                         pooled: torch.Tensor, source: torch.Tensor | None, takes_source: bool) -> torch.Tensor:
+    """The SD3 transformer as the pipeline calls it; a source image (or zeros) is concatenated on channels when
+    the transformer's input layer was grown for it."""
+    h = x
+    if takes_source:
+        h = torch.cat([x, source.to(x.dtype) if source is not None else torch.zeros_like(x)], dim=1)
+    # diffusers flow-match transformers take t = 1000 * sigma (the schedulers' num_train_timesteps)
+    timestep = sigma.to(torch.float32) * 1000.0
+    return transformer(hidden_states=h, timestep=timestep, encoder_hidden_states=hidden.to(x.dtype),
+                       pooled_projections=pooled.to(x.dtype), return_dict=False)[0]
+
+
+class SD3Family(ModelFamily):
+    name = "sd3"
+    pipeline_classes = ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline")
+    latent_space = "sd3"
+    default_lora_targets = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+                            "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
+                            "ff_context.net.2")
+
+    def encode_prompts(self, pipe: Any, prompts: list[str], max_sequence_length: int) -> Embeds:
+        embeds, _, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None, device=pipe.transformer.device,
+                                                  do_classifier_free_guidance=False, max_sequence_length=max_sequence_length)
+        return embeds, pooled
+
+    def call_transformer(self, transformer, x, sigma, embeds, source, guidance):
+        hidden, pooled = embeds
+        return call_sd3_transformer(transformer, x, sigma, hidden, pooled, source, self.takes_source(transformer))
+
+    def default_sigmas(self, pipe, num_steps, sample_shape):
+        c, h, w = sample_shape
+        p = pipe.transformer.config.patch_size
+        return scheduler_sigmas(pipe, num_steps, (h // p) * (w // p), linspace_sigmas=False)

@@ -1,0 +1,216 @@
+"""Tiny RANDOM diffusers pipelines, built fully offline and saved in the standard diffusers layout.
+
+    build_tiny_pipeline("sd3", "models/tiny-sd3")            # StableDiffusion3Pipeline (2 CLIP encoders, no T5)
+    build_tiny_pipeline("flux", "models/tiny-flux")          # FluxPipeline (FLUX.1-dev style: CLIP + T5, guidance embeds)
+    build_tiny_pipeline("flux-kontext", "models/tiny-kontext")  # same components saved as FluxKontextPipeline
+
+The folders reload with `DiffusionPipeline.from_pretrained` (or the family's own class) and run their
+`__call__` end to end on CPU in well under a second per step. StableDiffusion3Pipeline does not list
+text_encoder_3/tokenizer_3 as optional, so the SD3 folder (which has no T5) loads with
+`from_pretrained(path, text_encoder_3=None, tokenizer_3=None)`. FluxKontextPipeline's `__call__` rescales
+to `max_area` (default 1024**2) and snaps the input image to a preferred ~1 MP resolution: pass
+`max_area=height * width, _auto_resize=False` to keep it tiny. No hub is needed:
+
+- CLIP tokenizers get a hand-written byte-level BPE vocabulary (every byte is one token, no merges), so any
+  text tokenizes, one token per character;
+- the T5 tokenizer is a `tokenizers` Unigram model (Metaspace pre-tokenizer) over single characters (with
+  and without the word-start marker), digits, punctuation and a list of whole English words; pieces not in
+  the vocabulary become `<unk>`. pad = 0, eos = `</s>` = 1, unk = 2;
+- every module is built in float32 under `torch.manual_seed(seed + k)` (k fixed per module), so a seed
+  gives identical weights on every build.
+
+Sizes for `sample_size` S pixels (default 32): the VAE has 2 blocks (scale factor 2) and 4 latent channels,
+so latents are 4 x S/2 x S/2 (4 x 16 x 16 at 32 px). SD3 patchifies them 2x2; FLUX packs 2x2 latent
+patches into (S/4)^2 tokens of 16 channels (64 tokens at 32 px).
+
+FLUX's scheduler keeps FLUX.1-dev's dynamic shifting (base_shift 0.5, max_shift 1.15) with the sequence
+lengths scaled down to the tiny sizes: `sample_size` plays the role of FLUX's 1024 px, so
+max_image_seq_len = tokens at `sample_size` ((S/4)^2, 64 at 32 px) and base_image_seq_len = 1/16 of it
+(4 at 32 px; FLUX: 256 / 4096). A 32 px image therefore gets mu = 1.15 (shift e^1.15 ~ 3.2), a 16 px one
+mu ~ 0.63, as 1024 px and 512 px images do in FLUX.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+FAMILIES = ("sd3", "flux", "flux-kontext")
+
+CLIP_MAX_LENGTH = 77
+VAE_SCALE = 2  # 2 ** (len(block_out_channels) - 1)
+
+# Whole words for the T5 Unigram vocabulary (anything else is spelled out from single characters).
+_WORDS = """
+a an the this that these those of in on at to from with without and or but not no is are was were be been
+it its it's his her their my your our one two three four five six seven eight nine ten many some all each
+left right top bottom above below under over behind front next near far inside outside between around into
+onto up down middle center corner side background foreground edge
+red green blue yellow orange purple pink brown black white gray grey gold silver dark light bright pale
+colorful color colour colors
+circle square triangle rectangle star heart ring line lines dot dots shape shapes box ball cube sphere
+small large big tiny huge little tall short long wide thin thick round flat
+photo photograph picture image painting drawing sketch illustration render style portrait landscape
+close view shot scene realistic photorealistic detailed high quality sharp blurry soft hard smooth
+astronaut riding horse dog cat bird fish person man woman child people boy girl car house tree trees
+flower flowers mountain mountains river sea ocean lake sky cloud clouds sun moon city street road forest
+water fire snow rain grass field beach night day morning sunset table chair cup book window door wall
+make turn change replace remove add put place move swap convert transform keep invert flip rotate
+into as like by for same other another more less very only just also again
+sitting standing walking running flying holding wearing looking eating
+"""
+
+_PUNCT = ".,!?;:'\"-()[]/&+=*#%$@_<>|~`^{}\\"
+
+
+def _clip_tokenizer():
+    """CLIPTokenizer over a byte-level BPE vocabulary with no merges: one token per byte-character."""
+    from transformers import CLIPTokenizer
+
+    # Byte-level BPE maps every byte to a printable character: printable bytes to themselves, the rest to
+    # code points from 256 up. With no merges, each such character is one token (word-final form "c</w>").
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    chars = [chr(b) for b in printable] + [chr(256 + i) for i in range(256 - len(printable))]
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in chars:
+        vocab.setdefault(c, len(vocab))
+        vocab.setdefault(c + "</w>", len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=CLIP_MAX_LENGTH)
+
+
+def _t5_tokenizer():
+    """T5TokenizerFast over a Unigram vocabulary: specials, single characters, punctuation, whole words."""
+    from transformers import T5TokenizerFast
+
+    pieces: list[tuple[str, float]] = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -8.0)]
+    seen = {p for p, _ in pieces}
+
+    def add(piece: str, score: float):
+        if piece not in seen:
+            seen.add(piece)
+            pieces.append((piece, score))
+
+    for w in _WORDS.split():  # whole words win over spelling them out (Viterbi maximises the summed score)
+        add("▁" + w, -4.0)
+    for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789" + _PUNCT:
+        add("▁" + c, -9.0)
+        add(c, -10.0)
+    # extra_ids=0: no sentinel tokens (only used for T5's span-corruption pre-training).
+    return T5TokenizerFast(vocab=pieces, eos_token="</s>", unk_token="<unk>", pad_token="<pad>", extra_ids=0,
+                           model_max_length=512)
+
+
+def _tiny_vae(seed: int, sample_size: int, shift_factor: float, scaling_factor: float):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 16),
+                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                         layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=sample_size,
+                         shift_factor=shift_factor, scaling_factor=scaling_factor,
+                         use_quant_conv=False, use_post_quant_conv=False)
+
+
+def _clip_config(vocab_size: int, projection_dim: int = 32):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                          num_attention_heads=4, max_position_embeddings=CLIP_MAX_LENGTH, projection_dim=projection_dim,
+                          bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_act="gelu")
+
+
+def _build_sd3(seed: int, sample_size: int):
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    tok1, tok2 = _clip_tokenizer(), _clip_tokenizer()
+    latent = sample_size // VAE_SCALE
+    torch.manual_seed(seed)
+    # joint_attention_dim 64 = the two CLIP hidden states concatenated (32 + 32); caption_projection_dim = inner dim.
+    transformer = SD3Transformer2DModel(sample_size=latent, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+                                        attention_head_dim=8, num_attention_heads=4, joint_attention_dim=64,
+                                        caption_projection_dim=32, pooled_projection_dim=64,
+                                        pos_embed_max_size=max(32, latent // 2))
+
+    def clip(s: int):
+        torch.manual_seed(s)
+        return CLIPTextModelWithProjection(_clip_config(len(tok1)))
+
+    te1, te2 = clip(seed + 1), clip(seed + 2)
+    vae = _tiny_vae(seed + 3, sample_size, shift_factor=0.0609, scaling_factor=1.5035)
+    return StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+                                    text_encoder=te1, tokenizer=tok1, text_encoder_2=te2, tokenizer_2=tok2,
+                                    text_encoder_3=None, tokenizer_3=None)
+
+
+def flux_scheduler_config(sample_size: int = 32) -> dict:
+    """FLUX.1-dev's dynamic shifting, sequence lengths scaled so `sample_size` px gets FLUX's max shift."""
+    max_seq = max(2, (sample_size // (2 * VAE_SCALE)) ** 2)  # packed tokens at sample_size
+    return dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                base_image_seq_len=max(1, max_seq // 16), max_image_seq_len=max_seq)
+
+
+def _build_flux(seed: int, sample_size: int, kontext: bool):
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+
+    tok, tok2 = _clip_tokenizer(), _t5_tokenizer()
+    torch.manual_seed(seed)
+    # in_channels 16 = 2x2 packed patches of 4 latent channels; axes_dims_rope sums to attention_head_dim.
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, out_channels=None, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 4, 8))
+    torch.manual_seed(seed + 1)
+    text_encoder = CLIPTextModel(_clip_config(len(tok)))  # pooler_output (hidden 32) -> pooled_projection_dim
+    torch.manual_seed(seed + 2)
+    t5 = T5EncoderModel(T5Config(vocab_size=len(tok2), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                                 relative_attention_num_buckets=8, relative_attention_max_distance=32, dropout_rate=0.0,
+                                 feed_forward_proj="relu", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    vae = _tiny_vae(seed + 3, sample_size, shift_factor=0.1159, scaling_factor=0.3611)
+    scheduler = FlowMatchEulerDiscreteScheduler(**flux_scheduler_config(sample_size))
+    cls = FluxKontextPipeline if kontext else FluxPipeline
+    return cls(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tok, text_encoder_2=t5, tokenizer_2=tok2,
+               transformer=transformer)
+
+
+def build_tiny_pipeline(family: str, out: str | Path, seed: int = 0, sample_size: int = 32) -> Path:
+    """Build a tiny random pipeline of `family` (see FAMILIES) for `sample_size`-pixel images and save it to `out`.
+
+    Same `seed` -> identical weights. `sample_size` must be a multiple of 4 (VAE factor 2 x patch/pack 2).
+    Returns `out` as a Path.
+    """
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
+    if sample_size < 4 or sample_size % 4:
+        raise ValueError(f"sample_size must be a positive multiple of 4 (VAE factor 2 x 2x2 patches), got {sample_size}")
+    out = Path(out)
+    with torch.random.fork_rng(devices=[]):  # the caller's RNG state is left as it was
+        if family == "sd3":
+            pipe = _build_sd3(seed, sample_size)
+        else:
+            pipe = _build_flux(seed, sample_size, kontext=family == "flux-kontext")
+    pipe.to(torch.float32)
+    pipe.save_pretrained(out)
+    return out
+
+
+__all__ = ["FAMILIES", "build_tiny_pipeline", "flux_scheduler_config"]
+
+
+def build_random_lora(base: str | Path, out: str | Path, rank: int = 4, std: float = 0.1, seed: int = 1,
+                      target_modules: list[str] | None = None) -> Path:
+    """A random LoRA delta on `base`'s transformer, saved in diffusers' LoRA format: a stand-in "capability" for
+    a teacher (base + this adapter). Both LoRA matrices are random (peft would start B at zero), so the teacher's
+    field differs from the base's by a rank-`rank` change of every targeted layer."""
+    from danceopd.student import StudentConfig, build_student
+
+    cfg = StudentConfig(base=str(base), lora={"rank": rank, "alpha": rank, "target_modules": target_modules})
+    student = build_student(cfg, device="cpu", dtype="float32")
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in student.transformer.named_parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    student.save_pretrained(out)
+    return Path(out)

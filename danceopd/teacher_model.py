@@ -1,0 +1,151 @@
+"""Real-model teachers: a base pipeline, optionally a fully fine-tuned transformer checkpoint, optionally LoRA
+adapters (each with a scale), merged once at load and frozen; CFG is applied on top by the route
+(`danceopd.fields.operators.CFGField`). The spec is validated before anything loads: folders exist, the base's
+family is known, and every adapter's keys name modules of the base transformer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from danceopd.fields.model_field import ModelField
+from danceopd.models import ModelFamily, family_of_folder, get_family
+from danceopd.models.adapters import check_lora_keys, lora_file, merge_lora, weights_checksum
+from danceopd.models.base import resolve_device, resolve_dtype
+
+
+def _is_local(path: str) -> bool:
+    return path.startswith(("/", "./", "../", "~"))
+
+
+def _must_exist(path: str, what: str) -> str:
+    if _is_local(path) and not Path(path).expanduser().exists():
+        raise ValueError(f"{what} {path} does not exist")
+    return path
+
+
+class LoraAdapterSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(description="a diffusers LoRA file / folder (pytorch_lora_weights.safetensors) or a PEFT adapter folder")
+    scale: float = 1.0
+    weight_name: str | None = Field(None, description="the file inside a folder, when it is not the standard name")
+
+    @model_validator(mode="after")
+    def _exists(self) -> "LoraAdapterSpec":
+        _must_exist(self.path, "LoRA")
+        if Path(self.path).expanduser().exists():
+            lora_file(self.path, self.weight_name)
+        return self
+
+
+class TeacherModelSpec(BaseModel):
+    """base [+ checkpoint] [+ LoRAs]: a capability teacher of a real model family."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base: str | None = Field(None, description="pipeline folder or hub id; default: the student's base")
+    family: str | None = Field(None, description="default: read from the base's model_index.json")
+    checkpoint: str | None = Field(None, description="a fine-tuned transformer: a transformer folder, or a pipeline folder holding one")
+    loras: list[LoraAdapterSpec] = Field(default_factory=list)
+    guidance: float | None = Field(None, description="guidance-embedding value (FLUX); default the family's")
+    max_sequence_length: int | None = Field(None, ge=1, description="prompt tokens; default the pipeline's (SD3 256, FLUX 512)")
+
+    @model_validator(mode="after")
+    def _paths(self) -> "TeacherModelSpec":
+        if self.base is not None:
+            _must_exist(self.base, "base folder")
+        if self.checkpoint is not None:
+            _must_exist(self.checkpoint, "checkpoint folder")
+        if self.family is not None:
+            get_family(self.family)
+        return self
+
+    def model_family(self, base: str) -> ModelFamily | None:
+        return get_family(self.family) if self.family else family_of_folder(base)
+
+    def check_files(self, base: str) -> None:
+        """What can be decided offline before loading: each LoRA names modules of the base transformer."""
+        for i, lora in enumerate(self.loras):
+            try:
+                check_lora_keys(lora.path, self.checkpoint_base(base), lora.weight_name)
+            except ValueError as e:
+                raise ValueError(f"loras.{i}: {e}") from None
+
+    def checkpoint_base(self, base: str) -> str:
+        """The folder whose transformer/ the adapters apply to."""
+        if self.checkpoint and (Path(self.checkpoint).expanduser() / "transformer").exists():
+            return self.checkpoint
+        return base
+
+
+def _load_checkpoint_transformer(pipe, checkpoint: str, dtype: torch.dtype):
+    p = Path(checkpoint).expanduser()
+    folder, sub = (str(p), None) if (p / "config.json").exists() else (str(p), "transformer")
+    cls = type(pipe.transformer)
+    kwargs = {"subfolder": sub} if sub else {}
+    return cls.from_pretrained(folder, dtype=dtype, **kwargs)
+
+
+def load_teacher_field(spec: TeacherModelSpec, name: str, resolution: int, default_base: str | None = None,
+                       device: str | torch.device = "auto", dtype: str | torch.dtype = "auto") -> ModelField:
+    """Load, merge and freeze a teacher; its FieldInfo carries the family, resolution and a weights checksum."""
+    from danceopd.student import is_student_folder, load_student
+
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    base = spec.base or default_base
+    if base is None:
+        raise ValueError(f"teacher {name!r}: no base (set the teacher's base or the student's)")
+    if is_student_folder(base):  # a trained DanceOPD student served as a teacher
+        student = load_student(base, device=dev, dtype=dt, name=name)
+        student.transformer.requires_grad_(False).eval()
+        return student.field
+    family = spec.model_family(base)
+    if family is None:
+        raise ValueError(f"teacher {name!r}: base {base!r} is a hub id: set the teacher's family")
+    pipe = family.load_pipeline(base, dev, dt, vae=True)
+    if spec.checkpoint:
+        pipe.transformer = _load_checkpoint_transformer(pipe, spec.checkpoint, dt).to(dev)
+    for i, lora in enumerate(spec.loras):
+        merge_lora(pipe, lora.path, lora.scale, adapter_name=f"{name}_lora{i}", weight_name=lora.weight_name)
+    transformer = pipe.transformer.requires_grad_(False).eval()
+    shape = family.latent_shape(pipe, resolution)
+    extra = {"family": family.name, "resolution": resolution, "base": base, "weights_sha256": weights_checksum(transformer)}
+    return ModelField(name, "diffusers", family, pipe, transformer, shape, dev, dt, guidance=spec.guidance,
+                      max_sequence_length=spec.max_sequence_length, extra=extra)
+
+
+def load_model_field(path: str | Path, name: str | None = None, device: str | torch.device | None = "auto",
+                     dtype: str | torch.dtype | None = "auto", resolution: int | None = None,
+                     max_sequence_length: int = 256) -> ModelField:
+    """A field from one folder (or hub id): a DanceOPD student folder, or a diffusers pipeline folder at its
+    transformer's native size (`resolution` pixels where given)."""
+    device = resolve_device(device)  # a bad device is named before any folder is read
+    local = Path(path).expanduser()
+    if _is_local(str(path)) and not local.exists():
+        raise ValueError(f"model folder {path} does not exist")
+    name = name or local.name
+    from danceopd.student import is_student_folder
+
+    if local.exists() and not is_student_folder(local) and family_of_folder(local) is None:
+        raise ValueError(f"{local} is neither a diffusers pipeline folder (model_index.json) nor a DanceOPD student folder")
+    if resolution is None and not is_student_folder(local):
+        resolution = native_resolution(local)
+    return load_teacher_field(TeacherModelSpec(base=str(path), max_sequence_length=max_sequence_length), name,
+                              resolution or 0, device=device, dtype=dtype)
+
+
+def native_resolution(base: str | Path) -> int | None:
+    """Pixel size of a pipeline's transformer sample_size (SD3) at its VAE's scale, where the config says it."""
+    import json
+
+    base = Path(base)
+    t, v = base / "transformer" / "config.json", base / "vae" / "config.json"
+    if not (t.exists() and v.exists()):
+        return None
+    size = json.loads(t.read_text()).get("sample_size")
+    blocks = json.loads(v.read_text()).get("block_out_channels", [0])
+    return int(size) * 2 ** (len(blocks) - 1) if size else None

@@ -1,0 +1,134 @@
+"""Tiny random diffusers pipelines (`danceopd.models.tiny`): offline build, reload, generate, determinism, CLI."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from danceopd.models.tiny import FAMILIES, build_tiny_pipeline
+
+PROMPT = "a photo of an astronaut riding a horse"
+CLASSES = {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline", "flux-kontext": "FluxKontextPipeline"}
+
+
+def _load(family, path):
+    from diffusers import DiffusionPipeline
+
+    # StableDiffusion3Pipeline does not list text_encoder_3 / tokenizer_3 as optional: a folder without T5
+    # loads only when they are passed as None.
+    absent = {"text_encoder_3": None, "tokenizer_3": None} if family == "sd3" else {}
+    return DiffusionPipeline.from_pretrained(path, **absent)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny-pipelines")
+    return {family: build_tiny_pipeline(family, root / family, seed=0) for family in FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def loaded(built):
+    return {family: _load(family, path) for family, path in built.items()}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_folder_reloads_as_its_pipeline_class_and_is_small(family, built, loaded):
+    path = built[family]
+    assert json.loads((path / "model_index.json").read_text())["_class_name"] == CLASSES[family]
+    assert type(loaded[family]).__name__ == CLASSES[family]
+    assert sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) < 5e6
+    assert all(p.dtype == torch.float32 for p in loaded[family].transformer.parameters())
+    if family == "flux-kontext":
+        from diffusers import FluxKontextPipeline
+
+        assert isinstance(FluxKontextPipeline.from_pretrained(path), FluxKontextPipeline)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pipeline_generates_a_32px_image(family, loaded):
+    from PIL import Image
+
+    pipe = loaded[family]
+    kwargs = dict(prompt=PROMPT, num_inference_steps=2, height=32, width=32, output_type="np",
+                  generator=torch.Generator().manual_seed(0))
+    if family != "sd3":
+        kwargs["max_sequence_length"] = 32
+    if family == "flux-kontext":
+        # Without these Kontext rescales the output to max_area (1024**2) and the input image to a ~1 MP
+        # preferred resolution.
+        kwargs.update(image=Image.new("RGB", (32, 32), (200, 30, 30)), max_area=32 * 32, _auto_resize=False)
+    image = pipe(**kwargs).images
+    assert image.shape == (1, 32, 32, 3)
+    assert np.isfinite(image).all() and image.min() >= 0 and image.max() <= 1
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_latent_sizes(family, loaded):
+    pipe = loaded[family]
+    assert pipe.vae_scale_factor == 2 and pipe.vae.config.latent_channels == 4
+    if family == "sd3":
+        assert pipe.transformer.config.sample_size == 16  # 4 x 16 x 16 latents at 32 px
+    else:
+        assert pipe.transformer.config.in_channels == 16  # 2x2 packed patches of 4 channels: 8 x 8 = 64 tokens
+        cfg = pipe.scheduler.config
+        assert cfg.use_dynamic_shifting and (cfg.base_image_seq_len, cfg.max_image_seq_len) == (4, 64)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_real_prompt_tokenizes_with_both_tokenizers(family, loaded):
+    pipe = loaded[family]
+    for tok in (pipe.tokenizer, pipe.tokenizer_2):
+        ids = tok(PROMPT, padding="max_length", max_length=64, truncation=True).input_ids
+        real = [i for i in ids if i != tok.pad_token_id]
+        assert len(real) > 2, (type(tok).__name__, ids)
+        assert tok.unk_token_id not in real or type(tok).__name__ == "CLIPTokenizer"  # words in the T5 vocab
+    if family != "sd3":  # T5: any text tokenizes, unknown pieces become <unk>
+        ids = pipe.tokenizer_2("Ünïcode 🚀 café, 42%!").input_ids
+        assert pipe.tokenizer_2.unk_token_id in ids and ids[-1] == pipe.tokenizer_2.eos_token_id
+        assert pipe.tokenizer_2.pad_token_id == 0 and len(pipe.tokenizer_2) == pipe.text_encoder_2.config.vocab_size
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_same_seed_same_weights_other_seed_differs(family, built, tmp_path):
+    from safetensors.torch import load_file
+
+    def weights(path):
+        return load_file(path / "transformer" / "diffusion_pytorch_model.safetensors")
+
+    a = weights(built[family])
+    b = weights(build_tiny_pipeline(family, tmp_path / "same", seed=0))
+    c = weights(build_tiny_pipeline(family, tmp_path / "other", seed=1))
+    assert a.keys() == b.keys() == c.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_build_leaves_the_global_rng_alone(tmp_path):
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    build_tiny_pipeline("flux", tmp_path / "p")
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_bad_arguments_are_rejected(tmp_path):
+    with pytest.raises(ValueError, match="unknown family"):
+        build_tiny_pipeline("sdxl", tmp_path / "x")
+    with pytest.raises(ValueError, match="multiple of 4"):
+        build_tiny_pipeline("flux", tmp_path / "x", sample_size=30)
+
+
+def test_cli_writes_a_pipeline(tmp_path, capsys):
+    from danceopd_cli.main import main
+
+    out = tmp_path / "cli-flux"
+    assert main(["tiny-pipeline", "--family", "flux", "--out", str(out), "--seed", "3", "--sample-size", "16"]) == 0
+    assert (out / "model_index.json").exists()
+    assert str(out) in capsys.readouterr().out
+    assert json.loads((out / "transformer" / "config.json").read_text())["in_channels"] == 16
+    assert json.loads((out / "vae" / "config.json").read_text())["sample_size"] == 16
+    assert main(["tiny-pipeline", "--family", "sd3", "--out", str(tmp_path / "bad"), "--sample-size", "30"]) == 2
+    with pytest.raises(SystemExit) as e:
+        main(["tiny-pipeline", "--family", "sdxl", "--out", str(tmp_path / "x")])
+    assert e.value.code == 2
