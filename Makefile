@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install os-deps deploy-files demo demo-reference results test test-fast bench-learning bench-teachers gpu-check clean
+.PHONY: install os-deps deploy-files demo demo-reference demo-diffusers tiny-models results test test-fast bench-learning bench-teachers gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,20 @@ demo: install
 ## demo-reference: the same run config on the single-process reference trainer (2 torch threads)
 demo-reference: install
 	$(BIN)/python -m trainer.reference --config configs/demo.yaml --no-resume --eval torch_threads=2
+
+## tiny-models: random tiny FLUX / FLUX Kontext pipelines and LoRA "capabilities" (offline), for demo-diffusers
+TINY := runs/tiny-models
+$(TINY)/.done: $(STAMP)
+	$(BIN)/danceopd tiny-pipeline --family flux --out $(TINY)/flux --seed 0 >/dev/null
+	$(BIN)/danceopd tiny-pipeline --family flux-kontext --out $(TINY)/flux-kontext --seed 0 >/dev/null
+	$(BIN)/danceopd tiny-lora --base $(TINY)/flux --out $(TINY)/flux-t2i-lora --rank 4 --seed 1 >/dev/null
+	$(BIN)/danceopd tiny-lora --base $(TINY)/flux-kontext --out $(TINY)/kontext-edit-lora --rank 4 --seed 2 >/dev/null
+	touch $@
+tiny-models: $(TINY)/.done
+
+## demo-diffusers: the distributed job on tiny FLUX-family pipelines: LoRA student, LoRA + CFG T2I teachers, Kontext edits
+demo-diffusers: install tiny-models
+	$(BIN)/python -m trainer.main --config configs/demo-diffusers.yaml --no-resume --eval
 
 # The experiment report: every claim, 3 seeds each (finished runs under runs/experiments are reused).
 EXPERIMENTS = composition edit-pair states routing query-position query-k rollout-steps cfg-absorption \

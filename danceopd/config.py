@@ -60,6 +60,11 @@ class DataConfig(_Strict):
                                                     "feeding each route's bucket; default: the capability suite")
     latent_cache: Path | None = Field(None, description="folder for VAE latents of manifest images (default: none, in memory)")
 
+    @field_validator("manifest", "latent_cache")
+    @classmethod
+    def _absolute(cls, v: Path | None) -> Path | None:
+        return None if v is None else v.expanduser().resolve()  # Ray workers run in other working directories
+
 
 class MethodConfig(_Strict):
     routing: Literal["hard", "soft", "adaptive"] = Field("hard", description="hard: one field per update, drawn by weight; soft: "
@@ -115,6 +120,17 @@ class EvalConfig(_Strict):
     samples_per_condition_in_grid: int = Field(4, ge=1)
     seed: int = 12345
     velocity_error_samples: int = Field(16, ge=1, description="held-out conditions per route for the velocity error")
+    clip_model: str | None = Field(None, description="a CLIP checkpoint (folder or hub id): also report the CLIP score of "
+                                                    "teacher and student samples on prompted routes")
+
+    @field_validator("clip_model")
+    @classmethod
+    def _clip_exists(cls, v: str | None) -> str | None:
+        if v is not None and v.startswith(("/", "./", "../", "~")):
+            if not Path(v).expanduser().exists():
+                raise ValueError(f"CLIP folder {v} does not exist")
+            return str(Path(v).expanduser().resolve())
+        return v
 
 
 class TrainConfig(_Strict):
@@ -160,6 +176,10 @@ class TrainConfig(_Strict):
                 raise ValueError(f"routes.{name}.capability: required without data.manifest (the suite is the dataset)")
         if self.data.manifest is not None:
             self._check_manifest()
+        m = self.method
+        if (m.states == "off_policy" or m.off_policy_share > 0) and (not pixel or self.data.manifest is not None):
+            raise ValueError("method.states: off-policy states forward-noise dataset targets, which only the suite's pixel model "
+                             "has for now: use states: on_policy (or teacher_rollout) with off_policy_share: 0")
         self._check_teachers(pixel)
         return self
 
@@ -202,10 +222,27 @@ class TrainConfig(_Strict):
             except ValueError as e:
                 raise ValueError(f"routes.{name}.teacher.{e}") from None
         if not pixel:
-            for name, route in self.routes.items():
-                if self.route_takes_source(name) and not student.native_source and student.name != "pixel":
-                    raise ValueError(f"routes.{name}: an edit route needs a student that reads source images; "
+            edits = [name for name in self.routes if self.route_takes_source(name)]
+            if edits and not student.native_source:
+                if student.name != "sd3":
+                    raise ValueError(f"routes.{edits[0]}: an edit route needs a student that reads source images; "
                                      f"{student.name} has no image input (use a flux-kontext base for FLUX edits)")
+                self.student.edit_input = True  # SD3: source latents on grown, zero-initialised input channels
+            for name in edits:
+                if not self._teacher_reads_source(name):
+                    raise ValueError(f"routes.{name}.teacher: an edit route needs a teacher that reads source images "
+                                     "(a Kontext model, or a DanceOPD student folder trained for edits)")
+
+    def _teacher_reads_source(self, name: str) -> bool:
+        from danceopd.student import is_student_folder, read_student_config
+
+        spec = self.routes[name].model_teacher
+        base = spec.base or self.student.base
+        if is_student_folder(base):
+            c = read_student_config(base)
+            return c.edit_input or c.model_family.native_source or c.model_family.name == "pixel"
+        family = spec.model_family(base)
+        return family is None or family.native_source  # a hub id without a family cannot be checked offline
 
     @property
     def manifest(self):

@@ -28,15 +28,16 @@ class VelocityQuery:
     sigma: np.ndarray  # float32 [B]
     prompts: list[str]
     source: np.ndarray | None = None  # float32 [B, C, H, W] (edits)
+    adapter: str | None = None  # which teacher of a shared-base (adapter bank) deployment answers
 
     @property
     def num_samples(self) -> int:
         return int(self.x.shape[0])
 
     @classmethod
-    def from_torch(cls, x: torch.Tensor, sigma: torch.Tensor, conditions: Conditions) -> "VelocityQuery":
+    def from_torch(cls, x: torch.Tensor, sigma: torch.Tensor, conditions: Conditions, adapter: str | None = None) -> "VelocityQuery":
         src = None if conditions.source is None else _np32(conditions.source)
-        return cls(_np32(x), _np32(sigma), list(conditions.prompts), src)
+        return cls(_np32(x), _np32(sigma), list(conditions.prompts), src, adapter)
 
     def conditions(self, device: torch.device | str = "cpu") -> Conditions:
         src = None if self.source is None else torch.from_numpy(np.ascontiguousarray(self.source)).to(device)
@@ -44,6 +45,11 @@ class VelocityQuery:
 
     def validate(self, info: FieldInfo) -> None:
         """Raise QueryError naming the first bad input; nothing invalid reaches a model."""
+        adapters = info.extra.get("adapters")
+        if adapters is not None and self.adapter not in adapters:
+            raise QueryError("adapter", f"teacher {info.name!r} serves several teachers on one base: name one of {adapters}")
+        if adapters is None and self.adapter is not None:
+            raise QueryError("adapter", f"teacher {info.name!r} is a single teacher: send no adapter")
         c, h, w = info.sample_shape
         if not isinstance(self.x, np.ndarray) or self.x.dtype != np.float32:
             raise QueryError("x", f"must be float32, got {getattr(self.x, 'dtype', type(self.x).__name__)}")
@@ -77,15 +83,21 @@ def _np32(t: torch.Tensor) -> np.ndarray:
     return t.detach().to("cpu", torch.float32).contiguous().numpy()
 
 
+def merge_key(query: VelocityQuery) -> tuple:
+    """Queries with the same key can share one model call: the same adapter, and a source for all or none (a
+    Kontext teacher appends source tokens: a zero source is not the same as none)."""
+    return (query.adapter, query.source is None)
+
+
 def concat_queries(queries: list[VelocityQuery]) -> VelocityQuery:
-    """Merge queries into one batch (sources: zeros where a query has none, if any query has one)."""
+    """Merge queries of one merge_key into one batch."""
     x = np.concatenate([q.x for q in queries])
     sigma = np.concatenate([np.asarray(q.sigma, dtype=np.float32) for q in queries])
     prompts = [p for q in queries for p in q.prompts]
-    source = None
-    if any(q.source is not None for q in queries):
-        source = np.concatenate([q.source if q.source is not None else np.zeros_like(q.x) for q in queries])
-    return VelocityQuery(x, sigma, prompts, source)
+    if len({merge_key(q) for q in queries}) != 1:
+        raise ValueError("concat_queries: queries differ in adapter or source presence; group them by merge_key first")
+    source = None if queries[0].source is None else np.concatenate([q.source for q in queries])
+    return VelocityQuery(x, sigma, prompts, source, queries[0].adapter)
 
 
 def split_rows(array: np.ndarray, queries: list[VelocityQuery]) -> list[np.ndarray]:
@@ -101,9 +113,12 @@ def info_to_dict(info: FieldInfo) -> dict:
             "takes_source": info.takes_source, "requires_source": info.requires_source,
             "guidance": None if info.guidance is None or not math.isfinite(info.guidance) else info.guidance,
             # a model teacher's family, resolution and weights checksum (which merged weights answer)
-            **{k: v for k, v in info.extra.items() if k in ("family", "resolution", "weights_sha256")}}
+            **{k: v for k, v in info.extra.items() if k in INFO_EXTRA}}
+
+
+INFO_EXTRA = ("family", "resolution", "weights_sha256", "adapters")  # model teachers' identity; an adapter bank's teachers
 
 
 def info_from_dict(d: dict) -> FieldInfo:
-    extra = {k: d[k] for k in ("family", "resolution", "weights_sha256") if k in d}
+    extra = {k: d[k] for k in INFO_EXTRA if k in d}
     return FieldInfo(d["name"], d["kind"], tuple(d["sample_shape"]), d["takes_source"], d["requires_source"], d.get("guidance"), extra)

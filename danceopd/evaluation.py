@@ -194,11 +194,30 @@ def evaluate_run(student, teachers: dict[str, VelocityField], cfg, suite: Capabi
     for name in cfg.routes:
         cond = data[name].evaluation_set(e.velocity_error_samples, e.seed + 101)
         report["routes"][name]["velocity_error"] = velocity_error(student.field, teachers[name], cond, sigmas, e.seed, device)
+    if e.clip_model is not None:
+        report["clip_model"] = e.clip_model
+        for name in cfg.routes:
+            report["routes"][name]["clip_score"] = clip_scores(student, teachers[name], data[name], e, device)
     if not judged and grid_path is not None:
         blocks = [(name, _latent_grid_block(student, teachers[name], data[name], e, device)) for name in cfg.routes]
         save_grid(blocks, grid_path)
         report["grid"] = str(grid_path)
     return report
+
+
+def clip_scores(student, teacher, data, e: EvalConfig, device) -> dict | None:
+    """Teacher and student CLIP scores on the route's held-out prompts (decoded samples; None for unprompted routes)."""
+    from danceopd.clip_score import ClipScorer
+
+    cond = data.evaluation_set(e.velocity_error_samples, e.seed + 202)
+    if not any(cond.prompts):
+        return None
+    scorer = ClipScorer(e.clip_model, device)
+    sigmas = eval_sigmas(e, student)
+    with torch.no_grad():
+        t = student.decode_latents(sample(teacher, cond, e.sampling_steps, e.seed + 9, sigmas=sigmas, device=device))
+        s = student.decode_latents(sample(student.field, cond, e.sampling_steps, e.seed + 9, sigmas=sigmas, device=device))
+    return {"teacher": scorer(t, cond.prompts), "student": scorer(s, cond.prompts)}
 
 
 def _latent_grid_block(student, teacher, data, e: EvalConfig, device, conditions_shown: int = 3):

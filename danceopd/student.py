@@ -27,6 +27,7 @@ from danceopd.models.base import resolve_device, resolve_dtype
 from danceopd.models.pixel import PixelModelConfig, build_pixel_pipeline, load_pixel_pipeline
 
 STUDENT_MARKER = "danceopd_student.json"
+INPUT_LAYER_FILE = "input_layer.safetensors"  # a grown input layer (SD3 edits), saved beside the LoRA
 
 
 class LoraSettings(BaseModel):
@@ -49,6 +50,10 @@ class StudentConfig(PixelModelConfig):
     lora: LoraSettings = LoraSettings()
     guidance: float | None = Field(None, description="guidance-embedding value of the student's own calls (FLUX); default the family's")
     gradient_checkpointing: bool = False
+    edit_input: bool = Field(False, description="grow the input layer for source latents (families without native image "
+                                                "input, SD3): zero-initialised, trained in full beside the LoRA; set "
+                                                "automatically when a route edits")
+    save_merged: bool = Field(False, description="also save the LoRA merged into a full transformer/ (a standalone model)")
     max_sequence_length: int | None = Field(None, ge=1, description="prompt tokens; default the pipeline's (SD3 256, FLUX 512)")
     prompt_cache_size: int = Field(512, ge=0, description="prompt embeddings kept (LRU); 0 = no cache")
 
@@ -62,8 +67,10 @@ class StudentConfig(PixelModelConfig):
             if self.adapter == "lora":
                 raise ValueError("adapter 'lora' needs a diffusers base (student.base); the pixel model trains in full")
             return self
-        if self.base.startswith(("/", "./", "../", "~")) and not Path(self.base).expanduser().exists():
-            raise ValueError(f"base folder {self.base} does not exist: point it at a diffusers pipeline folder (or a hub id)")
+        if self.base.startswith(("/", "./", "../", "~")):
+            if not Path(self.base).expanduser().exists():
+                raise ValueError(f"base folder {self.base} does not exist: point it at a diffusers pipeline folder (or a hub id)")
+            self.base = str(Path(self.base).expanduser().resolve())  # workers and replicas run elsewhere
         found = family_of_folder(self.base)
         if found is None and self.family is None:
             raise ValueError(f"base {self.base!r} is not a local pipeline folder: set student.family ({sorted(FAMILIES)}) for a hub id")
@@ -119,6 +126,20 @@ class Student:
             lora = get_peft_model_state_dict(model)
             self.family.pipeline_class().save_lora_weights(path, transformer_lora_layers=lora,
                                                            transformer_lora_adapter_metadata=model.peft_config["default"].to_dict())
+            if cfg.edit_input:
+                from safetensors.torch import save_file
+
+                from danceopd.models.sd3 import INPUT_LAYER
+
+                layer = model.get_submodule(INPUT_LAYER)
+                save_file({k: v.detach().float().contiguous().cpu() for k, v in layer.state_dict().items()}, str(path / INPUT_LAYER_FILE))
+            if cfg.save_merged:  # a copy with the adapters fused in: transformer/ loads without peft
+                import copy
+
+                merged = copy.deepcopy(model)
+                merged.fuse_lora(adapter_names=["default"])
+                merged.unload_lora()
+                merged.save_pretrained(path / "transformer")
         elif self.family.name == "pixel":
             self.pipe.transformer = model
             self.pipe.save_pretrained(path)
@@ -141,9 +162,20 @@ def _lora_config(cfg: StudentConfig, family: ModelFamily):
 
 
 def _assemble(cfg: StudentConfig, family: ModelFamily, pipe: Any, device: torch.device, dtype: torch.dtype, name: str,
-              lora_weights: dict | None = None) -> Student:
-    """Freeze the base in `dtype`, add the trainable part in fp32 (LoRA adapters or the whole transformer)."""
+              lora_weights: dict | None = None, input_layer: dict | None = None) -> Student:
+    """Freeze the base in `dtype`, add the trainable part in fp32 (LoRA adapters or the whole transformer, and a
+    grown input layer for edits on a family without native image input)."""
     transformer = pipe.transformer
+    grown = None
+    if cfg.edit_input and family.name != "pixel":
+        if family.native_source:
+            raise ValueError(f"student.edit_input: {family.name} reads source images natively; leave it false")
+        from danceopd.models.sd3 import INPUT_LAYER, grow_input_for_source
+
+        grow_input_for_source(transformer)
+        grown = transformer.get_submodule(INPUT_LAYER)
+        if input_layer is not None:
+            grown.load_state_dict(input_layer)
     for module in (getattr(pipe, k, None) for k in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae")):
         if isinstance(module, torch.nn.Module):
             module.requires_grad_(False).eval().to(device)
@@ -158,6 +190,8 @@ def _assemble(cfg: StudentConfig, family: ModelFamily, pipe: Any, device: torch.
             result = set_peft_model_state_dict(transformer, lora_weights, adapter_name="default")
             if getattr(result, "unexpected_keys", None):
                 raise ValueError(f"the student's LoRA has keys the model does not: {result.unexpected_keys[:3]}")
+        if grown is not None:  # the new input weights train in full (fp32) beside the adapters
+            grown.requires_grad_(True)
         _cast_params(transformer.to(device), torch.float32, trainable=True)
     else:
         transformer.requires_grad_(True).to(device)
@@ -225,7 +259,36 @@ def load_student(path: str | Path, device: str | torch.device = "auto", dtype: s
     lora = family.pipeline_class().lora_state_dict(str(path))
     lora = lora[0] if isinstance(lora, tuple) else lora
     weights = {k.removeprefix("transformer."): v for k, v in lora.items()}
-    return _assemble(cfg, family, pipe, dev, dt, name, lora_weights=weights)
+    return _assemble(cfg, family, pipe, dev, dt, name, lora_weights=weights, input_layer=_input_layer(path, cfg))
+
+
+def _input_layer(path: Path, cfg: StudentConfig) -> dict | None:
+    if not cfg.edit_input:
+        return None
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(path) / INPUT_LAYER_FILE))
+
+
+def load_student_pipeline(path: str | Path, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto"):
+    """A ready diffusers pipeline of a saved LoRA student: its base, the grown input layer where the student has
+    one (SD3 edits: the transformer then takes [x, source latents] on its channels), and the adapters loaded with
+    the standard `pipe.load_lora_weights`. A student without a grown layer needs nothing but that last call."""
+    path = Path(path)
+    cfg = read_student_config(path)
+    family = cfg.model_family
+    if family.name == "pixel" or not cfg.trains_lora:
+        raise ValueError(f"{path}: load_student_pipeline is for LoRA students of a diffusers base")
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    pipe = family.load_pipeline(cfg.base, dev, dt, vae=True)
+    if cfg.edit_input:
+        from danceopd.models.sd3 import INPUT_LAYER, grow_input_for_source
+
+        grow_input_for_source(pipe.transformer).get_submodule(INPUT_LAYER).load_state_dict(_input_layer(path, cfg))
+        _cast_params(pipe.transformer.get_submodule(INPUT_LAYER), dt)
+    pipe.load_lora_weights(str(path))
+    return pipe
 
 
 def count_parameters(module: torch.nn.Module, trainable_only: bool = False) -> int:

@@ -12,12 +12,19 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from danceopd.fields.model_field import ModelField
 from danceopd.models import ModelFamily, family_of_folder, get_family
-from danceopd.models.adapters import check_lora_keys, lora_file, merge_lora, weights_checksum
+from danceopd.models.adapters import check_lora_keys, load_lora, lora_file, merge_lora, weights_checksum
 from danceopd.models.base import resolve_device, resolve_dtype
 
 
 def _is_local(path: str) -> bool:
     return path.startswith(("/", "./", "../", "~"))
+
+
+def absolute_if_local(path: str | None) -> str | None:
+    """A local path made absolute (Ray workers and Serve replicas run in other working directories); hub ids as given."""
+    if path is None or not _is_local(path):
+        return path
+    return str(Path(path).expanduser().resolve())
 
 
 def _must_exist(path: str, what: str) -> str:
@@ -36,6 +43,7 @@ class LoraAdapterSpec(BaseModel):
     @model_validator(mode="after")
     def _exists(self) -> "LoraAdapterSpec":
         _must_exist(self.path, "LoRA")
+        self.path = absolute_if_local(self.path)
         if Path(self.path).expanduser().exists():
             lora_file(self.path, self.weight_name)
         return self
@@ -59,6 +67,7 @@ class TeacherModelSpec(BaseModel):
             _must_exist(self.base, "base folder")
         if self.checkpoint is not None:
             _must_exist(self.checkpoint, "checkpoint folder")
+        self.base, self.checkpoint = absolute_if_local(self.base), absolute_if_local(self.checkpoint)
         if self.family is not None:
             get_family(self.family)
         return self
@@ -116,6 +125,74 @@ def load_teacher_field(spec: TeacherModelSpec, name: str, resolution: int, defau
     extra = {"family": family.name, "resolution": resolution, "base": base, "weights_sha256": weights_checksum(transformer)}
     return ModelField(name, "diffusers", family, pipe, transformer, shape, dev, dt, guidance=spec.guidance,
                       max_sequence_length=spec.max_sequence_length, extra=extra)
+
+
+class AdapterBank:
+    """Teachers that share a base (and checkpoint) served from one model: the base is held once, each teacher's
+    LoRAs stay unfused as named peft adapters, and a query activates its teacher's adapters. For users short of
+    GPU memory: N capabilities cost one base plus N adapters instead of N merged copies, at the price of the
+    adapters' per-call cost and one teacher at a time per replica (`lock`)."""
+
+    def __init__(self, teachers: dict[str, TeacherModelSpec], resolution: int, default_base: str | None = None,
+                 device: str | torch.device = "auto", dtype: str | torch.dtype = "auto", name: str = "bank"):
+        import threading
+        from dataclasses import replace
+
+        first = next(iter(teachers.values()))
+        base = first.base or default_base
+        keys = {((t.base or default_base), t.family, t.checkpoint) for t in teachers.values()}
+        if len(keys) != 1:
+            raise ValueError(f"an adapter bank's teachers must share base, family and checkpoint; got {sorted(map(str, keys))}")
+        dev = resolve_device(device)
+        dt = resolve_dtype(dtype, dev)
+        self.family = first.model_family(base)
+        if self.family is None:
+            raise ValueError(f"adapter bank: base {base!r} is a hub id: set the teachers' family")
+        pipe = self.family.load_pipeline(base, dev, dt, vae=True)
+        if first.checkpoint:
+            pipe.transformer = _load_checkpoint_transformer(pipe, first.checkpoint, dt).to(dev)
+        self.active: dict[str, tuple[list[str], list[float]]] = {}
+        for name, spec in teachers.items():
+            names, weights = [], []
+            for i, lora in enumerate(spec.loras):
+                adapter = f"{name}__{i}"
+                weights.append(lora.scale * load_lora(pipe, lora.path, adapter, lora.weight_name))
+                names.append(adapter)
+            self.active[name] = (names, weights)
+        self.transformer = pipe.transformer.requires_grad_(False).eval()
+        shape = self.family.latent_shape(pipe, resolution)
+        base_field = ModelField("bank", "diffusers", self.family, pipe, self.transformer, shape, dev, dt)
+        self.fields = {t: AdapterTeacherField(self, t, ModelField(
+            t, "diffusers", self.family, pipe, self.transformer, shape, dev, dt, guidance=spec.guidance,
+            max_sequence_length=spec.max_sequence_length, prompt_cache=base_field.prompts,
+            extra={"family": self.family.name, "resolution": resolution, "base": base, "shared_base": True}))
+            for t, spec in teachers.items()}
+        self.lock = threading.Lock()
+        # The replica's contract: one shape for all; queries name their teacher (VelocityQuery.adapter).
+        self.info = replace(base_field.info, name=name, kind="adapter_bank",
+                            extra={"family": self.family.name, "resolution": resolution, "adapters": sorted(self.fields),
+                                   "weights_sha256": weights_checksum(self.transformer)})
+
+    def activate(self, name: str) -> None:
+        names, weights = self.active[name]
+        if names:
+            self.transformer.enable_adapters()
+            self.transformer.set_adapters(names, weights)
+        elif self.active and any(n for n, _ in self.active.values()):
+            self.transformer.disable_adapters()  # this teacher is the base itself
+
+
+class AdapterTeacherField:
+    """One teacher of an AdapterBank, as a velocity field."""
+
+    def __init__(self, bank: AdapterBank, name: str, field: ModelField):
+        self.bank, self.name, self.field = bank, name, field
+        self.info = field.info
+
+    def velocity(self, x: torch.Tensor, sigma: torch.Tensor, conditions) -> torch.Tensor:
+        with self.bank.lock:
+            self.bank.activate(self.name)
+            return self.field.velocity(x, sigma, conditions)
 
 
 def load_model_field(path: str | Path, name: str | None = None, device: str | torch.device | None = "auto",

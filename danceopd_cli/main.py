@@ -5,6 +5,7 @@
     danceopd serve-config configs/teachers.yaml > deploy/serve-teachers.yaml
     danceopd experiment experiments/specs/*.yaml --report docs/results.md [--smoke]
     danceopd tiny-pipeline --family sd3|flux|flux-kontext --out DIR [--seed N] [--sample-size PX]
+    danceopd tiny-lora --base DIR --out DIR [--rank R] [--std S] [--seed N]
 
 Exit codes: 0 ok, 2 bad input (config, paths), 1 unexpected failure.
 """
@@ -110,6 +111,15 @@ def _tiny_pipeline(args) -> int:
     return 0
 
 
+def _tiny_lora(args) -> int:
+    from danceopd.models.tiny import build_random_lora
+
+    if not (args.base / "model_index.json").exists():
+        raise ConfigError(f"--base {args.base}: not a diffusers pipeline folder (no model_index.json); make one with `danceopd tiny-pipeline`")
+    print(build_random_lora(args.base, args.out, rank=args.rank, std=args.std, seed=args.seed))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from services.teachers.query_cli import CliError, add_parser as add_query
 
@@ -139,6 +149,13 @@ def main(argv: list[str] | None = None) -> int:
     tp.add_argument("--seed", type=int, default=0, help="same seed, same weights")
     tp.add_argument("--sample-size", type=int, default=32, help="image size in pixels (multiple of 4)")
     tp.set_defaults(run=_tiny_pipeline)
+    tl = sub.add_parser("tiny-lora", help="write a random LoRA for a pipeline's transformer (a stand-in capability teacher: base + it)")
+    tl.add_argument("--base", type=Path, required=True, help="the pipeline folder the adapter is for")
+    tl.add_argument("--out", type=Path, required=True, help="output folder (diffusers LoRA format)")
+    tl.add_argument("--rank", type=int, default=4)
+    tl.add_argument("--std", type=float, default=0.1, help="std of both LoRA matrices' random entries")
+    tl.add_argument("--seed", type=int, default=1)
+    tl.set_defaults(run=_tiny_lora)
     args, extra = parser.parse_known_args(argv)
     unknown = [e for e in extra if e.startswith("-") or "=" not in e or args.command != "eval"]
     if unknown:

@@ -80,7 +80,8 @@ def test_kontext_field_appends_source_tokens_as_the_kontext_pipeline_does(tiny):
 def test_saved_lora_student_loads_with_load_lora_weights_and_generates(tiny, tmp_path, family):
     """A trained (here: randomised) LoRA student, saved, loaded the standard diffusers way into a fresh pipeline of its
     base: same velocity to 1e-5 in fp32, and the pipeline's own __call__ generates with it."""
-    student = build_student(StudentConfig(base=str(tiny[family]), lora={"rank": 4, "alpha": 8}), device="cpu", dtype="float32")
+    student = build_student(StudentConfig(base=str(tiny[family]), lora={"rank": 4, "alpha": 8}, save_merged=family == "flux"),
+                            device="cpu", dtype="float32")
     assert all(p.dtype == torch.float32 for p in student.trainable_parameters())
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
@@ -105,6 +106,12 @@ def test_saved_lora_student_loads_with_load_lora_weights_and_generates(tiny, tmp
     kwargs = {"max_area": 32 * 32, "_auto_resize": False, "image": torch.zeros(1, 3, 32, 32)} if family == "flux-kontext" else {}
     image = pipe(prompt=PROMPTS[0], num_inference_steps=2, height=32, width=32, output_type="np", **kwargs).images
     assert image.shape == (1, 32, 32, 3) and float(image.std()) > 0
+    if family == "flux":  # the merged full transformer, on request: a standalone model without peft
+        from diffusers import FluxTransformer2DModel
+
+        merged = FluxTransformer2DModel.from_pretrained(tmp_path / "student" / "transformer")
+        with torch.no_grad():
+            assert (student.field.with_transformer(merged).velocity(x, s, Conditions(PROMPTS, src)) - ours).abs().max() < 1e-5
     again = load_student(tmp_path / "student", device="cpu", dtype="float32")  # and back into training
     with torch.no_grad():
         assert (again.field.velocity(x, s, Conditions(PROMPTS, src)) - ours).abs().max().item() < 1e-5
@@ -182,6 +189,8 @@ def test_bad_model_configs_stop_before_anything_loads_naming_the_key(tiny, tmp_p
     with pytest.raises(ConfigError, match=r"data\.manifest: .*row 2 \(uid 'b'\): source_image: file img/missing.png does not exist"):
         load_config(None, {**base, "student.base": str(tiny["flux-kontext"]), "data.manifest": str(manifest),
                            "routes": {"t2i": {"teacher": {}}}})
+    with pytest.raises(ConfigError, match=r"method\.states: off-policy states forward-noise dataset targets"):
+        load_config(None, {**base, "routes": {"t2i": {"capability": "t2i", "teacher": {}}}, "method.states": "off_policy"})
     with pytest.raises(ConfigError, match=r"student: .*family 'sdxl'"):
         load_config(None, {**base, "student.family": "sdxl"})
 
@@ -260,3 +269,126 @@ def test_flux_t2i_and_kontext_edit_compose_on_the_distributed_job(ray_cluster, t
     for route in ("t2i", "edit"):
         b, a = before["routes"][route]["velocity_error"], after["routes"][route]["velocity_error"]
         assert a < 0.5 * b, (route, b, a)
+
+
+def test_shared_base_teachers_are_one_deployment_answering_per_adapter(ray_cluster, tiny, tmp_path):
+    """services.shared_base: the routes' LoRA teachers on one base become one adapter-bank deployment; each route's
+    client names its adapter and gets what a merged teacher of its own answers; mixed concurrent queries are
+    grouped per adapter inside the replica."""
+    import asyncio
+
+    from ray import serve
+
+    from danceopd.remote import RequestError
+    from services.teachers.app import deploy_teachers
+    from services.teachers.client import TeacherClient
+    from trainer.job import load_job_config
+
+    prefix = f"sb{uuid.uuid4().hex[:4]}-"
+    lora_b = build_random_lora(tiny["flux"], tmp_path / "lora-b", rank=4, std=0.1, seed=7)
+    job = load_job_config(None, {
+        "student.base": str(tiny["flux"]), "services.shared_base": True, "services.app_prefix": prefix, "output_dir": str(tmp_path),
+        "routes": {"a": {"capability": "t2i", "teacher": {"loras": [{"path": str(tiny["flux-lora"])}]}},
+                   "b": {"capability": "t2i", "teacher": {"loras": [{"path": str(lora_b), "scale": 0.5}]}},
+                   "plain": {"capability": "t2i", "teacher": {}},
+                   "guided": {"capability": "t2i", "teacher": {"loras": [{"path": str(lora_b)}]}, "cfg_alpha": 2.0}}})
+    assert job.banks() == {"shared-a": ["a", "b", "plain"]}
+    assert {job.teacher_app(r) for r in ("a", "b", "plain")} == {prefix + "shared-a"} and job.teacher_app("guided") == prefix + "guided"
+    tcfg = job.teachers_config()
+    deploy_teachers(tcfg, only=["shared-a"], gateway=False)
+    try:
+        clients = {r: job.teacher_client(r) for r in ("a", "b", "plain")}
+        assert clients["a"].info.name == "a" and clients["a"].info.extra["adapters"] == ["a", "b", "plain"]
+        x, s, c = torch.randn(3, 4, 16, 16), torch.tensor([0.2, 0.5, 0.9]), Conditions(PROMPTS + [""])
+
+        async def together():
+            return await asyncio.gather(*(clients[r].velocity_async(x, s, c) for r in ("a", "b", "plain", "a")))
+
+        served = dict(zip(("a", "b", "plain", "a2"), asyncio.run(together())))
+        for r in ("a", "b", "plain"):
+            own = load_teacher_field(job.routes[r].model_teacher, r, 32, default_base=str(tiny["flux"]), device="cpu", dtype="float32")
+            with torch.no_grad():
+                want = own.velocity(x, s, c)
+            assert (served[r] - want).abs().max() < 1e-4, r
+        assert torch.equal(served["a"], served["a2"]) and (served["a"] - served["b"]).abs().max() > 1e-3
+        with pytest.raises(RequestError, match="adapter"):
+            TeacherClient(prefix + "shared-a", app_prefix="").velocity(x, s, c)  # a bank needs the adapter named
+    finally:
+        serve.delete(prefix + "shared-a")
+
+
+@pytest.mark.cuda
+def test_lora_student_and_teacher_on_cuda_in_bf16(tiny):
+    """Device placement and precision on a GPU: bf16 base and teacher on cuda, fp32 adapters, finite loss and grads."""
+    student = build_student(StudentConfig(base=str(tiny["flux-kontext"]), lora={"rank": 4, "alpha": 4}), device="cuda", dtype="bfloat16")
+    teacher = load_teacher_field(TeacherModelSpec(base=str(tiny["flux"]), loras=[LoraAdapterSpec(path=str(tiny["flux-lora"]))]),
+                                 "t2i", 32, device="cuda", dtype="bfloat16")
+    assert teacher.transformer.dtype == torch.bfloat16 and next(teacher.transformer.parameters()).device.type == "cuda"
+    assert all(p.dtype == torch.float32 and p.device.type == "cuda" for p in student.trainable_parameters())
+    x, s, c = torch.randn(2, 4, 16, 16, device="cuda"), torch.tensor([0.3, 0.7], device="cuda"), Conditions(PROMPTS)
+    with torch.no_grad():
+        target = teacher.velocity(x, s, c)
+    loss = (student.field.velocity(x, s, c) - target).pow(2).mean()
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None and torch.isfinite(p.grad).all() for p in student.trainable_parameters())
+
+
+def test_clip_score_hook_scores_teacher_and_student_samples(tiny, tmp_path):
+    """eval.clip_model: a CLIP checkpoint scores decoded samples against their prompts (100 x cosine, >= 0)."""
+    from danceopd.clip_score import ClipScorer
+    from danceopd.models.tiny import build_tiny_clip
+    from trainer.reference import ReferenceTrainer
+
+    clip = build_tiny_clip(tmp_path / "clip")
+    scorer = ClipScorer(str(clip))
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    a, b = scorer(images, PROMPTS), scorer(images, PROMPTS)
+    assert a == b and 0.0 <= a <= 100.0 and scorer(images, PROMPTS[::-1]) != a
+    cfg = load_config(None, {"student.base": str(tiny["flux"]), "student.lora.rank": 4, "output_dir": str(tmp_path),
+                             "routes": {"t2i": {"capability": "t2i", "teacher": {"loras": [{"path": str(tiny["flux-lora"])}]}}},
+                             "eval.clip_model": str(clip), "eval.velocity_error_samples": 4, "eval.sampling_steps": 4,
+                             "eval.schedule": "family", "method.schedule": "family", "method.rollout_steps": 4})
+    report = ReferenceTrainer(cfg, log=lambda m: None).evaluate()
+    scores = report["routes"]["t2i"]["clip_score"]
+    assert set(scores) == {"teacher", "student"} and all(0.0 <= v <= 100.0 for v in scores.values())
+    with pytest.raises(ConfigError, match=r"eval\.clip_model: .*CLIP folder ./nope does not exist"):
+        load_config(None, {"eval.clip_model": "./nope"})
+
+
+def test_sd3_edit_student_grows_a_zero_input_layer_and_learns_an_sd3_edit_teacher(tiny, tmp_path):
+    """SD3 has no image input: an edit route grows the student's patch embedding for source latents, zero-initialised
+    (the student starts exactly as its base), trained beside the LoRA, saved beside it and restored by the helper."""
+    from danceopd.student import load_student_pipeline
+    from trainer.reference import ReferenceTrainer
+
+    base = str(tiny["sd3"])
+    plain = build_student(StudentConfig(base=base, lora={"rank": 4, "alpha": 4}), device="cpu", dtype="float32")
+    grown = build_student(StudentConfig(base=base, lora={"rank": 4, "alpha": 4}, edit_input=True), device="cpu", dtype="float32")
+    assert grown.field.info.takes_source and grown.transformer.config.in_channels == 8
+    assert {n for n, p in grown.transformer.named_parameters() if p.requires_grad and "lora" not in n} == {"pos_embed.proj.weight", "pos_embed.proj.bias"}
+    x, s, src = torch.randn(2, 4, 16, 16), torch.tensor([0.3, 0.8]), torch.randn(2, 4, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(grown.field.velocity(x, s, Conditions(PROMPTS, src)), plain.field.velocity(x, s, Conditions(PROMPTS)))
+    # an SD3 "edit teacher": the grown student with random adapters and source weights
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for p in grown.trainable_parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    grown.save_pretrained(tmp_path / "sd3-edit-teacher")
+    pipe = load_student_pipeline(tmp_path / "sd3-edit-teacher", device="cpu", dtype="float32")
+    with torch.no_grad():
+        want = grown.field.velocity(x, s, Conditions(PROMPTS, src))
+        assert (grown.field.with_transformer(pipe.transformer).velocity(x, s, Conditions(PROMPTS, src)) - want).abs().max() < 1e-5
+    cfg = load_config(None, {
+        "student.base": base, "student.lora.rank": 4, "student.lora.alpha": 4, "output_dir": str(tmp_path), "run_name": "sd3-edit",
+        "routes": {"edit": {"capability": "global_edit", "teacher": {"base": str(tmp_path / "sd3-edit-teacher")}}},
+        "method.rollout_steps": 8, "method.schedule": "family", "optim.batch_size": 8, "optim.lr": 1e-2, "optim.warmup_steps": 0,
+        "optim.ema_decay": 0.0, "steps": 40, "log_every": 10, "checkpoint_every": 1000, "torch_threads": 2, "eval.velocity_error_samples": 8})
+    assert cfg.student.edit_input  # set by the edit route
+    tr = ReferenceTrainer(cfg, log=lambda m: None)
+    before = tr.evaluate()["routes"]["edit"]["velocity_error"]
+    tr.fit()
+    after = tr.evaluate()["routes"]["edit"]["velocity_error"]
+    assert after < 0.1 * before, (before, after)
+    with pytest.raises(ConfigError, match=r"routes\.edit\.teacher: an edit route needs a teacher that reads source images"):
+        load_config(None, {"student.base": base, "output_dir": str(tmp_path), "routes": {"edit": {"capability": "global_edit", "teacher": {}}}})

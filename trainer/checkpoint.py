@@ -67,6 +67,11 @@ def restore_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.opti
     optimizer.load_state_dict(blob["optimizer"])
     if ema is not None and blob.get("ema") is not None:
         ema.load_state_dict(blob["ema"])
+    elif ema is not None:  # a checkpoint from before the fp32 EMA was stored: its student/ holds the EMA weights
+        from danceopd.student import load_student
+
+        saved = dict(load_student(path / "student", device="cpu", dtype="float32").transformer.named_parameters())
+        ema.load_state_dict({n: saved[n].detach().float() for n in ema.params})
     torch.set_rng_state(blob["torch_rng"])
     np.random.set_state(blob["numpy_rng"])
     random.setstate(blob["python_rng"])

@@ -36,7 +36,6 @@ def worker_loop(config: dict) -> None:
     import ray.train.torch
 
     from router.client import RouterClient
-    from services.teachers.client import TeacherClient
 
     job = JobConfig.model_validate(config["job"])
     run_id = config["run_id"]
@@ -54,7 +53,7 @@ def worker_loop(config: dict) -> None:
     params = student.trainable_parameters()  # fp32 master weights (LoRA adapters, or all)
     optimizer = torch.optim.AdamW(params, lr=job.optim.lr, betas=job.optim.betas, weight_decay=job.optim.weight_decay)
     ema = EMA(inner, job.optim.ema_decay) if job.optim.ema_decay > 0 else None
-    teachers = {r: TeacherClient(job.teacher_app(r), app_prefix="", timeout_s=job.cluster.timeout_s) for r in job.routes}
+    teachers = {r: job.teacher_client(r) for r in job.routes}
     router = RouterClient(job.services.router_app, timeout_s=job.cluster.timeout_s)
     sigmas = run_sigmas(job, student).to(device)
     accum = job.optim.grad_accum

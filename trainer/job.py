@@ -62,6 +62,9 @@ class ServicesConfig(_Strict):
     router_app: str = "router"
     router_redis_url: str | None = Field(None, description="router state in Redis; default $DANCEOPD_REDIS_URL, else in memory")
     gateway: bool = Field(True, description="also deploy the REST gateway (velocity queries for debugging)")
+    shared_base: bool = Field(False, description="serve the model teachers that share a base (same base, family and checkpoint, "
+                                                 "no CFG) from one deployment holding the base once, with each route's LoRAs "
+                                                 "as adapters switched per query: less GPU memory, a per-call adapter cost")
     gateway_route_prefix: str = "/"
     http_host: str = Field("127.0.0.1", description="Serve's HTTP proxy, when the job starts Serve (REST gateway, router API)")
     http_port: int = Field(8000, ge=1, le=65535)
@@ -86,28 +89,66 @@ class JobConfig(TrainConfig):
     def storage_path(self) -> Path:
         return (self.cluster.storage_path or self.run_dir / "ray").expanduser().resolve()
 
+    def banks(self) -> dict[str, list[str]]:
+        """services.shared_base: groups of routes whose model teachers share base, family and checkpoint (CFG
+        routes keep their own teacher), each served as one adapter bank named after its first route."""
+        if not self.services.shared_base:
+            return {}
+        groups: dict[tuple, list[str]] = {}
+        for name, route in self.routes.items():
+            spec = route.model_teacher
+            if spec is not None and route.cfg_alpha is None:
+                groups.setdefault((spec.base or self.student.base, spec.family, spec.checkpoint), []).append(name)
+        return {f"shared-{names[0]}": names for names in groups.values() if len(names) > 1}
+
+    def teacher_name(self, route: str) -> str:
+        """The teacher (in teachers_config) that answers a route: its own, or its adapter bank."""
+        return next((bank for bank, routes in self.banks().items() if route in routes), route)
+
     def teacher_app(self, route: str) -> str:
-        return f"{self.services.app_prefix}{route}"
+        return f"{self.services.app_prefix}{self.teacher_name(route)}"
+
+    def teacher_adapter(self, route: str) -> str | None:
+        """The adapter a route's queries name on its bank; None for a teacher of its own."""
+        return route if self.teacher_name(route) != route else None
+
+    def teacher_client(self, route: str):
+        from services.teachers.client import TeacherClient
+
+        return TeacherClient(self.teacher_app(route), app_prefix="", timeout_s=self.cluster.timeout_s, adapter=self.teacher_adapter(route))
+
+    def _deploy_options(self, route: str) -> dict:
+        default = self.services.teacher_defaults.model_dump(exclude_none=True)
+        own = self.services.teachers.get(route, TeacherDeployOptions()).model_dump(exclude_none=True)
+        if "autoscaling_config" in own:  # the route's own scaling replaces the default one
+            default.pop("num_replicas", None)
+        if "num_replicas" in own:
+            default.pop("autoscaling_config", None)
+        return {**default, **own}
 
     def teachers_config(self) -> TeachersConfig:
         """The teachers (one per route) as a validated TeachersConfig: what `deploy_teachers` deploys."""
         teachers = []
+        banks = self.banks()
+        banked = {r for routes in banks.values() for r in routes}
+        for bank, routes in banks.items():
+            spec = self.routes[routes[0]].model_teacher
+            field = {"kind": "adapter_bank", "path": spec.base or self.student.base, "family": spec.family, "checkpoint": spec.checkpoint,
+                     "resolution": self.student.resolution,
+                     "adapters": {r: self.routes[r].model_teacher.model_dump(include={"loras", "guidance"}) for r in routes}}
+            teachers.append({"name": bank, "field": field, **self._deploy_options(routes[0])})
         for name, route in self.routes.items():
+            if name in banked:
+                continue
             spec = route.model_teacher
             if spec is None:
                 field = {"kind": "suite", "capability": route.capability, "tier": self.suite.tier, "tau": self.suite.tau, "seed": self.suite.seed}
             else:  # a model teacher in the student's latent space, at the student's resolution
                 field = {"kind": "diffusers", "path": spec.base or self.student.base, "resolution": self.student.resolution,
                          **spec.model_dump(exclude={"base"}, exclude_none=True, exclude_defaults=True)}
-            default = self.services.teacher_defaults.model_dump(exclude_none=True)
-            own = self.services.teachers.get(name, TeacherDeployOptions()).model_dump(exclude_none=True)
-            if "autoscaling_config" in own:  # the route's own scaling replaces the default one
-                default.pop("num_replicas", None)
-            if "num_replicas" in own:
-                default.pop("autoscaling_config", None)
-            opts = {**default, **own}
+            opts = self._deploy_options(name)
             if route.cfg_alpha is not None:  # the base field is built in the same replica (see services.teachers.fields)
-                teachers.append({"name": f"{name}-base", "field": field, **opts})
+                teachers.append({"name": f"{name}-base", "field": field, **opts, "deploy": False})
                 field = {"kind": "cfg", "base": f"{name}-base", "alpha": route.cfg_alpha}
             teachers.append({"name": name, "field": field, **opts})
         redis_url = self.services.router_redis_url or os.environ.get("DANCEOPD_REDIS_URL")

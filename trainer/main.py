@@ -54,7 +54,6 @@ def ensure_services(job: JobConfig, log=print) -> None:
 
     from router.deployment import router_app
     from services.teachers.app import GATEWAY_APP, deploy_teachers
-    from services.teachers.client import TeacherClient
 
     tcfg = job.teachers_config()
     s = job.services
@@ -63,11 +62,10 @@ def ensure_services(job: JobConfig, log=print) -> None:
     except Exception:  # Serve not started on this cluster yet
         apps = {}
     running = {name for name, a in apps.items() if str(getattr(a.status, "value", a.status)) == "RUNNING"}
-    wanted = {job.teacher_app(r): r for r in job.routes}
-    missing = [r for app, r in wanted.items() if app not in running]
+    missing = sorted({job.teacher_name(r) for r in job.routes if job.teacher_app(r) not in running})
     router_missing = s.router_app not in running
     if s.deploy == "attach" and (missing or router_missing):
-        absent = [job.teacher_app(r) for r in missing] + ([s.router_app] if router_missing else [])
+        absent = [f"{s.app_prefix}{t}" for t in missing] + ([s.router_app] if router_missing else [])
         raise ServiceError(f"services.deploy is 'attach' but these Serve applications are not running: {absent}. Deploy them "
                            "(serve deploy deploy/serve-teachers.yaml) or set services.deploy: auto")
     if not apps:
@@ -80,12 +78,12 @@ def ensure_services(job: JobConfig, log=print) -> None:
     if router_missing:
         serve.run(router_app({"redis_url": tcfg.router.redis_url}), name=s.router_app, route_prefix=tcfg.router.route_prefix)
         log(f"deployed router ({'redis' if tcfg.router.redis_url else 'in-memory store'})")
-    attached = [job.teacher_app(r) for r in job.routes if r not in missing]
+    attached = sorted({job.teacher_app(r) for r in job.routes if job.teacher_name(r) not in missing})
     if attached:
         log(f"attached to running teachers {attached}")
     shape = expected_sample_shape(job.student)
     for r in job.routes:
-        info = TeacherClient(job.teacher_app(r), app_prefix="", timeout_s=job.cluster.timeout_s).info
+        info = job.teacher_client(r).info
         if shape is not None and tuple(info.sample_shape) != shape:
             raise ServiceError(f"routes.{r}: teacher application {job.teacher_app(r)!r} serves {tuple(info.sample_shape)} images, "
                                f"the student makes {shape}: point the route at a matching teacher")
@@ -107,11 +105,10 @@ def evaluate_student(job: JobConfig, student, grid_path: Path | None):
     from danceopd.data.routes import build_route_data
     from danceopd.evaluation import evaluate_run
     from danceopd.suite import CapabilitySuite
-    from services.teachers.client import TeacherClient
     from trainer.steps import run_sigmas
 
     suite = CapabilitySuite(job.suite.tier, job.suite.tau, job.suite.seed)
-    teachers = {r: TeacherClient(job.teacher_app(r), app_prefix="", timeout_s=job.cluster.timeout_s) for r in job.routes}
+    teachers = {r: job.teacher_client(r) for r in job.routes}
     student.transformer.eval()
     return evaluate_run(student, teachers, job, suite, build_route_data(job, suite, student), run_sigmas(job, student),
                         device=student.field.device, grid_path=grid_path)
@@ -190,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
 
         report = evaluate_student(job, load_student(final_dir, job.device, job.dtype), job.run_dir / "grid.png")
         report["before"] = before
+        report["velocity_error"] = {r: {"before": (before or {"routes": {}})["routes"].get(r, {}).get("velocity_error"),
+                                        "after": e.get("velocity_error")} for r, e in report["routes"].items()}
         report["training"] = {"run_id": run_id, "steps": m["step"], "train_seconds": train_s, "job_seconds": time.perf_counter() - t_job,
                                "workers": job.cluster.num_workers, "samples_per_s": m.get("samples_per_s"),
                                "time_share": m.get("time_share_total"), "checkpoint": result.checkpoint.path,

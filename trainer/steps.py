@@ -125,4 +125,4 @@ def routing_config(cfg: TrainConfig, world_size: int, batch_size: int, teacher=l
     micro-batches, drawn by weight (hard) or by weights that follow the routes' losses (adaptive)."""
     return {"policy": "adaptive" if cfg.method.routing == "adaptive" else "hard", "seed": cfg.seed, "world_size": world_size,
             "micro_batches": cfg.optim.grad_accum, "batch_size": batch_size,
-            "routes": {n: {"teacher": teacher(n), "bucket": r.capability, "weight": r.weight} for n, r in cfg.routes.items()}}
+            "routes": {n: {"teacher": teacher(n), "bucket": r.capability or n, "weight": r.weight} for n, r in cfg.routes.items()}}

@@ -96,11 +96,15 @@ def check_lora_keys(path: str | Path, base: str | Path, weight_name: str | None 
                          f"of {base} (e.g. {missing[0]!r}): is the adapter for another model?")
 
 
-def merge_lora(pipe: Any, path: str | Path, scale: float, adapter_name: str, weight_name: str | None = None) -> None:
-    """Load an adapter with the pipeline's own LoRA loader, fuse it into the transformer at `scale`, and drop the
-    adapter layers: the teacher is then a plain frozen transformer (no per-call LoRA cost)."""
+def load_lora(pipe: Any, path: str | Path, adapter_name: str, weight_name: str | None = None) -> float:
+    """Load an adapter into the pipeline's transformer with the pipeline's own LoRA loader (diffusers, kohya and
+    PEFT layouts; a hub repo is fetched first). Returns the factor its scale must be multiplied by (a PEFT
+    folder's alpha / r, which diffusers' loader does not see in a bare state dict)."""
+    from diffusers.utils import logging as diffusers_logging
     from safetensors.torch import load_file
 
+    # diffusers warns once per text encoder that a transformer-only LoRA has no keys for it: expected here.
+    diffusers_logging.set_verbosity_error()
     p = Path(path).expanduser()
     if not p.exists():  # a hub repo (diffusers LoRA or PEFT adapter): fetch its files, then treat it as a folder
         from huggingface_hub import snapshot_download
@@ -109,11 +113,17 @@ def merge_lora(pipe: Any, path: str | Path, scale: float, adapter_name: str, wei
     if p.is_dir() and (p / "adapter_config.json").exists():  # a PEFT folder: keys without the transformer. prefix
         sd = {f"transformer.{_strip(k)}": v for k, v in load_file(str(lora_file(p, weight_name))).items()}
         pipe.load_lora_weights(sd, adapter_name=adapter_name)
-        scale = scale * peft_alpha_ratio(p)
-    else:
-        f = lora_file(p, weight_name)
-        pipe.load_lora_weights(str(f.parent), weight_name=f.name, adapter_name=adapter_name)
-    pipe.transformer.fuse_lora(lora_scale=scale, adapter_names=[adapter_name])
+        return peft_alpha_ratio(p)
+    f = lora_file(p, weight_name)
+    pipe.load_lora_weights(str(f.parent), weight_name=f.name, adapter_name=adapter_name)
+    return 1.0
+
+
+def merge_lora(pipe: Any, path: str | Path, scale: float, adapter_name: str, weight_name: str | None = None) -> None:
+    """Load an adapter, fuse it into the transformer at `scale`, and drop the adapter layers: the teacher is then a
+    plain frozen transformer (no per-call LoRA cost)."""
+    ratio = load_lora(pipe, path, adapter_name, weight_name)
+    pipe.transformer.fuse_lora(lora_scale=scale * ratio, adapter_names=[adapter_name])
     pipe.transformer.unload_lora()
 
 

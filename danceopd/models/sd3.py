@@ -24,6 +24,28 @@ def call_sd3_transformer(transformer: torch.nn.Module, x: torch.Tensor, sigma: t
                        pooled_projections=pooled.to(x.dtype), return_dict=False)[0]
 
 
+INPUT_LAYER = "pos_embed.proj"  # the patch-embedding convolution that reads the latent channels
+
+
+def grow_input_for_source(transformer: torch.nn.Module) -> torch.nn.Module:
+    """Double the patch embedding's input channels for source latents, the new weights zero (the InstructPix2Pix
+    way): the transformer answers exactly as before until training moves them. Idempotent."""
+    proj = transformer.pos_embed.proj
+    c = transformer.config.out_channels or transformer.config.in_channels
+    if proj.in_channels == 2 * c:
+        return transformer
+    grown = torch.nn.Conv2d(2 * c, proj.out_channels, proj.kernel_size, proj.stride, proj.padding, bias=proj.bias is not None,
+                            device=proj.weight.device, dtype=proj.weight.dtype)
+    with torch.no_grad():
+        grown.weight.zero_()
+        grown.weight[:, :c] = proj.weight
+        if proj.bias is not None:
+            grown.bias.copy_(proj.bias)
+    transformer.pos_embed.proj = grown
+    transformer.register_to_config(in_channels=2 * c, out_channels=c)
+    return transformer
+
+
 class SD3Family(ModelFamily):
     name = "sd3"
     pipeline_classes = ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline")

@@ -214,3 +214,22 @@ def build_random_lora(base: str | Path, out: str | Path, rank: int = 4, std: flo
                 p.copy_(torch.randn(p.shape, generator=g) * std)
     student.save_pretrained(out)
     return Path(out)
+
+
+def build_tiny_clip(out: str | Path, seed: int = 0, image_size: int = 32) -> Path:
+    """A tiny random CLIPModel with its processor (offline tokenizer, image processor), for the CLIP-score hook's tests."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPVisionConfig
+
+    tokenizer = _clip_tokenizer()
+    text = _clip_config(len(tokenizer))
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=image_size,
+                              patch_size=8, projection_dim=32)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=32))
+    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": image_size},
+                                                                 crop_size={"height": image_size, "width": image_size}),
+                              tokenizer=tokenizer)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return Path(out)

@@ -48,7 +48,7 @@ def deploy_teachers(cfg: TeachersConfig, only: list[str] | None = None, gateway:
     from ray import serve
 
     for t in cfg.teachers:
-        if only is None or t.name in only:
+        if t.deploy and (only is None or t.name in only):
             serve.run(teacher_deployment(cfg, t.name), name=cfg.app_name(t.name), route_prefix=None)
     if gateway:
         serve.run(gateway_deployment(cfg), name=gateway_app_name, route_prefix=gateway_route_prefix or cfg.gateway.route_prefix)
@@ -59,7 +59,7 @@ def serve_config(cfg: TeachersConfig, host: str = "0.0.0.0", port: int = 8000) -
     inline (a teacher and its CFG bases; the gateway the names and fields), so the cluster needs no file
     from the client machine."""
     apps = []
-    for t in cfg.teachers:
+    for t in (t for t in cfg.teachers if t.deploy):
         # args: what the replicas are built from (no scaling); deployments: scaling, a lightweight update.
         apps.append({"name": cfg.app_name(t.name), "route_prefix": None, "import_path": "services.teachers.app:teacher_app",
                      "args": {**replica_args(cfg, t.name), "teacher": t.name},

@@ -21,10 +21,11 @@ APP_PREFIX = "teacher-"
 
 class TeacherClient:
     def __init__(self, teacher: str, app_prefix: str = APP_PREFIX, timeout_s: float = 30.0, retries: int = 2,
-                 backoff_s: float = 0.5, by_value: bool = True):
+                 backoff_s: float = 0.5, by_value: bool = True, adapter: str | None = None):
         from ray import serve
 
         self.teacher, self.timeout_s, self.retries, self.backoff_s = teacher, timeout_s, retries, backoff_s
+        self.adapter = adapter  # the teacher to ask for on a shared-base (adapter bank) deployment
         handle = serve.get_deployment_handle("TeacherServer", app_name=f"{app_prefix}{teacher}")
         # Small numpy payloads are cheapest by value over gRPC (no object-store round trip); large ones by
         # reference. The cut-off follows ../shared/docs/ray-on-this-machine.md (gRPC path slow above ~4 MiB).
@@ -38,7 +39,12 @@ class TeacherClient:
     @property
     def info(self) -> FieldInfo:
         if self._info is None:
-            self._info = info_from_dict(self._call(lambda h: h.describe.remote(), 0))
+            info = info_from_dict(self._call(lambda h: h.describe.remote(), 0))
+            if self.adapter is not None:  # this client is one teacher of the bank
+                from dataclasses import replace
+
+                info = replace(info, name=self.adapter)
+            self._info = info
         return self._info
 
     def _handle(self, nbytes: int):
@@ -53,12 +59,12 @@ class TeacherClient:
         return self._call(lambda h: h.velocity.remote(query), query.x.nbytes)
 
     def velocity(self, x: torch.Tensor, sigma: torch.Tensor, conditions: Conditions) -> torch.Tensor:
-        v = self.query(VelocityQuery.from_torch(x, sigma, conditions))
+        v = self.query(VelocityQuery.from_torch(x, sigma, conditions, self.adapter))
         return torch.from_numpy(v).to(device=x.device, dtype=x.dtype)
 
     async def velocity_async(self, x: torch.Tensor, sigma: torch.Tensor, conditions: Conditions) -> torch.Tensor:
         """For many concurrent queries from one process (e.g. per-sample routing to several teachers)."""
-        q = VelocityQuery.from_torch(x, sigma, conditions)
+        q = VelocityQuery.from_torch(x, sigma, conditions, self.adapter)
         handle = self._handle(q.x.nbytes)
         v = await acall_with_retry(lambda: asyncio.wait_for(handle.velocity.remote(q), self.timeout_s),
                                    f"teacher {self.teacher!r}", self.retries, self.backoff_s)

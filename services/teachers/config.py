@@ -72,13 +72,45 @@ class DiffusersFieldSpec(_Strict):
                                 guidance=self.guidance, max_sequence_length=self.max_sequence_length)
 
 
+class BankedTeacher(_Strict):
+    loras: list[LoraAdapterSpec] = Field(default_factory=list, description="none = the base itself")
+    guidance: float | None = None
+
+
+class AdapterBankSpec(_Strict):
+    """Several teachers that share a base, served by one deployment: the base once, each teacher's LoRAs as
+    unfused adapters switched per query (`VelocityQuery.adapter` names the teacher)."""
+
+    kind: Literal["adapter_bank"]
+    path: str = Field(description="the shared base: a local diffusers pipeline folder or a hub id")
+    family: str | None = None
+    checkpoint: str | None = None
+    resolution: int | None = Field(None, ge=8)
+    max_sequence_length: int | None = Field(None, ge=1)
+    adapters: dict[str, BankedTeacher] = Field(min_length=1, description="teacher name -> its LoRAs")
+
+    @model_validator(mode="after")
+    def _files(self):
+        for name, t in self.adapters.items():
+            try:
+                self.model_spec(name).check_files(self.path)
+            except ValueError as e:
+                raise ValueError(f"adapters.{name}.{e}") from None
+        return self
+
+    def model_spec(self, name: str) -> TeacherModelSpec:
+        t = self.adapters[name]
+        return TeacherModelSpec(base=self.path, family=self.family, checkpoint=self.checkpoint, loras=t.loras,
+                                guidance=t.guidance, max_sequence_length=self.max_sequence_length)
+
+
 class CFGFieldSpec(_Strict):
     kind: Literal["cfg"]
     base: str = Field(description="name of another teacher in this file; its field is built in this replica")
     alpha: float = Field(gt=0.0)
 
 
-FieldSpec = Annotated[Union[SuiteFieldSpec, DiffusersFieldSpec, CFGFieldSpec], Field(discriminator="kind")]
+FieldSpec = Annotated[Union[SuiteFieldSpec, DiffusersFieldSpec, AdapterBankSpec, CFGFieldSpec], Field(discriminator="kind")]
 
 
 class BatchingConfig(_Strict):
@@ -121,6 +153,8 @@ class TeacherConfig(_Strict):
     batching: BatchingConfig = BatchingConfig()
     torch_threads: int = Field(1, ge=1, description="torch threads in the replica (1 is best on a shared CPU box)")
     access_log: bool = Field(False, description="one log line per query (a trainer sends several per step); metrics count them anyway")
+    deploy: bool = Field(True, description="false: only a CFG base, built inside the replicas of the teachers over it "
+                                           "(no application of its own, not listed by the gateway)")
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -168,6 +202,9 @@ class TeachersConfig(_Strict):
                 if cur.field.base not in by_name:
                     raise ValueError(f"teacher {cur.name!r}: field.base {cur.field.base!r} is not a teacher in this file ({names})")
                 cur = by_name[cur.field.base]
+                if isinstance(cur.field, AdapterBankSpec):
+                    raise ValueError(f"teacher {t.name!r}: CFG over an adapter bank ({cur.name!r}) is not supported: "
+                                     "give the CFG route its own diffusers teacher")
                 if cur.name in seen:
                     raise ValueError(f"teacher {t.name!r}: cfg bases form a cycle {seen + [cur.name]}")
                 seen.append(cur.name)

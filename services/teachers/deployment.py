@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from ray import serve
 
-from danceopd.contracts import QueryError, VelocityQuery, concat_queries, info_to_dict, split_rows
+from danceopd.contracts import QueryError, VelocityQuery, concat_queries, info_to_dict, merge_key, split_rows
 from danceopd.models.base import resolve_device
 from services.teachers.config import TeacherConfig, TeachersConfig
 from services.teachers.fields import build_field
@@ -31,8 +31,10 @@ class TeacherServer:
         self.cfg: TeacherConfig = all_cfg.teacher(teacher)
         torch.set_num_threads(self.cfg.torch_threads)
         self.device = resolve_device(self.cfg.device)
-        self.field = build_field(self.cfg, all_cfg)
-        self.info = self.field.info
+        built = build_field(self.cfg, all_cfg)
+        # an adapter bank serves several teachers on one base: one field per adapter, one FieldInfo for the replica
+        self.fields = getattr(built, "fields", None) or {None: built}
+        self.info = built.info
         self.metrics = TeacherMetrics(self.cfg.name)
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"teacher-{teacher}")
         b = self.cfg.batching
@@ -86,15 +88,23 @@ class TeacherServer:
         return await asyncio.get_running_loop().run_in_executor(self.pool, self._forward, queries)
 
     def _forward(self, queries: list[VelocityQuery]) -> list[np.ndarray]:
-        merged = queries[0] if len(queries) == 1 else concat_queries(queries)
-        self.metrics.model_call(merged.num_samples)
-        self.model_calls = (self.model_calls + [merged.num_samples])[-256:]
-        x = torch.from_numpy(merged.x).to(self.device)
-        sigma = torch.from_numpy(np.asarray(merged.sigma, dtype=np.float32)).to(self.device)
-        with torch.inference_mode():
-            v = self.field.velocity(x, sigma, merged.conditions(self.device))
-        v = v.to("cpu", torch.float32).numpy()
-        return split_rows(v, queries)
+        """One model call per group of queries that can share one (same adapter, same source presence)."""
+        out: list[np.ndarray | None] = [None] * len(queries)
+        groups: dict[tuple, list[int]] = {}
+        for i, q in enumerate(queries):
+            groups.setdefault(merge_key(q), []).append(i)
+        for idx in groups.values():
+            group = [queries[i] for i in idx]
+            merged = group[0] if len(group) == 1 else concat_queries(group)
+            self.metrics.model_call(merged.num_samples)
+            self.model_calls = (self.model_calls + [merged.num_samples])[-256:]
+            x = torch.from_numpy(merged.x).to(self.device)
+            sigma = torch.from_numpy(np.asarray(merged.sigma, dtype=np.float32)).to(self.device)
+            with torch.inference_mode():
+                v = self.fields[merged.adapter].velocity(x, sigma, merged.conditions(self.device))
+            for i, rows in zip(idx, split_rows(v.to("cpu", torch.float32).numpy(), group)):
+                out[i] = rows
+        return out
 
 
 SCALING_KEYS = ("num_replicas", "autoscaling_config", "max_ongoing_requests", "access_log")

@@ -5,8 +5,8 @@ from __future__ import annotations
 from danceopd.fields.base import VelocityField
 from danceopd.fields.operators import CFGField
 from danceopd.suite import CapabilitySuite
-from danceopd.teacher_model import load_teacher_field, native_resolution
-from services.teachers.config import CFGFieldSpec, DiffusersFieldSpec, SuiteFieldSpec, TeacherConfig, TeachersConfig
+from danceopd.teacher_model import AdapterBank, load_teacher_field, native_resolution
+from services.teachers.config import AdapterBankSpec, CFGFieldSpec, DiffusersFieldSpec, SuiteFieldSpec, TeacherConfig, TeachersConfig
 
 
 def build_field(teacher: TeacherConfig, all_teachers: TeachersConfig | None = None) -> VelocityField:
@@ -19,6 +19,10 @@ def build_field(teacher: TeacherConfig, all_teachers: TeachersConfig | None = No
     if isinstance(spec, DiffusersFieldSpec):
         resolution = spec.resolution or native_resolution(spec.path) or 0
         return load_teacher_field(spec.model_spec(), teacher.name, resolution, device=teacher.device, dtype=teacher.dtype)
+    if isinstance(spec, AdapterBankSpec):  # several teachers on one base: the replica answers per query's adapter
+        resolution = spec.resolution or native_resolution(spec.path) or 0
+        return AdapterBank({n: spec.model_spec(n) for n in spec.adapters}, resolution, device=teacher.device, dtype=teacher.dtype,
+                           name=teacher.name)
     if isinstance(spec, CFGFieldSpec):
         if all_teachers is None:
             raise ValueError(f"teacher {teacher.name!r} is CFG over {spec.base!r}: the full teachers config is needed")

@@ -37,6 +37,7 @@ class VelocityRequest(BaseModel):
     prompt: str | list[str] = Field("", description="prompt(s); '' = unconditional; one string is used for every sample")
     source: dict | None = Field(None, description="source image(s) for edit teachers, encoded like x")
     return_x0_png: bool = Field(False, description="also return x0_hat = x - sigma v of the first sample as a PNG")
+    adapter: str | None = Field(None, description="for a shared-base teacher (adapter bank): which of its teachers answers")
 
 
 def _error(status: int, field: str, message: str) -> JSONResponse:
@@ -60,7 +61,8 @@ class TeacherGateway:
         if g.auth_token_env and not self.token:
             raise ValueError(f"gateway.auth_token_env is {g.auth_token_env!r} but that variable is unset in the gateway's environment")
         self.max_bytes = int(g.max_payload_mb * 2**20)
-        self.handles = {t.name: serve.get_deployment_handle("TeacherServer", app_name=self.cfg.app_name(t.name)) for t in self.cfg.teachers}
+        self.handles = {t.name: serve.get_deployment_handle("TeacherServer", app_name=self.cfg.app_name(t.name))
+                        for t in self.cfg.teachers if t.deploy}
         self.infos: dict[str, dict] = {}
 
     async def _info(self, name: str) -> dict:
@@ -78,15 +80,16 @@ class TeacherGateway:
 
     @app.get("/healthz")
     async def healthz(self) -> dict:
-        return {"status": "ok", "teachers": [t.name for t in self.cfg.teachers]}
+        return {"status": "ok", "teachers": list(self.handles)}
 
     @app.get("/v1/fields")
     async def fields(self, request: Request):
         if (denied := self._unauthorized(request)) is not None:
             return denied
         infos = await asyncio.gather(*(self._info(n) for n in self.handles))
-        keep = ("name", "kind", "sample_shape", "takes_source", "requires_source", "guidance", "device")
-        return {"fields": [{k: i[k] for k in keep} for i in infos]}
+        keep = ("name", "kind", "sample_shape", "takes_source", "requires_source", "guidance", "device",
+                "family", "resolution", "weights_sha256")  # the last three: model teachers only
+        return {"fields": [{k: i[k] for k in keep if k in i} for i in infos]}
 
     @app.post("/v1/fields/{name}/velocity")
     async def velocity(self, name: str, request: Request):
@@ -133,12 +136,13 @@ class TeacherGateway:
             source = decode_array(req.source, "source")
             if source.ndim == 3:
                 source = source[None]
-        return VelocityQuery(x, sigma, prompts, source)
+        return VelocityQuery(x, sigma, prompts, source, req.adapter)
 
 
 def gateway_args(cfg: TeachersConfig) -> dict:
     """The gateway needs each teacher's name and field only: scaling a teacher never restarts it."""
-    return {"teachers": [{"name": t.name, "field": t.field.model_dump(mode="json")} for t in cfg.teachers],
+    return {"teachers": [{"name": t.name, "field": t.field.model_dump(mode="json"), **({} if t.deploy else {"deploy": False})}
+                         for t in cfg.teachers],
             "app_prefix": cfg.app_prefix, "gateway": cfg.gateway.model_dump(mode="json", exclude_defaults=True),
             "router": {"enabled": False}}
 
