@@ -62,7 +62,7 @@ def ensure_services(job: JobConfig, log=print) -> None:
     except Exception:  # Serve not started on this cluster yet
         apps = {}
     running = {name for name, a in apps.items() if str(getattr(a.status, "value", a.status)) == "RUNNING"}
-    missing = sorted({job.teacher_name(r) for r in job.routes if job.teacher_app(r) not in running})
+    missing = list(dict.fromkeys(job.teacher_name(r) for r in job.routes if job.teacher_app(r) not in running))  # route order
     router_missing = s.router_app not in running
     if s.deploy == "attach" and (missing or router_missing):
         absent = [f"{s.app_prefix}{t}" for t in missing] + ([s.router_app] if router_missing else [])
@@ -78,7 +78,7 @@ def ensure_services(job: JobConfig, log=print) -> None:
     if router_missing:
         serve.run(router_app({"redis_url": tcfg.router.redis_url}), name=s.router_app, route_prefix=tcfg.router.route_prefix)
         log(f"deployed router ({'redis' if tcfg.router.redis_url else 'in-memory store'})")
-    attached = sorted({job.teacher_app(r) for r in job.routes if job.teacher_name(r) not in missing})
+    attached = list(dict.fromkeys(job.teacher_app(r) for r in job.routes if job.teacher_name(r) not in missing))
     if attached:
         log(f"attached to running teachers {attached}")
     shape = expected_sample_shape(job.student)
