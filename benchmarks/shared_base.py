@@ -1,7 +1,7 @@
 """Shared-base adapter teachers against separate merged copies: weight memory for N capability teachers that
 are one base plus a LoRA each, and the per-query cost of switching adapters instead of fusing them.
 
-    python benchmarks/shared_base.py [--teachers 3] [--rank 16] [--out benchmarks/results/shared_base.json]
+    python benchmarks/shared_base.py [--teachers 3] [--rank 4] [--out benchmarks/results/shared_base.json]
 
 Builds a tiny random FLUX pipeline and N random LoRAs offline, loads the N teachers both ways in this process,
 checks that they answer the same velocities, and prints a table: teacher weight bytes (parameters and buffers
@@ -72,7 +72,7 @@ def published_projection(n: int, rank: int = 128) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--teachers", type=int, default=3)
-    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--rank", type=int, default=4)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/shared_base.json"))
     a = ap.parse_args(argv)
     torch.set_num_threads(1)

@@ -108,7 +108,7 @@ def test_ray_job_submit_runs_the_demo_config(head_node, tmp_path):
     report = json.loads((out / "demo" / "report.json").read_text())
     assert set(report["routes"]) == {"t2i", "local_edit", "global_edit"}
     assert report["training"]["steps"] == 12 and report["training"]["workers"] == 2
-    assert report["before"] is not None and (out / "demo" / "grid.png").exists()
+    assert report["before"] is not None and (out / "demo" / "grid.png").exists() and (out / "demo" / "grid-before.png").exists()
     assert (out / "demo" / "student" / "transformer" / "config.json").exists()  # save_pretrained layout
 
 

@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     before = None
     if args.eval and not resuming:
         initial = load_student(job.init_from, job.device, job.dtype) if job.init_from else build_student(job.student, job.device, job.dtype)
-        before = evaluate_student(job, initial, None)
+        before = evaluate_student(job, initial, job.run_dir / "grid-before.png")  # the same grid before training
         del initial
     t0 = time.perf_counter()
     result = run_distributed(job, run_id)
@@ -195,7 +195,10 @@ def main(argv: list[str] | None = None) -> int:
                                "history": [{"step": h["step"], "loss": h["loss"], "samples_per_s": h["samples_per_s"]} for h in history]}
         path = write_report(report, job.run_dir / "report.json")
         print(before_after_table(before, report))
-        print(f"report: {path.resolve()}\ngrid:   {Path(report['grid']).resolve()}", flush=True)
+        grids = Path(report["grid"]).resolve()
+        if before is not None and before.get("grid"):
+            grids = f"{Path(before['grid']).resolve()} (before), {grids} (after)"
+        print(f"report: {path.resolve()}\ngrid:   {grids}", flush=True)
     return 0
 
 

@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     trainer = ReferenceTrainer(cfg, log=lambda m: print(m, flush=True))
     if not args.no_resume:
         trainer.resume()
-    before = trainer.evaluate() if args.eval and trainer.step == 0 else None
+    before = trainer.evaluate(grid_path=cfg.run_dir / "grid-before.png") if args.eval and trainer.step == 0 else None
     trainer.fit()
     final = cfg.run_dir / "student"  # the trained student (EMA), ready for init_from, eval or serving
     with trainer.final_weights():
