@@ -58,7 +58,7 @@ class ServedTeacher:
         self.config = config
 
     def velocity(self, x: np.ndarray, sigma: np.ndarray) -> np.ndarray:
-        xt = torch.from_numpy(x).to(self.device, self.dtype)
+        xt = torch.tensor(x).to(self.device, self.dtype)  # a copy: Serve hands over read-only arrays
         hidden, pooled = embeddings(self.config, xt.shape[0], self.device, self.dtype)
         with torch.inference_mode():
             v = call_sd3_transformer(self.model, xt, torch.from_numpy(sigma).to(self.device), hidden, pooled, None, False)
@@ -108,8 +108,10 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=1, help="samples per step (the recipe: 1 per GPU, accumulated 4x)")
     ap.add_argument("--tiny", action="store_true", help="a tiny config: checks the script on any machine")
     ap.add_argument("--no-serve", action="store_true", help="skip the Serve-replica teacher")
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/sd35-step.json"))
+    ap.add_argument("--out", type=Path, help="default: benchmarks/results/sd35-step.json (sd35-step-tiny.json with --tiny)")
     a = ap.parse_args(argv)
+    a.out = a.out or Path(f"benchmarks/results/sd35-step{'-tiny' if a.tiny else ''}.json")
+    rank = 8 if a.tiny else 128
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     config = TINY if a.tiny else SD35_MEDIUM_TRANSFORMER
@@ -117,7 +119,7 @@ def main(argv=None) -> int:
         print("sd35_step: no CUDA GPU; the full-size model needs one (use --tiny to check the script)", file=sys.stderr)
         return 2
     student = build_transformer(config, device, dtype, seed=0)
-    student.add_adapter(LoraConfig(r=128 if not a.tiny else 8, lora_alpha=128 if not a.tiny else 8,
+    student.add_adapter(LoraConfig(r=rank, lora_alpha=rank,
                                    target_modules=list(SD3Family.default_lora_targets), init_lora_weights=True))
     params = [p for p in student.parameters() if p.requires_grad]
     for p in params:
@@ -146,7 +148,7 @@ def main(argv=None) -> int:
 
         def served(x, s):
             v = replica.velocity.remote(x.float().cpu().numpy(), s.float().cpu().numpy()).result(timeout_s=600)
-            return torch.from_numpy(v).to(device, dtype)
+            return torch.tensor(v).to(device, dtype)
 
         teachers["serve replica"] = served
     rows = []
@@ -165,14 +167,14 @@ def main(argv=None) -> int:
             rows.append(row)
     card = torch.cuda.get_device_name(0) if device.type == "cuda" else "CPU"
     print(f"DanceOPD step, SD3.5-Medium transformer ({'tiny config' if a.tiny else 'full size, random weights'}), "
-          f"LoRA r128, {dtype}, rollout 16, batch {a.batch}, card: {card}")
+          f"LoRA r{rank}, {dtype}, rollout 16, batch {a.batch}, card: {card}")
     print(f"{'res':>5} {'teacher':<14}{'step s':>8}{'rollout':>9}{'teacher':>9}{'fwd/bwd':>9}{'optim':>8}{'peak GiB':>10}")
     for r in rows:
         peak = "-" if r["peak_gib_trainer"] is None else f"{r['peak_gib_trainer']:.1f}"
         print(f"{r['resolution']:>5} {r['teacher_at']:<14}{r['total']:>8.2f}{r['rollout']:>9.2f}{r['teacher']:>9.2f}"
               f"{r['forward_backward']:>9.2f}{r['optimizer']:>8.3f}{peak:>10}")
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps({"card": card, "dtype": str(dtype), "tiny": a.tiny, "rows": rows}, indent=2))
+    a.out.write_text(json.dumps({"card": card, "dtype": str(dtype), "tiny": a.tiny, "lora_rank": rank, "rows": rows}, indent=2))
     print(f"json: {a.out}")
     return 0
 
