@@ -208,12 +208,7 @@ class TrainConfig(_Strict):
             base = spec.base or self.student.base
             if base is None:
                 raise ValueError(f"routes.{name}.teacher.base: required when the student has no base")
-            from danceopd.student import is_student_folder, read_student_config
-
-            if is_student_folder(base):
-                family = read_student_config(base).model_family
-            else:
-                family = spec.model_family(base)
+            family = spec.model_family(base)
             if family is not None and not compatible(student, family):
                 raise ValueError(f"routes.{name}.teacher: a {family.name} teacher ({base}) cannot teach a {student.name} "
                                  f"student: they work in different latent spaces; use a {student.name}-family teacher or student")
@@ -229,20 +224,10 @@ class TrainConfig(_Strict):
                                      f"{student.name} has no image input (use a flux-kontext base for FLUX edits)")
                 self.student.edit_input = True  # SD3: source latents on grown, zero-initialised input channels
             for name in edits:
-                if not self._teacher_reads_source(name):
+                spec = self.routes[name].model_teacher
+                if spec.reads_source(spec.base or self.student.base) is False:
                     raise ValueError(f"routes.{name}.teacher: an edit route needs a teacher that reads source images "
                                      "(a Kontext model, or a DanceOPD student folder trained for edits)")
-
-    def _teacher_reads_source(self, name: str) -> bool:
-        from danceopd.student import is_student_folder, read_student_config
-
-        spec = self.routes[name].model_teacher
-        base = spec.base or self.student.base
-        if is_student_folder(base):
-            c = read_student_config(base)
-            return c.edit_input or c.model_family.native_source or c.model_family.name == "pixel"
-        family = spec.model_family(base)
-        return family is None or family.native_source  # a hub id without a family cannot be checked offline
 
     @property
     def manifest(self):

@@ -85,6 +85,11 @@ class StudentConfig(PixelModelConfig):
         return family_of_folder(self.base) if self.base else get_family("pixel")
 
     @property
+    def pixel_model(self) -> PixelModelConfig:
+        """The pixel model's own settings (the pixel family)."""
+        return PixelModelConfig(**{k: getattr(self, k) for k in PixelModelConfig.model_fields})
+
+    @property
     def trains_lora(self) -> bool:
         return self.adapter == "lora" or (self.adapter == "auto" and self.base is not None)
 
@@ -224,7 +229,7 @@ def build_student(cfg: StudentConfig, device: str | torch.device = "cpu", dtype:
     dt = resolve_dtype(dtype, dev)
     family = cfg.model_family
     if family.name == "pixel":
-        pipe = build_pixel_pipeline(PixelModelConfig(**{k: getattr(cfg, k) for k in PixelModelConfig.model_fields}))
+        pipe = build_pixel_pipeline(cfg.pixel_model)
     else:
         pipe = family.load_pipeline(cfg.base, dev, dt, vae=True)
     return _assemble(cfg, family, pipe, dev, dt, name)
@@ -250,7 +255,7 @@ def load_student(path: str | Path, device: str | torch.device = "auto", dtype: s
     dt = resolve_dtype(dtype, dev)
     family = cfg.model_family
     if family.name == "pixel":
-        pipe = load_pixel_pipeline(path, PixelModelConfig(**{k: getattr(cfg, k) for k in PixelModelConfig.model_fields}), torch.float32)
+        pipe = load_pixel_pipeline(path, cfg.pixel_model, torch.float32)
         return _assemble(cfg, family, pipe, dev, dt, name)
     pipe = family.load_pipeline(cfg.base, dev, dt, vae=True)
     if not cfg.trains_lora:

@@ -73,7 +73,24 @@ class TeacherModelSpec(BaseModel):
         return self
 
     def model_family(self, base: str) -> ModelFamily | None:
-        return get_family(self.family) if self.family else family_of_folder(base)
+        """The family of this teacher on `base` (a pipeline folder, a DanceOPD student folder); None for a hub id
+        without `family`."""
+        if self.family:
+            return get_family(self.family)
+        from danceopd.student import is_student_folder, read_student_config
+
+        return read_student_config(base).model_family if is_student_folder(base) else family_of_folder(base)
+
+    def reads_source(self, base: str) -> bool | None:
+        """Whether this teacher reads a source image (Kontext, or a student trained for edits); None when a hub id
+        without `family` leaves it unknown offline."""
+        from danceopd.student import is_student_folder, read_student_config
+
+        if is_student_folder(base):
+            c = read_student_config(base)
+            return c.edit_input or c.model_family.native_source or c.model_family.name == "pixel"
+        family = self.model_family(base)
+        return None if family is None else family.native_source
 
     def check_files(self, base: str) -> None:
         """What can be decided offline before loading: each LoRA names modules of the base transformer."""
