@@ -181,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         shutil.copytree(Path(d) / "student", final_dir)
         history = json.loads((Path(d) / "state.json").read_text())["history"]  # progress windows (kept across resumes)
     m = result.metrics
-    print(f"trained to step {m['step']} in {train_s / 60:.1f} min; student (EMA) saved to {final_dir}", flush=True)
+    weights = "EMA weights" if job.optim.ema_decay > 0 else "final weights"
+    print(f"trained to step {m['step']} in {train_s / 60:.1f} min; student ({weights}) saved to {final_dir}", flush=True)
     if args.eval:
         from danceopd.evaluation import write_report
 
