@@ -214,7 +214,7 @@ class AdapterTeacherField:
 
 def load_model_field(path: str | Path, name: str | None = None, device: str | torch.device | None = "auto",
                      dtype: str | torch.dtype | None = "auto", resolution: int | None = None,
-                     max_sequence_length: int = 256) -> ModelField:
+                     max_sequence_length: int | None = None) -> ModelField:
     """A field from one folder (or hub id): a DanceOPD student folder, or a diffusers pipeline folder at its
     transformer's native size (`resolution` pixels where given)."""
     device = resolve_device(device)  # a bad device is named before any folder is read
