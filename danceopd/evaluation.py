@@ -213,21 +213,24 @@ def clip_scores(student, teacher, data, e: EvalConfig, device) -> dict | None:
     if not any(cond.prompts):
         return None
     scorer = ClipScorer(e.clip_model, device)
+    t, s = _decoded_samples(student, teacher, cond, e, e.seed + 9, device)
+    return {"teacher": scorer(t, cond.prompts), "student": scorer(s, cond.prompts)}
+
+
+def _decoded_samples(student, teacher, cond: Conditions, e: EvalConfig, seed: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher and student samples from the same noise, decoded to [-1, 1] images through the student's VAE."""
     sigmas = eval_sigmas(e, student)
     with torch.no_grad():
-        t = student.decode_latents(sample(teacher, cond, e.sampling_steps, e.seed + 9, sigmas=sigmas, device=device))
-        s = student.decode_latents(sample(student.field, cond, e.sampling_steps, e.seed + 9, sigmas=sigmas, device=device))
-    return {"teacher": scorer(t, cond.prompts), "student": scorer(s, cond.prompts)}
+        t = student.decode_latents(sample(teacher, cond, e.sampling_steps, seed, sigmas=sigmas, device=device)).cpu()
+        s = student.decode_latents(sample(student.field, cond, e.sampling_steps, seed, sigmas=sigmas, device=device)).cpu()
+    return t, s
 
 
 def _latent_grid_block(student, teacher, data, e: EvalConfig, device, conditions_shown: int = 3):
     n = e.samples_per_condition_in_grid
     base = data.evaluation_set(conditions_shown, e.seed + 1)
-    cond = base.repeat(n)
-    sigmas = eval_sigmas(e, student)
+    t, s = _decoded_samples(student, teacher, base.repeat(n), e, e.seed + 7, device)
     with torch.no_grad():
-        t = student.decode_latents(sample(teacher, cond, e.sampling_steps, e.seed + 7, sigmas=sigmas, device=device)).cpu()
-        s = student.decode_latents(sample(student.field, cond, e.sampling_steps, e.seed + 7, sigmas=sigmas, device=device)).cpu()
         src = None if base.source is None else student.decode_latents(base.source.to(device)).cpu()
     return [(base.prompts[i], None if src is None else src[i], t[i * n:(i + 1) * n], s[i * n:(i + 1) * n]) for i in range(len(base))]
 

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from danceopd.fields.model_field import ModelField
 from danceopd.models import ModelFamily, family_of_folder, get_family
 from danceopd.models.adapters import check_lora_keys, load_lora, lora_file, merge_lora, weights_checksum
-from danceopd.models.base import resolve_device, resolve_dtype
+from danceopd.models.base import resolve_device, resolve_dtype, vae_geometry
 
 
 def _is_local(path: str) -> bool:
@@ -107,12 +107,17 @@ class TeacherModelSpec(BaseModel):
         return base
 
 
-def _load_checkpoint_transformer(pipe, checkpoint: str, dtype: torch.dtype):
-    p = Path(checkpoint).expanduser()
-    folder, sub = (str(p), None) if (p / "config.json").exists() else (str(p), "transformer")
-    cls = type(pipe.transformer)
-    kwargs = {"subfolder": sub} if sub else {}
-    return cls.from_pretrained(folder, dtype=dtype, **kwargs)
+def _load_base(spec: TeacherModelSpec, base: str, what: str, device: torch.device, dtype: torch.dtype):
+    """The family and frozen pipeline of a teacher's base, with its fine-tuned checkpoint swapped in if it has one."""
+    family = spec.model_family(base)
+    if family is None:
+        raise ValueError(f"{what}: base {base!r} is a hub id: set the teacher's family")
+    pipe = family.load_pipeline(base, device, dtype, vae=True)
+    if spec.checkpoint:
+        p = Path(spec.checkpoint).expanduser()
+        kwargs = {} if (p / "config.json").exists() else {"subfolder": "transformer"}  # a transformer folder, or a pipeline
+        pipe.transformer = type(pipe.transformer).from_pretrained(str(p), dtype=dtype, **kwargs).to(device)
+    return family, pipe
 
 
 def load_teacher_field(spec: TeacherModelSpec, name: str, resolution: int, default_base: str | None = None,
@@ -129,12 +134,7 @@ def load_teacher_field(spec: TeacherModelSpec, name: str, resolution: int, defau
         student = load_student(base, device=dev, dtype=dt, name=name)
         student.transformer.requires_grad_(False).eval()
         return student.field
-    family = spec.model_family(base)
-    if family is None:
-        raise ValueError(f"teacher {name!r}: base {base!r} is a hub id: set the teacher's family")
-    pipe = family.load_pipeline(base, dev, dt, vae=True)
-    if spec.checkpoint:
-        pipe.transformer = _load_checkpoint_transformer(pipe, spec.checkpoint, dt).to(dev)
+    family, pipe = _load_base(spec, base, f"teacher {name!r}", dev, dt)
     for i, lora in enumerate(spec.loras):
         merge_lora(pipe, lora.path, lora.scale, adapter_name=f"{name}_lora{i}", weight_name=lora.weight_name)
     transformer = pipe.transformer.requires_grad_(False).eval()
@@ -162,12 +162,7 @@ class AdapterBank:
             raise ValueError(f"an adapter bank's teachers must share base, family and checkpoint; got {sorted(map(str, keys))}")
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
-        self.family = first.model_family(base)
-        if self.family is None:
-            raise ValueError(f"adapter bank: base {base!r} is a hub id: set the teachers' family")
-        pipe = self.family.load_pipeline(base, dev, dt, vae=True)
-        if first.checkpoint:
-            pipe.transformer = _load_checkpoint_transformer(pipe, first.checkpoint, dt).to(dev)
+        self.family, pipe = _load_base(first, base, f"adapter bank {name!r}", dev, dt)
         self.active: dict[str, tuple[list[str], list[float]]] = {}
         for name, spec in teachers.items():
             names, weights = [], []
@@ -195,7 +190,7 @@ class AdapterBank:
         if names:
             self.transformer.enable_adapters()
             self.transformer.set_adapters(names, weights)
-        elif self.active and any(n for n, _ in self.active.values()):
+        elif any(adapters for adapters, _ in self.active.values()):
             self.transformer.disable_adapters()  # this teacher is the base itself
 
 
@@ -233,13 +228,11 @@ def load_model_field(path: str | Path, name: str | None = None, device: str | to
 
 
 def native_resolution(base: str | Path) -> int | None:
-    """Pixel size of a pipeline's transformer sample_size (SD3) at its VAE's scale, where the config says it."""
+    """Pixel size of a pipeline's transformer sample_size (SD3) at its VAE's scale, where the configs say it."""
     import json
 
-    base = Path(base)
-    t, v = base / "transformer" / "config.json", base / "vae" / "config.json"
-    if not (t.exists() and v.exists()):
+    t, vae = Path(base) / "transformer" / "config.json", vae_geometry(base)
+    if not t.exists() or vae is None:
         return None
     size = json.loads(t.read_text()).get("sample_size")
-    blocks = json.loads(v.read_text()).get("block_out_channels", [0])
-    return int(size) * 2 ** (len(blocks) - 1) if size else None
+    return int(size) * vae[1] if size else None

@@ -116,14 +116,15 @@ def evaluate_student(job: JobConfig, student, grid_path: Path | None):
 
 def expected_sample_shape(cfg) -> tuple[int, int, int] | None:
     """The student's sample shape from its config alone (pixels, or latents at its resolution); None for a hub id."""
+    from danceopd.models.base import vae_geometry
+
     if cfg.model_family.name == "pixel":
         return (cfg.channels, cfg.sample_size, cfg.sample_size)
-    vae = Path(cfg.base).expanduser() / "vae" / "config.json"
-    if not vae.exists():
+    vae = vae_geometry(cfg.base)
+    if vae is None:
         return None
-    v = json.loads(vae.read_text())
-    f = 2 ** (len(v["block_out_channels"]) - 1)
-    return (v["latent_channels"], cfg.resolution // f, cfg.resolution // f)
+    channels, f = vae
+    return (channels, cfg.resolution // f, cfg.resolution // f)
 
 
 def before_after_table(before: dict | None, after: dict) -> str:

@@ -110,8 +110,9 @@ class PromptCache:
     def __call__(self, prompts: list[str]) -> Embeds:
         if self.max_entries == 0:
             return self.encode(prompts)
-        missing = [p for p in dict.fromkeys(prompts) if p not in self.entries]
-        got: dict[str, tuple[torch.Tensor, ...]] = {p: self.entries[p] for p in dict.fromkeys(prompts) if p in self.entries}
+        unique = dict.fromkeys(prompts)
+        missing = [p for p in unique if p not in self.entries]
+        got: dict[str, tuple[torch.Tensor, ...]] = {p: self.entries[p] for p in unique if p in self.entries}
         if missing:
             self.misses += len(missing)
             with torch.no_grad():
@@ -130,6 +131,15 @@ def model_index(path: str | Path) -> dict | None:
     """A local pipeline folder's model_index.json, or None (a hub id, or not a pipeline folder)."""
     f = Path(path).expanduser() / "model_index.json"
     return json.loads(f.read_text()) if f.exists() else None
+
+
+def vae_geometry(path: str | Path) -> tuple[int, int] | None:
+    """(latent channels, downscale factor) of a local pipeline's VAE, read from its config (no weights loaded)."""
+    f = Path(path).expanduser() / "vae" / "config.json"
+    if not f.exists():
+        return None
+    v = json.loads(f.read_text())
+    return v["latent_channels"], 2 ** (len(v["block_out_channels"]) - 1)
 
 
 def absent_components(path: str | Path) -> dict:
