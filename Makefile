@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install os-deps deploy-files demo demo-reference demo-diffusers tiny-models results test test-fast bench-learning bench-teachers gpu-check clean
+.PHONY: install os-deps deploy-files demo demo-reference demo-diffusers tiny-models results test test-fast bench-learning bench-teachers bench-step gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -50,7 +50,7 @@ demo-diffusers: install tiny-models
 
 # The experiment report: every claim, 3 seeds each (finished runs under runs/experiments are reused).
 EXPERIMENTS = composition edit-pair states routing query-position query-k rollout-steps cfg-absorption \
-	cfg-absorption-uniform realism diversity-remedies adaptive-routing distributed-stack
+	cfg-absorption-uniform realism diversity-remedies adaptive-routing distributed-stack staleness
 results: install
 	$(BIN)/danceopd experiment $(EXPERIMENTS:%=experiments/specs/%.yaml) --out runs/experiments --report docs/results.md
 
@@ -68,6 +68,10 @@ bench-learning: install
 ## bench-teachers: teacher query cost (in-process vs handle vs REST) and batched throughput
 bench-teachers: install
 	$(BIN)/python benchmarks/teacher_query.py
+
+## bench-step: samples/s of the reference trainer and the distributed job, one speed-up at a time (table + benchmarks/results/step.json)
+bench-step: install
+	$(BIN)/python benchmarks/step.py --repeats 3
 
 ## gpu-check: CUDA tests + a short learning benchmark on the GPU (< 8 minutes)
 gpu-check: install

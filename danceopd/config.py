@@ -80,6 +80,9 @@ class MethodConfig(_Strict):
     schedule: Literal["uniform", "sd3", "family"] = Field("uniform", description="family: the student family's own grid "
                                                           "(SD3: static shift; FLUX: shift by the image's token count)")
     shift: float = Field(1.0, gt=0.0)
+    staleness: int = Field(0, ge=0, le=1, description="1: the one-step-stale schedule: a step trains on states rolled out "
+                           "(and sent to the teacher) before the previous update, so the teacher works while the student "
+                           "trains; the pipeline refills at every checkpoint, which keeps resume exact")
 
     @field_validator("query_position")
     @classmethod
@@ -97,6 +100,35 @@ class MethodConfig(_Strict):
         if self.off_policy_share > 0 and self.states != "on_policy":
             raise ValueError("off_policy_share mixes dataset states into on-policy rollouts: set states: on_policy (or the share to 0)")
         return self
+
+
+class ExecutionConfig(_Strict):
+    """How a run executes, never what it computes: with any of these on or off the losses and weights are the
+    same bit for bit (tested). Each exists so that its speed-up can be measured alone (benchmarks/step.py)."""
+
+    truncate_rollout: bool = Field(True, description="each sample's rollout stops at its deepest queried state "
+                                   "(both trainers; dense K = N still skips only the last, unqueried step)")
+    rollout_chunk: int | Literal["auto"] | None = Field(None, description="rows per student call in a truncated "
+                                                         "rollout (a multiple of 4); None: the whole batch; auto: on CPU 8 per "
+                                                         "torch thread (a chunk's activations stay in a core's L2 cache: the "
+                                                         "rollout alone runs 10-15% faster, but the distributed job ran 7% "
+                                                         "slower with it, benchmarks/step.py), on GPU the whole batch")
+    overlap_teacher: bool = Field(True, description="distributed: send each micro-batch's teacher query as soon as its "
+                                  "states exist (every micro-batch of a step before any is awaited) and wait only when "
+                                  "its loss needs the target; the student's forward runs meanwhile")
+    prefetch_routing: bool = Field(True, description="distributed: ask the router for the next step's assignment ahead and "
+                                   "send loss reports without waiting (hard routing; adaptive weights follow the reports, "
+                                   "so there each report is delivered before the next assignment is asked)")
+    find_unused_parameters: bool | None = Field(None, description="distributed: DDP's unused-parameter search (an extra graph "
+                                                "walk per step); None = probe every route once at start-up and search "
+                                                "only if some trainable parameter gets no gradient")
+
+    @field_validator("rollout_chunk")
+    @classmethod
+    def _quantum(cls, v):
+        if isinstance(v, int) and (v < 4 or v % 4):
+            raise ValueError(f"must be a multiple of 4 rows (the row quantum that keeps truncated rollouts bit-identical), got {v}")
+        return v
 
 
 class OptimConfig(_Strict):
@@ -152,6 +184,7 @@ class TrainConfig(_Strict):
         "global_edit": RouteConfig(capability="global_edit"),
     })
     method: MethodConfig = MethodConfig()
+    execution: ExecutionConfig = ExecutionConfig()
     optim: OptimConfig = OptimConfig()
     eval: EvalConfig = EvalConfig()
     log_every: int = Field(10, ge=1)

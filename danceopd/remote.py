@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, Generic, TypeVar
+
+from pydantic import BaseModel, Field
 
 T = TypeVar("T")
 
@@ -26,6 +28,22 @@ class RequestError(ValueError):
 
     def body(self) -> dict:
         return {"error": {"field": self.field, "message": self.message}}
+
+
+class ErrorDetail(BaseModel):
+    field: str = Field(description="the input (or component) at fault")
+    message: str = Field(description="what is wrong and how to fix it")
+
+
+class ErrorBody(BaseModel):
+    """Every 4xx/5xx body of the REST APIs: {"error": {"field", "message"}} (documented in their OpenAPI)."""
+
+    error: ErrorDetail
+
+
+def error_responses(**described: str) -> dict:
+    """FastAPI `responses=` for the given statuses (keys like s404="unknown run"), all with ErrorBody."""
+    return {int(k[1:]): {"model": ErrorBody, "description": v} for k, v in described.items()}
 
 
 class ServiceUnavailable(RuntimeError):
@@ -60,3 +78,43 @@ async def acall_with_retry(call: Callable[[], Awaitable[T]], what: str, retries:
             if attempt < retries:
                 await asyncio.sleep(backoff_s * 2**attempt)
     raise ServiceUnavailable(f"{what} failed after {retries + 1} attempts: {last!r}") from last
+
+
+class PendingCall(Generic[T]):
+    """A request already on its way to a service: `result()` waits for the answer (with the timeout) and, if the
+    call failed or timed out, sends it again (bounded retry with back-off, never for bad input). A timed-out
+    request is cancelled, so a retry does not pile duplicate work on a replica that is already slow.
+
+    `send()` makes a Serve handle call (a DeploymentResponse); the first one goes out at construction."""
+
+    def __init__(self, send: Callable[[], Any], what: str, timeout_s: float, retries: int, backoff_s: float,
+                 convert: Callable[[Any], T] = lambda r: r):
+        self._send, self.what, self.convert = send, what, convert
+        self.timeout_s, self.retries, self.backoff_s = timeout_s, retries, backoff_s
+        self._inflight = send()
+        self._value: T | None = None
+        self._done = False
+
+    def result(self) -> T:
+        if not self._done:
+            self._value = self.convert(call_with_retry(self._attempt, self.what, self.retries, self.backoff_s))
+            self._done = True
+        return self._value
+
+    def _attempt(self):
+        response, self._inflight = self._inflight or self._send(), None
+        try:
+            return response.result(timeout_s=self.timeout_s)
+        except TimeoutError:
+            response.cancel()
+            raise
+
+
+class Resolved(Generic[T]):
+    """A value already at hand, behind PendingCall's `result()`: the sequential path of an overlapping loop."""
+
+    def __init__(self, value: T):
+        self.value = value
+
+    def result(self) -> T:
+        return self.value

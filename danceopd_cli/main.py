@@ -70,7 +70,6 @@ def _experiment(args) -> int:
 
     specs = [load_spec(p) for p in args.specs]  # every spec and every run config validates before anything trains
     sections = []
-    compute_s = 0.0
     t0 = time.perf_counter()
     for spec in specs:
         results = run_experiment(spec, args.out, smoke=args.smoke, log=lambda m: print(m, flush=True))
@@ -78,8 +77,7 @@ def _experiment(args) -> int:
         # enough to commit; the runs themselves (checkpoints) stay under --out.
         where = args.report.parent / args.report.stem if args.report else args.out / spec.name
         summary = write_report(spec, results, where)
-        sections.append((spec, summary, where / f"{spec.name}.md"))
-        compute_s += sum(r["seconds"] for r in results if "reused_from" not in r)  # a reused run was paid for once
+        sections.append((spec.name, summary, where / f"{spec.name}.md", results))
         for c in summary["claims"]:
             print(f"{spec.name}: {claim_line(c)}")
     if args.report:
@@ -87,17 +85,39 @@ def _experiment(args) -> int:
 
         import torch
 
+        sections = merged_sections(args.report, sections)
+        compute_s = sum(r["seconds"] for *_, results in sections for r in results if "reused_from" not in r)  # paid once
         args.report.parent.mkdir(parents=True, exist_ok=True)
         head = [f"# Experiment results{' (SMOKE: numbers mean nothing)' if args.smoke else ''}", "",
-                f"Regenerate: `danceopd experiment {' '.join(map(str, args.specs))} --out {args.out} --report {args.report}`"
-                f"{' --smoke' if args.smoke else ''}. Training + judging time of all runs in this report: {compute_s / 60:.1f} min "
-                f"(this invocation: {(time.perf_counter() - t0) / 60:.1f} min; finished runs are reused). "
-                f"Machine: {os.cpu_count()} CPU cores, torch {torch.__version__}, CUDA {'yes' if torch.cuda.is_available() else 'no'}.", ""]
-        body = [md.read_text().replace("](", f"]({os.path.relpath(md.parent, args.report.parent)}/") for _, _, md in sections]
-        summaries = [summary for _, summary, _ in sections]
+                f"Regenerate: `make results` (every spec). This file was last written by `danceopd experiment "
+                f"{' '.join(map(str, args.specs))} --out {args.out} --report {args.report}{' --smoke' if args.smoke else ''}`, which "
+                f"kept the other experiments' sections from {args.report.parent / args.report.stem}/. Training + judging time of all "
+                f"runs in this report: {compute_s / 60:.1f} min (this invocation: {(time.perf_counter() - t0) / 60:.1f} min; finished runs "
+                f"are reused). Machine: {os.cpu_count()} CPU cores, torch {torch.__version__}, CUDA {'yes' if torch.cuda.is_available() else 'no'}.", ""]
+        body = [md.read_text().replace("](", f"]({os.path.relpath(md.parent, args.report.parent)}/") for _, _, md, _ in sections]
+        summaries = [summary for _, summary, _, _ in sections]
         args.report.write_text("\n".join(head + [claims_table(summaries)] + body + [diversity_table(summaries)]))
         print(f"report: {args.report}")
     return 0
+
+
+def merged_sections(report: Path, fresh: list[tuple]) -> list[tuple]:
+    """The report's experiments: those of this invocation, plus those already in the report (their summary and runs
+    kept beside it, <report stem>/<name>.json), in the report's order, new ones last."""
+    import json
+    import re
+
+    folder = report.parent / report.stem
+    order = re.findall(r"^## (\S+)$", report.read_text(), re.M) if report.exists() else []
+    now = {section[0]: section for section in fresh}
+    out = []
+    for name in dict.fromkeys(order + list(now)):
+        if name in now:
+            out.append(now[name])
+        elif (folder / f"{name}.json").exists() and (folder / f"{name}.md").exists():
+            kept = json.loads((folder / f"{name}.json").read_text())
+            out.append((name, kept["summary"], folder / f"{name}.md", kept["runs"]))
+    return out
 
 
 def _tiny_pipeline(args) -> int:

@@ -94,7 +94,7 @@ def summarize(spec: ExperimentSpec, results: list[dict]) -> dict:
     arms = {}
     for arm in spec.arms:
         rs = [r for r in results if r["arm"] == arm]
-        arms[arm] = {"seeds": [r["seed"] for r in rs], "steps": rs[0]["steps"] if rs else None,
+        arms[arm] = {"seeds": [r["seed"] for r in rs], "steps": [r["steps"] for r in rs],
                      "metrics": {m: arm_metric(rs, m) for m in names}}
     out = {"name": spec.name, "base": str(spec.base), "budget": spec.budget, "trainer": spec.trainer,
            "trainers": {arm: spec.trainer_for(arm) for arm in spec.arms}, "arms": arms}
@@ -176,8 +176,9 @@ def plot(spec: ExperimentSpec, results: list[dict], summary: dict, out: Path) ->
         curves = [r["history"] for r in results if r["arm"] == arm and r["history"]]
         if not curves:
             continue
-        steps = [h["step"] for h in curves[0]]
-        mean_loss = [sum(sum(c[i]["loss"].values()) / len(c[i]["loss"]) for c in curves) / len(curves) for i in range(len(steps))]
+        n = min(len(c) for c in curves)  # at equal wall time the seeds reach different steps: their common windows
+        steps = [h["step"] for h in curves[0][:n]]
+        mean_loss = [sum(sum(c[i]["loss"].values()) / len(c[i]["loss"]) for c in curves) / len(curves) for i in range(n)]
         ax.plot(steps, mean_loss, label=arm)
     ax.set_yscale("log")
     ax.set_xlabel("step")
@@ -196,11 +197,13 @@ def markdown(summary: dict, plots: list[Path]) -> str:
     trainer = used.pop() if len(used) == 1 else ", ".join(f"{a}: {t}" for a, t in trainers.items())
     lines = [f"## {summary['name']}", "", f"Base `{summary['base']}`, budget `{json.dumps(summary['budget'])}`, trainer {trainer}.", ""]
     names = list(next(iter(summary["arms"].values()))["metrics"])
-    lines.append("| arm | seeds | " + " | ".join(names) + " |")
-    lines.append("| --- | --- | " + " | ".join("---" for _ in names) + " |")
+    lines.append("| arm | seeds | steps | " + " | ".join(names) + " |")
+    lines.append("| --- | --- | --- | " + " | ".join("---" for _ in names) + " |")
     for arm, a in summary["arms"].items():
         cells = [f"{a['metrics'][m]['mean']:.3f} ± {a['metrics'][m]['ci95']:.3f}" if a["metrics"][m] else "—" for m in names]
-        lines.append(f"| {arm} | {len(a['seeds'])} | " + " | ".join(cells) + " |")
+        steps = a["steps"]  # differ between seeds under a wall-time budget
+        steps = f"{steps[0]}" if len(set(steps)) == 1 else f"{sum(steps) / len(steps):.0f} ({min(steps)}-{max(steps)})"
+        lines.append(f"| {arm} | {len(a['seeds'])} | {steps} | " + " | ".join(cells) + " |")
     for c in summary["claims"]:
         lines += ["", claim_line(c)]
     lines += [""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]

@@ -36,8 +36,9 @@ def substitute(value, root: Path):
 
 
 def run_config(spec: ExperimentSpec, arm: str, seed: int, out: Path, smoke: bool) -> JobConfig:
-    over = {**spec.budget, **spec.arms[arm], **(SMOKE if smoke else {}), "seed": seed, "student.seed": seed,
-            "run_name": f"seed{seed}", "output_dir": str(out / arm), "max_minutes": None}
+    # No wall-clock stop unless the spec's budget is one (equal wall time): a step budget stays reproducible.
+    over = {"max_minutes": None, **spec.budget, **spec.arms[arm], **(SMOKE if smoke else {}), "seed": seed, "student.seed": seed,
+            "run_name": f"seed{seed}", "output_dir": str(out / arm)}
     return load_config(spec.base, substitute(over, out.parent), model=JobConfig)
 
 
@@ -82,7 +83,8 @@ def run_probes(spec: ExperimentSpec, cfg: JobConfig, student_field, suite, devic
 
 # Settings added after results were recorded: left out of the key while at their default, so that adding a knob
 # does not make every finished run stale (a run that sets the knob gets its own key).
-KEY_OMITTED_AT_DEFAULT = {("method", "off_policy_share"): 0.0, ("eval", "velocity_error_samples"): 16, ("eval", "clip_model"): None,
+KEY_OMITTED_AT_DEFAULT = {("method", "off_policy_share"): 0.0, ("method", "staleness"): 0,
+                          ("services", "teacher_defaults", "simulated_call_s"): None, ("eval", "velocity_error_samples"): 16, ("eval", "clip_model"): None,
                           **{("student", k): v for k, v in {"family": None, "base": None, "resolution": 32, "adapter": "auto",
                                                             "lora": {"rank": 128, "alpha": 128.0, "target_modules": None, "dropout": 0.0},
                                                             "guidance": None, "gradient_checkpointing": False, "save_merged": False, "edit_input": False,
@@ -94,9 +96,13 @@ def run_key(spec: ExperimentSpec, cfg: JobConfig, arm: str) -> str:
     """What makes a run's result: its config (without where it is written), its probes and its trainer."""
     data = json.loads(cfg.model_dump_json())
     data.pop("output_dir"), data.pop("run_name")
-    for (section, name), default in KEY_OMITTED_AT_DEFAULT.items():
-        if data[section].get(name) == default:
-            data[section].pop(name)
+    data.pop("execution")  # how a run executes never changes what it computes (tested bit for bit)
+    for (*sections, name), default in KEY_OMITTED_AT_DEFAULT.items():
+        node = data
+        for section in sections:
+            node = node[section]
+        if node.get(name) == default:
+            node.pop(name)
     for section, default in SECTION_OMITTED_AT_DEFAULT.items():
         if data.get(section) == default:
             data.pop(section)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from danceopd.remote import call_with_retry
+from danceopd.remote import PendingCall
 
 ROUTER_APP = "router"
 
@@ -14,19 +14,20 @@ class RouterClient:
         self.handle = serve.get_deployment_handle("RouterServer", app_name=app_name)
         self.timeout_s, self.retries, self.backoff_s = timeout_s, retries, backoff_s
 
-    def _call(self, method: str, *args):
-        # Every router call is idempotent (assignments are logged first-writer-wins), so retrying is safe.
-        return call_with_retry(lambda: getattr(self.handle, method).remote(*args).result(timeout_s=self.timeout_s),
-                               f"router {method}", self.retries, self.backoff_s)
+    def send(self, method: str, *args) -> PendingCall:
+        """Send a call now and wait later (`.result()`). Every router call is idempotent (assignments are logged
+        first-writer-wins), so retrying is safe."""
+        return PendingCall(lambda: getattr(self.handle, method).remote(*args), f"router {method}", self.timeout_s,
+                           self.retries, self.backoff_s)
 
     def register_run(self, run_id: str, config: dict) -> dict:
-        return self._call("register_run", run_id, config)
+        return self.send("register_run", run_id, config).result()
 
     def assign(self, run_id: str, step: int, rank: int = 0, micro: int = 0) -> dict:
-        return self._call("assign", run_id, step, rank, micro)
+        return self.send("assign", run_id, step, rank, micro).result()
 
     def report_loss(self, run_id: str, step: int, route: str, loss: float) -> dict:
-        return self._call("report_loss", run_id, step, route, loss)
+        return self.send("report_loss", run_id, step, route, loss).result()
 
     def summary(self, run_id: str, recent: int = 20) -> dict:
-        return self._call("summary", run_id, recent)
+        return self.send("summary", run_id, recent).result()

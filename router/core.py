@@ -70,6 +70,19 @@ class Router:
         stored, _ = self.store.get_or_set_assignment(run_id, f"{step}:{rank}:{micro}", value)
         return stored
 
+    def assign_steps(self, run_id: str, first_step: int, count: int, rank: int = 0) -> list[list[dict]]:
+        """The assignments of `count` consecutive steps for one rank (every micro-batch of each), in one call: what a
+        trainer asks ahead under hard routing, where an assignment is a pure function of the step. Adaptive weights
+        follow the reported losses, so there only one step at a time can be answered."""
+        cfg = self.config(run_id)
+        if not isinstance(count, int) or not 1 <= count <= 1024:
+            raise RouterError("count", f"must be an integer in [1, 1024], got {count!r}")
+        if cfg.policy == "adaptive" and count > 1:
+            raise RouterError("count", "adaptive weights follow the reported losses: ask for one step at a time (count 1)")
+        if not isinstance(first_step, int) or first_step < 0:
+            raise RouterError("step", f"must be an integer >= 0, got {first_step!r}")
+        return [[self.assign(run_id, s, rank, m) for m in range(cfg.micro_batches)] for s in range(first_step, first_step + count)]
+
     def weights(self, run_id: str, step: int | None = None) -> dict[str, float]:
         """Route weights in force (for the adaptive policy: as they stand now, or frozen at `step`)."""
         cfg = self.config(run_id)
@@ -132,6 +145,15 @@ class Router:
             return s
 
         return self.store.update_loss_stats(run_id, route, update)
+
+    def report_losses(self, run_id: str, reports: list[tuple[int, str, float]]) -> dict:
+        """Several (step, route, loss) reports in one call, in order; returns the last route's statistics."""
+        if not isinstance(reports, (list, tuple)) or not all(isinstance(r, (list, tuple)) and len(r) == 3 for r in reports):
+            raise RouterError("reports", "must be a list of [step, route, loss] triples")
+        out: dict = {}
+        for step, route, loss in reports:
+            out = self.report_loss(run_id, step, route, loss)
+        return out
 
     def summary(self, run_id: str, recent: int = 20) -> dict:
         record = self._record(run_id)

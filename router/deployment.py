@@ -13,13 +13,14 @@ from ray import serve
 
 import danceopd.telemetry as T
 from danceopd.telemetry import make
+from danceopd.remote import error_responses
 from router.core import Router, RouterError
 from router.store import MemoryStore, RedisStore
 
 app = FastAPI(title="DanceOPD router", version="1")
 
 
-# No access log: a trainer calls the router twice per step and worker; the metrics count the calls.
+# No access log: trainers call the router every step or few; the metrics count the assignments.
 @serve.deployment(name="RouterServer", num_replicas=1, ray_actor_options={"num_cpus": 0.1}, logging_config={"enable_access_log": False})
 @serve.ingress(app)
 class RouterServer:
@@ -43,15 +44,29 @@ class RouterServer:
 
     async def assign(self, run_id: str, step: int, rank: int = 0, micro: int = 0) -> dict:
         out = self.router.assign(run_id, step, rank, micro)
-        for route, n in out["route_samples"].items():
-            self.m_assign.inc(n, tags=self._tags(run_id, route))
-        for route, w in out["weights"].items():
-            self.m_weight.set(w, tags=self._tags(run_id, route))
+        self._count(run_id, out)
         return out
 
+    def _count(self, run_id: str, a: dict) -> None:
+        for route, n in a["route_samples"].items():
+            self.m_assign.inc(n, tags=self._tags(run_id, route))
+        for route, w in a["weights"].items():
+            self.m_weight.set(w, tags=self._tags(run_id, route))
+
+    async def assign_steps(self, run_id: str, first_step: int, count: int, rank: int = 0) -> list[list[dict]]:
+        steps = self.router.assign_steps(run_id, first_step, count, rank)
+        for micro_batches in steps:
+            for a in micro_batches:
+                self._count(run_id, a)
+        return steps
+
     async def report_loss(self, run_id: str, step: int, route: str, loss: float) -> dict:
-        stats = self.router.report_loss(run_id, step, route, loss)
-        self.m_loss.set(loss, tags=self._tags(run_id, route))
+        return await self.report_losses(run_id, [(step, route, loss)])
+
+    async def report_losses(self, run_id: str, reports: list) -> dict:
+        stats = self.router.report_losses(run_id, reports)
+        for _, route, loss in reports[-1:]:
+            self.m_loss.set(loss, tags=self._tags(run_id, route))
         return stats
 
     async def set_status(self, run_id: str, status: str) -> None:
@@ -73,7 +88,7 @@ class RouterServer:
                         "routes": sorted(rec["config"]["routes"])})
         return {"runs": out, "backend": self.backend}
 
-    @app.get("/v1/runs/{run_id}/routing")
+    @app.get("/v1/runs/{run_id}/routing", responses=error_responses(s404="no run with this id is registered"))
     async def routing(self, run_id: str, recent: int = 20):
         try:
             return self.router.summary(run_id, recent=max(0, min(recent, 1000)))

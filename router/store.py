@@ -57,6 +57,8 @@ class MemoryStore:
             return value, True
 
     def recent_assignments(self, run_id, n):
+        if n <= 0:  # [-0:] would be the whole log
+            return []
         keys = self.order.get(run_id, [])[-n:]
         return [self.assign[run_id][k] for k in keys]
 
@@ -111,6 +113,8 @@ class RedisStore:
         return json.loads(self.r.hget(self._k(run_id, "assign"), key)), False
 
     def recent_assignments(self, run_id, n):
+        if n <= 0:  # lrange(-0, -1) would be the whole log
+            return []
         keys = self.r.lrange(self._k(run_id, "order"), -n, -1)
         if not keys:
             return []

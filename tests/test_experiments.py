@@ -149,6 +149,22 @@ def test_several_claims_with_margins_thresholds_and_change_from_the_initial_stud
     assert "by more than -0.1 → **holds**" in text and "| solo | 3 |" in text and "—" in text
 
 
+def test_a_report_keeps_the_experiments_of_earlier_invocations(spec, tmp_path):
+    """Running one more experiment into an existing report adds its section and keeps the others (their summaries
+    and runs beside the report), in the report's order; re-running one replaces its section in place."""
+    out, report = tmp_path / "out", tmp_path / "results.md"
+    assert main(["experiment", str(spec), "--smoke", "--out", str(out), "--report", str(report)]) == 0
+    other = tmp_path / "tiny2.yaml"
+    other.write_text(spec.read_text().replace("name: tiny", "name: tiny2"))
+    assert main(["experiment", str(other), "--smoke", "--out", str(out), "--report", str(report)]) == 0  # runs reused
+    text = report.read_text()
+    assert text.index("## tiny\n") < text.index("## tiny2\n") and text.count("| tiny | low beats high") == 1
+    assert text.count("| tiny2 | low beats high") == 1
+    assert main(["experiment", str(spec), "--smoke", "--out", str(out), "--report", str(report)]) == 0
+    again = report.read_text()
+    assert again.index("## tiny\n") < again.index("## tiny2\n") and again.count("## tiny\n") == 1
+
+
 def test_shipped_specs_validate_and_make_results_runs_them_all():
     """Every spec (and every run config in it) validates, and `make results` regenerates the report from all."""
     import re

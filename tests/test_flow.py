@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from scipy import stats
 
 from danceopd.flow import (cfg_combine, clean_estimate, dense_velocity_loss, forward_noise, gather_states, rollout_states,
-                           sample_query_indices, sd3_sigmas, sigma_schedule, velocity_mse, velocity_target)
+                           rollout_to_queries, sample_query_indices, sd3_sigmas, sigma_schedule, velocity_mse, velocity_target)
 from danceopd.flow.query import BETA_LAWS
 from danceopd.suite.teachers import gaussian_mixture_velocity
 
@@ -67,6 +67,42 @@ def test_rollout_runs_without_grad_and_visits_every_state():
     traj = rollout_states(vel, torch.ones(2, 1, 1, 1), sig)
     assert not traj.final.requires_grad
     assert seen == pytest.approx(sig[:-1].tolist())
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 12), b=st.integers(1, 13), k=st.integers(1, 3),
+       position=st.sampled_from(["low", "mid", "high", "uniform", "stratified", "dense"]), skip=st.integers(0, 3),
+       chunk=st.sampled_from([None, 4, 8]))
+def test_truncated_rollout_stops_each_sample_at_its_deepest_query(seed, n, b, k, position, skip, chunk):
+    """The queried states equal those of the full rollout; each sample gets exactly as many Euler steps as its
+    deepest queried index (padded to multiples of 4 rows when the batch is one); skipped samples get none."""
+    g = torch.Generator().manual_seed(seed)
+    x0, noise = torch.randn(b, 2, 3, 3, generator=g), torch.randn(b, 2, 3, 3, generator=g)
+    sigmas = sigma_schedule(n)
+    idx = sample_query_indices(n, b, k, position, g)
+    skipped = torch.arange(b) < min(skip, b)
+    steps_of_row = torch.zeros(b, dtype=torch.long)
+
+    def vel(x, s, rows):  # row-wise point-mass field: a row's velocity never depends on the others
+        steps_of_row[rows] += 1
+        return (x - x0[rows]) / s.view(-1, 1, 1, 1)
+
+    got = rollout_to_queries(vel, noise, sigmas, idx, skip=skipped, chunk=chunk)
+    full = rollout_states(lambda x, s: (x - x0) / s.view(-1, 1, 1, 1), noise, sigmas)
+    want_x, want_sigma = gather_states(full.states, full.sigmas, idx)
+    kk = idx.shape[1]
+    keep = (~skipped).repeat_interleave(kk)
+    assert torch.equal(got.x[keep], want_x[keep]) and torch.equal(got.sigma, want_sigma)
+    assert bool(got.x[~keep].isnan().all())
+    deepest = torch.where(skipped, 0, idx.amax(1))
+    if b % 4:  # not a multiple of the row quantum: the whole batch runs until no sample needs another step
+        assert steps_of_row.tolist() == [int(deepest.max())] * b and got.rows_evaluated == b * int(deepest.max())
+    else:
+        assert bool((steps_of_row >= deepest).all()) and got.rows_evaluated == int(steps_of_row.sum())
+        assert got.rows_evaluated <= int(deepest.sum()) + 3 * n  # at most 3 padding rows per step
+    assert got.rows_evaluated <= b * (n - 1) if n > 1 else got.rows_evaluated == 0  # the final step never runs
+    with pytest.raises(ValueError, match="multiple of 4"):
+        rollout_to_queries(vel, noise, sigmas, idx, chunk=6)
 
 
 def _index_probs(law: str, n: int) -> np.ndarray:

@@ -46,6 +46,16 @@ def test_same_requests_same_assignments_across_router_restarts(redis_server, pol
         assert grid(mem, rid, 20, c) == a
 
 
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+def test_recent_assignments_means_the_last_n_and_zero_means_none(redis_server, backend):
+    router = Router(RedisStore(redis_server.url) if backend == "redis" else MemoryStore())
+    rid = run_id()
+    router.register_run(rid, cfg(policy="hard"))
+    a = grid(router, rid, 3, cfg())
+    assert router.summary(rid, recent=0)["recent"] == []  # [-0:] and lrange(-0, -1) were the whole log
+    assert router.summary(rid, recent=2)["recent"] == a[-2:]
+
+
 def test_hard_policy_matches_the_reference_trainer_routing():
     from danceopd.routing import HardRouter
 
@@ -164,6 +174,10 @@ def test_adaptive_weights_follow_loss_and_respect_the_floor():
     (lambda r: r.report_loss("bad", 0, "inpaint", 1.0), "route"),
     (lambda r: r.report_loss("bad", 0, "t2i", float("nan")), "loss"),
     (lambda r: r.register_run("bad", cfg(seed=99)), "config"),
+    (lambda r: r.assign_steps("bad", 0, 0, 1), "count"),
+    (lambda r: r.assign_steps("bad", -2, 4, 1), "step"),
+    (lambda r: r.report_losses("bad", [(0, "t2i")]), "reports"),
+    (lambda r: r.report_losses("bad", [(0, "t2i", -1.0)]), "loss"),
 ])
 def test_bad_requests_name_the_field(call, field):
     r = Router()
@@ -171,6 +185,35 @@ def test_bad_requests_name_the_field(call, field):
     with pytest.raises(RouterError) as e:
         call(r)
     assert e.value.field == field and e.value.message
+
+
+@pytest.mark.parametrize("policy", ["hard", "per_sample", "groups"])
+def test_a_block_of_steps_is_what_one_step_at_a_time_gives(policy):
+    """What trainers ask ahead (assign_steps) is logged and answered exactly as step-by-step requests are."""
+    extra = {"groups": ["t2i", "local_edit", "global_edit", "t2i"]} if policy == "groups" else {}
+    one, block = Router(), Router()
+    for r in (one, block):
+        r.register_run("x", cfg(policy=policy, **extra))
+    want = [[one.assign("x", s, 1, m) for m in range(2)] for s in range(3, 13)]
+    assert block.assign_steps("x", 3, 10, 1) == want
+    assert block.store.route_counts("x") == one.store.route_counts("x")
+    assert block.assign_steps("x", 5, 2, 1) == want[2:4]  # asked again (a retry, a resume): the logged answers
+
+
+def test_adaptive_routing_is_asked_one_step_at_a_time_and_batched_reports_equal_single_ones():
+    a, b = Router(), Router()
+    for r in (a, b):
+        r.register_run("ad", cfg(policy="adaptive"))
+    with pytest.raises(RouterError) as e:
+        a.assign_steps("ad", 0, 2, 0)
+    assert e.value.field == "count" and "one step at a time" in e.value.message
+    assert a.assign_steps("ad", 0, 1, 0) == [[b.assign("ad", 0, 0, m) for m in range(2)]]
+    reports = [(s, ["t2i", "local_edit"][s % 2], 1.0 / (s + 1)) for s in range(12)]
+    a.report_losses("ad", reports)
+    for rep in reports:
+        b.report_loss("ad", *rep)
+    assert a.store.get_loss_stats("ad") == b.store.get_loss_stats("ad")
+    assert a.weights("ad") == b.weights("ad")
 
 
 @pytest.mark.parametrize("bad,needle", [
@@ -201,7 +244,9 @@ def test_router_on_serve_with_redis_and_rest(ray_cluster, redis_server):
     direct = Router(RedisStore(redis_server.url))
     a = [client.assign(rid, s, 1, 0) for s in range(6)]
     assert a == [direct.assign(rid, s, 1, 0) for s in range(6)]  # the service and the library agree
-    client.report_loss(rid, 5, a[5]["route"], 0.5)
+    assert [s[0] for s in client.send("assign_steps", rid, 0, 6, 1).result()] == a  # a block: the same answers
+    client.report_loss(rid, 4, a[4]["route"], 0.7)
+    client.send("report_losses", rid, [(5, a[5]["route"], 0.5)]).result()
     with pytest.raises(Exception, match="rank"):
         client.assign(rid, 0, 7, 0)
     with urllib.request.urlopen(ray_cluster.http + "/router/v1/runs", timeout=30) as resp:
@@ -209,8 +254,10 @@ def test_router_on_serve_with_redis_and_rest(ray_cluster, redis_server):
     assert rid in [x["run"] for x in runs["runs"]] and runs["backend"] == "redis"
     with urllib.request.urlopen(ray_cluster.http + f"/router/v1/runs/{rid}/routing?recent=3", timeout=30) as resp:
         routing = json.loads(resp.read())
-    assert sum(routing["counts"].values()) == 6 * 8 and len(routing["recent"]) == 3
+    assert sum(routing["counts"].values()) == 6 * 2 * 8 and len(routing["recent"]) == 3  # the block logged both micro-batches
     assert routing["losses"][a[5]["route"]]["last"] == 0.5
+    with urllib.request.urlopen(ray_cluster.http + f"/router/v1/runs/{rid}/routing?recent=0", timeout=30) as resp:
+        assert json.loads(resp.read())["recent"] == []  # was the whole log
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(ray_cluster.http + "/router/v1/runs/nope/routing", timeout=30)
     assert e.value.code == 404 and json.loads(e.value.read())["error"]["field"] == "run"

@@ -100,6 +100,32 @@ def test_batching_merges_concurrent_callers_and_splits_exactly(served):
     assert sum(calls[-8:]) >= 32
 
 
+def test_submit_sends_now_and_waits_later_and_a_simulated_device_teacher_sleeps_without_a_core(served):
+    """TeacherClient.submit returns as soon as the query is sent; the result waits. A teacher with simulated_call_s
+    (benchmarks: a teacher on its own device) answers the exact velocity no sooner than that, its replica idle."""
+    from ray import serve
+
+    cfg = load_teachers_config({"app_prefix": "slow-", "teachers": [
+        {"name": "global_edit", "field": {"kind": "suite", "capability": "global_edit"}, "ray_actor_options": {"num_cpus": 0.1},
+         "simulated_call_s": 0.8}]})
+    deploy_teachers(cfg, gateway=False)
+    slow = TeacherClient("global_edit", app_prefix="slow-")
+    describe = lambda: slow._call(lambda h: h.describe.remote(), 0)  # noqa: E731
+    x, sigma, cond = sample_inputs("global_edit", 4)
+    cpu_before = describe()["cpu_s"]
+    t0 = time.perf_counter()
+    pending = slow.submit(x, sigma, cond)
+    sent = time.perf_counter() - t0
+    v = pending.result()
+    waited = time.perf_counter() - t0
+    cpu = describe()["cpu_s"] - cpu_before
+    serve.delete("slow-global_edit")
+    assert sent < 0.2 and waited >= 0.8, (sent, waited)
+    assert cpu < 0.3, cpu  # the 0.8 s were a sleep, not a busy core
+    torch.testing.assert_close(v, served["local"]["global_edit"].velocity(x, sigma, cond))
+    assert pending.result() is v  # answered once, kept
+
+
 def test_handle_path_rejects_bad_input_without_retrying(served):
     client = TeacherClient("t2i", retries=3, backoff_s=2.0)
     q = VelocityQuery(np.zeros((2, 3, 16, 16), np.float32), np.array([0.5, 1.5], np.float32), ["a red circle"] * 2)
@@ -189,7 +215,25 @@ def _bad_cases():
         ("t2i", {"sigma": 0.5}, 422, "x"),
         ("local_edit", {"x": b64(ok_x), "sigma": 0.5, "prompt": "make the circle blue"}, 422, "source"),
         ("nope", {"x": b64(ok_x), "sigma": 0.5}, 404, "name"),
+        # Each of these answered 500 (or was silently coerced) before the codec refused them by name.
+        ("t2i", b'{"x": {"b64": "", "shape": [1e400]}, "sigma": 0.5}', 422, "x"),  # OverflowError
+        ("t2i", {"x": {"b64": b64(ok_x[:1])["b64"], "shape": [1.9, 3, 16, 16]}, "sigma": 0.5}, 422, "x"),  # was read as 1
+        ("t2i", {"x": {"npy_b64": ""}, "sigma": 0.5}, 422, "x"),  # EOFError
+        ("t2i", {"x": {"npy_b64": _npy_claiming((10**6, 10**6))}, "sigma": 0.5}, 422, "x"),  # a 4 TB allocation
+        ("t2i", {"x": {"npy_b64": _npy_claiming((2, 3, 16, 16))}, "sigma": 0.5}, 422, "x"),  # fits, but the bytes are not there
+        ("t2i", {"x": b64(ok_x), "sigma": "0.5"}, 422, "sigma"),  # was coerced
+        ("t2i", json.dumps({"x": b64(ok_x), "sigma": float("nan")}).encode(), 422, "sigma"),  # NaN, as Python writes it
+        ("t2i", json.dumps({"x": b64(ok_x), "sigma": [0.5, float("inf")]}).encode(), 422, "sigma"),
+        ("t2i", {"x": b64(ok_x), "sigma": 0.5, "prompt": "p" * 2**20}, 413, "body"),  # a 1 MB prompt over the 1 MiB limit
+        ("t2i", {"x": b64(ok_x), "sigma": 0.5, "prompt": ["p"] * 10_000}, 422, "prompt"),
     ]
+
+
+def _npy_claiming(shape) -> str:
+    """An .npy header claiming `shape` followed by 16 bytes of data."""
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "<f4", "fortran_order": False, "shape": shape})
+    return base64.b64encode(buf.getvalue() + bytes(16)).decode()
 
 
 @pytest.mark.parametrize("name,body,status,field", _bad_cases())
@@ -205,6 +249,71 @@ def test_rest_rejects_oversize_payload_and_bad_json(served):
     assert status == 413 and reply["error"]["field"] == "body"
     status, reply = post(served["url"] + "/v1/fields/t2i/velocity", b"{not json")
     assert status == 422
+
+
+def _raw_post(url: str, body, headers: dict, timeout: float = 30) -> tuple[int, dict, float]:
+    """POST with exactly these headers (a false content-length, a chunked body): status, JSON reply, seconds."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    u = urlsplit(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=timeout)
+    start = time.perf_counter()
+    try:
+        conn.putrequest("POST", u.path)
+        for k, v in headers.items():
+            conn.putheader(k, v)
+        conn.endheaders()
+        try:
+            for piece in body:
+                conn.send(piece)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the gateway answered (and closed) before the rest was sent
+        resp = conn.getresponse()
+        raw = resp.read()
+        return resp.status, json.loads(raw) if raw.startswith(b"{") else {"text": raw.decode()}, time.perf_counter() - start
+    finally:
+        conn.close()
+
+
+def test_rest_enforces_the_size_limit_while_reading(served):
+    url = served["url"] + "/v1/fields/t2i/velocity"
+    # A claimed size that is never sent: refused at once (it used to wait for the bytes, forever).
+    status, reply, took = _raw_post(url, [b"{}"], {"content-type": "application/json", "content-length": "999999999999"})
+    assert status == 413 and reply["error"]["field"] == "body" and took < 10
+    # A malformed length never reaches the gateway: Serve's HTTP proxy answers 400 itself (plain text).
+    status, reply, _ = _raw_post(url, [b"{}"], {"content-type": "application/json", "content-length": "12abc"})
+    assert status == 400
+
+    # A chunked body has no length to check up front: 200 MB in 1 MiB chunks, cut off past the 1 MiB limit.
+    def chunked(total_mb: int):
+        piece = b"x" * 2**20
+        for _ in range(total_mb):
+            yield b"%x\r\n%s\r\n" % (len(piece), piece)
+        yield b"0\r\n\r\n"
+
+    status, reply, took = _raw_post(url, chunked(200), {"content-type": "application/json", "transfer-encoding": "chunked"})
+    assert status == 413 and reply["error"]["field"] == "body" and took < 30
+
+
+def test_rest_fifty_concurrent_requests_all_answer(served):
+    from concurrent.futures import ThreadPoolExecutor
+
+    x = np.zeros((1, 3, 16, 16), np.float32)
+    good = {"x": b64(x), "sigma": 0.5, "prompt": "a red circle"}
+    bad = {"x": b64(x), "sigma": 2.0}
+    with ThreadPoolExecutor(50) as pool:
+        got = list(pool.map(lambda i: post(served["url"] + "/v1/fields/t2i/velocity", good if i % 2 else bad, timeout=60)[0],
+                            range(50)))
+    assert sorted(got) == [200] * 25 + [422] * 25
+
+
+def test_rest_openapi_documents_the_velocity_body_and_every_status(served):
+    with urllib.request.urlopen(served["url"] + "/openapi.json", timeout=30) as r:
+        op = json.loads(r.read())["paths"]["/v1/fields/{name}/velocity"]["post"]
+    body = op["requestBody"]["content"]["application/json"]["schema"]
+    assert {"x", "sigma"} <= set(body["required"]) and "prompt" in body["properties"]
+    assert {"200", "401", "404", "413", "422", "503", "504"} <= set(op["responses"])
 
 
 def test_rest_auth_on_and_off(served):

@@ -1,15 +1,19 @@
 """Distributed DanceOPD training on Ray Train: the worker loop and its launcher.
 
-Each worker holds a student replica (DDP: gloo on CPU, nccl on GPU). Per micro-batch it asks the router
-service for its assignment, draws that route's conditions, rolls out its own student without grad, queries
-the routed teacher deployment at the chosen state(s) in one call, and takes the velocity MSE. Query states,
-loss and learning rate come from `trainer.steps`, the same code as the reference trainer: with one worker and
-the same config it draws exactly what the reference trainer draws.
+Each worker holds a student replica (DDP: gloo on CPU, nccl on GPU). Per micro-batch it takes the router's
+assignment (asked ahead, in blocks of steps), draws that route's conditions, rolls out its own student without grad (each
+sample only as deep as its queried state), sends the routed teacher deployment the chosen state(s) in one call,
+and goes on with the next micro-batch and the student's forward while the teacher works; it waits only when
+the loss needs the target. Query states, loss and learning rate come from `trainer.steps`, the same code as
+the reference trainer: with one worker and the same config it computes exactly what the reference trainer
+computes. `method.staleness: 1` rolls out the next step before this step's update, so that the teacher's
+work overlaps the whole update.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
 import sys
@@ -22,13 +26,16 @@ from pathlib import Path
 import torch
 
 from danceopd.data.routes import build_route_data
+from danceopd.fields.base import Conditions
+from danceopd.remote import Resolved
 from danceopd.student import build_student, load_student
 from danceopd.suite import CapabilitySuite
 from trainer.checkpoint import restore_checkpoint, save_checkpoint
 from trainer.ema import EMA
 from trainer.job import JobConfig
 from trainer.metrics import TrainerMetrics
-from trainer.steps import StepTimes, distillation_loss, format_progress, lr_at, query_batch, routing_config, run_sigmas
+from trainer.steps import (MicroBatch, StepTimes, distillation_loss, format_progress, lr_at, query_batch, refills, routing_config,
+                           run_sigmas)
 
 
 def worker_loop(config: dict) -> None:
@@ -46,17 +53,41 @@ def worker_loop(config: dict) -> None:
     suite = CapabilitySuite(job.suite.tier, job.suite.tau, job.suite.seed)
     student = load_student(job.init_from, device, job.dtype) if job.init_from else build_student(job.student, device, job.dtype)
     data = build_route_data(job, suite, student)
-    model = ray.train.torch.prepare_model(student.transformer, parallel_strategy_kwargs={"find_unused_parameters": True})
+    params = student.trainable_parameters()  # fp32 master weights (LoRA adapters, or all)
+    ex = job.execution
+    find_unused = ex.find_unused_parameters
+    if find_unused is None:
+        find_unused = bool(unused_parameters(student, {r: d.sample(1, 0) for r, d in data.items()}))
+    model = ray.train.torch.prepare_model(student.transformer, parallel_strategy_kwargs=ddp_options(find_unused))
     inner = model.module if hasattr(model, "module") else model
     train_field = student.field.with_transformer(model)  # gradients flow through DDP
     roll_field = student.field  # no-grad rollouts skip DDP's hooks
-    params = student.trainable_parameters()  # fp32 master weights (LoRA adapters, or all)
     optimizer = torch.optim.AdamW(params, lr=job.optim.lr, betas=job.optim.betas, weight_decay=job.optim.weight_decay)
     ema = EMA(inner, job.optim.ema_decay) if job.optim.ema_decay > 0 else None
     teachers = {r: job.teacher_client(r) for r in job.routes}
     router = RouterClient(job.services.router_app, timeout_s=job.cluster.timeout_s)
+    # Hard routes are a pure function of the step: ask ahead. Adaptive weights follow the reported losses: there
+    # each report is delivered before the next step's assignment is asked.
+    ahead = ex.prefetch_routing and job.method.routing != "adaptive"
+    assignments = Assignments(router, run_id, rank, job.steps, ahead)
+    reports = LossReports(router, run_id, wait=not ahead)
     sigmas = run_sigmas(job, student).to(device)
-    accum = job.optim.grad_accum
+    accum, num_steps = job.optim.grad_accum, len(sigmas) - 1
+
+    def prepare(step: int, times: StepTimes) -> list[MicroBatch]:
+        """Roll out this step's micro-batches with the current weights; each one's teacher query goes out as soon as
+        its states exist (all before any is awaited)."""
+        out = []
+        for micro, a in enumerate(assignments.get(step, times)):
+            route = a["route"]  # the hard route of this update, and the data seed
+            cond = data[route].sample(job.worker_batch_size, a["data_seed"])
+            with times.time("rollout"):
+                roller = roll_field if job.method.states == "on_policy" else teachers[route]
+                q = query_batch(job, suite, sigmas, roller, route, cond, step, rank, micro, device)
+            with times.time("teacher"), torch.no_grad():  # all K states of every sample: one call
+                send = teachers[route].submit(q.x, q.sigma, q.conditions)
+                out.append(MicroBatch(route, q, send if ex.overlap_teacher else Resolved(send.result())))
+        return out
 
     start, history = 0, []
     ckpt = ray.train.get_checkpoint()
@@ -70,26 +101,25 @@ def worker_loop(config: dict) -> None:
     metrics = TrainerMetrics(run_id, {r: c.capability for r, c in job.routes.items()}) if rank == 0 else None
     window = Window(job, rank, world, start, metrics, record_step_losses=config.get("record_step_losses", False))
     window.history = history
+    prepared: dict[int, list[MicroBatch]] = {}
     for step in range(start, job.steps):
         times = StepTimes()
+        batches = prepared.pop(step, None) or prepare(step, times)
+        if job.method.staleness and not refills(job, step + 1):  # before this update: the teacher works while we train
+            prepared[step + 1] = prepare(step + 1, times)
         optimizer.zero_grad(set_to_none=True)
-        step_loss = 0.0
-        for micro in range(accum):
-            with times.time("router"):
-                a = router.assign(run_id, step, rank, micro)  # the hard route of this update, and the data seed
-            route = a["route"]
-            cond = data[route].sample(job.worker_batch_size, a["data_seed"])
-            with times.time("rollout"):
-                roller = roll_field if job.method.states == "on_policy" else teachers[route]
-                q = query_batch(job, suite, sigmas, roller, route, cond, step, rank, micro, device)
-            with times.time("teacher"), torch.no_grad():
-                target = teachers[route].velocity(q.x, q.sigma, q.conditions)  # all K states of every sample: one call
+        step_loss = torch.zeros((), device=device)
+        for micro, mb in enumerate(batches):
             sync = contextlib.nullcontext() if micro == accum - 1 or not hasattr(model, "no_sync") else model.no_sync()
-            with times.time("forward_backward"), sync:
-                pred = train_field.velocity(q.x, q.sigma, q.conditions)
-                loss = distillation_loss(job, pred, target, q, len(sigmas) - 1) / accum
-                loss.backward()  # the last micro-batch all-reduces the gradients across workers
-            step_loss += loss.item()
+            with sync:  # the last micro-batch all-reduces the gradients across workers
+                with times.time("forward_backward"):
+                    pred = train_field.velocity(mb.q.x, mb.q.sigma, mb.q.conditions)
+                with times.time("teacher"):
+                    target = mb.target.result()  # in flight since its states existed: waits only for a slower teacher
+                with times.time("forward_backward"):
+                    loss = distillation_loss(job, pred, target, mb.q, num_steps) / accum
+                    loss.backward()
+            step_loss += loss.detach()
         with times.time("optimizer"):
             torch.nn.utils.clip_grad_norm_(params, job.optim.grad_clip)
             for g in optimizer.param_groups:
@@ -97,14 +127,18 @@ def worker_loop(config: dict) -> None:
             optimizer.step()
             if ema is not None:
                 ema.update(inner, step)
+        route, step_loss = batches[-1].route, step_loss.item()  # the step's one host sync
         with times.time("router"):
-            router.report_loss(run_id, step, route, step_loss)
+            reports.add(step, route, step_loss)
         window.add(route, step_loss, times)
         _maybe_crash(config.get("crash_once"), rank, step)
 
         done = step + 1
         stop = window.log_due(done) and window.summarize(done)  # collective: every rank agrees to stop
+        if window.log_due(done):
+            reports.send()
         if done % job.checkpoint_every == 0 or done == job.steps or stop:
+            reports.flush()
             report = window.report_metrics(done)
             if rank == 0:  # one writer; every rank calls report (a collective)
                 state = {"routing_cursor": done, "run": run_id, "history": window.history, "config": config["job"]}
@@ -116,6 +150,94 @@ def worker_loop(config: dict) -> None:
                 ray.train.report(report)
         if stop:
             break
+    reports.flush()
+
+
+class Assignments:
+    """This rank's router assignments, one per micro-batch. Ahead: hard routes are a pure function of the step, so
+    they come in blocks of BLOCK steps per call, the next block asked while this one is half used. Otherwise (and
+    for adaptive routing, whose weights follow the reported losses) each step is asked when it starts."""
+
+    BLOCK = 16
+
+    def __init__(self, router, run_id: str, rank: int, steps: int, ahead: bool):
+        self.router, self.run_id, self.rank, self.steps = router, run_id, rank, steps
+        self.block = self.BLOCK if ahead else 1
+        self.calls: dict[int, object] = {}  # block index -> PendingCall of its steps' assignments
+
+    def _ask(self, b: int) -> None:
+        if b not in self.calls and b * self.block < self.steps:
+            first = b * self.block
+            self.calls[b] = self.router.send("assign_steps", self.run_id, first, min(self.block, self.steps - first), self.rank)
+
+    def get(self, step: int, times: StepTimes) -> list[dict]:
+        b, i = divmod(step, self.block)
+        self._ask(b)
+        if self.block > 1 and i >= self.block // 2:
+            self._ask(b + 1)
+        for old in [k for k in self.calls if k < b]:
+            del self.calls[old]
+        with times.time("router"):
+            return self.calls[b].result()[i]
+
+
+class LossReports:
+    """Each step's loss for the router. Batched (`wait` false, hard routing: the statistics feed dashboards), they go
+    out in one call at every log window and checkpoint; otherwise (adaptive: the next assignment depends on them)
+    each is delivered before the step ends."""
+
+    def __init__(self, router, run_id: str, wait: bool):
+        self.router, self.run_id, self.wait = router, run_id, wait
+        self.buffered: list[tuple[int, str, float]] = []
+        self.inflight = None
+
+    def add(self, step: int, route: str, loss: float) -> None:
+        self.buffered.append((step, route, loss))
+        if self.wait:
+            self.flush()
+
+    def send(self) -> None:
+        """Send what is buffered, without waiting (the previous batch is waited for first: reports stay in order)."""
+        if self.inflight is not None:
+            self.inflight.result()
+            self.inflight = None
+        if self.buffered:
+            self.inflight = self.router.send("report_losses", self.run_id, self.buffered)
+            self.buffered = []
+
+    def flush(self) -> None:
+        self.send()
+        if self.inflight is not None:
+            self.inflight.result()
+            self.inflight = None
+
+
+def ddp_options(find_unused_parameters: bool) -> dict:
+    """DDP without the buffer broadcast before every forward: an extra collective (a sync point) per step, and the
+    students' only buffers (positional embeddings) never change in training."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters else "broadcast_buffers"
+    return {"find_unused_parameters": find_unused_parameters, no_sync: False}
+
+
+def unused_parameters(student, probes: dict[str, Conditions]) -> list[str]:
+    """Trainable parameters that get no gradient on some route's forward (one sample per route). DDP needs
+    find_unused_parameters (an extra graph walk every step) only if there are any. The global RNG and the prompt
+    cache are left as they were, so that the run draws exactly what it would draw without the probe."""
+    unused: set[str] = set()
+    named = [(n, p) for n, p in student.transformer.named_parameters() if p.requires_grad]
+    shape = student.field.info.sample_shape
+    device = student.field.device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for route, cond in probes.items():
+            x = torch.randn(1, *shape, generator=torch.Generator().manual_seed(0)).to(device)
+            student.field.velocity(x, torch.full((1,), 0.5, device=device), cond.to(device)).float().square().mean().backward()
+            unused |= {n for n, p in named if p.grad is None}
+            for _, p in named:
+                p.grad = None
+    student.field.prompts.clear()
+    return sorted(unused)
 
 
 class Window:

@@ -51,6 +51,7 @@ class TeacherDeployOptions(_Strict):
     batching: BatchingConfig | None = None
     torch_threads: int | None = Field(None, ge=1)
     access_log: bool | None = None
+    simulated_call_s: float | None = Field(None, ge=0.0, le=60.0, description="benchmarks only: see TeacherConfig.simulated_call_s")
 
 
 class ServicesConfig(_Strict):

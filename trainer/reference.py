@@ -25,7 +25,9 @@ from danceopd.seeding import derive_seed
 from danceopd.student import build_student, load_student
 from danceopd.suite import CapabilitySuite
 from trainer.checkpoint import latest_checkpoint, restore_checkpoint, save_checkpoint
-from trainer.steps import QueryBatch, StepTimes, distillation_loss, format_progress, lr_at, query_batch, routing_config, run_sigmas
+from danceopd.remote import Resolved
+from trainer.steps import (MicroBatch, QueryBatch, StepTimes, distillation_loss, format_progress, lr_at, query_batch, refills,
+                           routing_config, run_sigmas)
 from trainer.cli import load_or_report, parse_args
 from trainer.ema import EMA
 from trainer.job import JobConfig
@@ -62,46 +64,51 @@ class ReferenceTrainer:
         self.optimizer = torch.optim.AdamW(self.params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
         self.ema = EMA(self.student.transformer, o.ema_decay) if o.ema_decay > 0 else None
         self.step = 0
+        self.prepared: dict[int, list[MicroBatch]] = {}  # method.staleness: the next step, rolled out before this update
         self.route_log: list[str] = []
         self.history: list[dict] = []
 
     # ----------------------------------------------------------------------------------- one update
     def train_step(self) -> dict:
         cfg, step = self.cfg, self.step
-        # hard route: one field for every micro-batch of this update
-        route = self.adaptive.assign(RUN, step)["route"] if self.adaptive else self.router.route(step)
         times = StepTimes()
+        batches = self.prepared.pop(step, None) or self.prepare(step, times)
+        if cfg.method.staleness and not refills(cfg, step + 1):  # the next step's states, before this update
+            self.prepared[step + 1] = self.prepare(step + 1, times)
         self.optimizer.zero_grad(set_to_none=True)
-        total = 0.0
-        for micro in range(cfg.optim.grad_accum):
-            cond = self.data[route].sample(cfg.optim.batch_size, derive_seed(cfg.seed, "batch", step, self.rank, micro))
-            t0 = time.perf_counter()
-            q = self.query_batch(route, cond, step, micro)  # rollout of the current student, no grad
-            t1 = time.perf_counter()
-            with torch.no_grad():
-                target = self.target_velocity(route, q)  # the frozen field, at the student's own states
-            t2 = time.perf_counter()
-            pred = self.student.field.velocity(q.x, q.sigma, q.conditions)
-            loss = self.loss(pred, target, q) / cfg.optim.grad_accum
-            loss.backward()
-            t3 = time.perf_counter()
-            total += loss.item()
-            times.rollout += t1 - t0
-            times.teacher += t2 - t1
-            times.forward_backward += t3 - t2
-        t4 = time.perf_counter()
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.grad_clip))
-        for g in self.optimizer.param_groups:
-            g["lr"] = self.lr_at(step)
-        self.optimizer.step()
-        if self.ema is not None:
-            self.ema.update(self.student.transformer, step)
-        times.optimizer = time.perf_counter() - t4
+        total = torch.zeros((), device=self.device)
+        for mb in batches:
+            with times.time("forward_backward"):
+                pred = self.student.field.velocity(mb.q.x, mb.q.sigma, mb.q.conditions)
+                loss = self.loss(pred, mb.target.result(), mb.q) / cfg.optim.grad_accum
+                loss.backward()
+            total += loss.detach()
+        with times.time("optimizer"):
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.grad_clip))
+            for g in self.optimizer.param_groups:
+                g["lr"] = self.lr_at(step)
+            self.optimizer.step()
+            if self.ema is not None:
+                self.ema.update(self.student.transformer, step)
+        route, total = batches[-1].route, total.item()
         if self.adaptive:
             self.adaptive.report_loss(RUN, step, route, total)
         self.route_log.append(route)
         self.step += 1
         return {"step": step, "route": route, "loss": total, "grad_norm": grad_norm, "times": times}
+
+    def prepare(self, step: int, times: StepTimes) -> list[MicroBatch]:
+        """The micro-batches of `step`: hard route (one field for every micro-batch of the update), conditions,
+        query states from a no-grad rollout of the current student, and the frozen field's velocity there."""
+        route = self.adaptive.assign(RUN, step)["route"] if self.adaptive else self.router.route(step)
+        out = []
+        for micro in range(self.cfg.optim.grad_accum):
+            cond = self.data[route].sample(self.cfg.optim.batch_size, derive_seed(self.cfg.seed, "batch", step, self.rank, micro))
+            with times.time("rollout"):
+                q = self.query_batch(route, cond, step, micro)
+            with times.time("teacher"), torch.no_grad():
+                out.append(MicroBatch(route, q, Resolved(self.target_velocity(route, q))))
+        return out
 
     def query_batch(self, route: str, cond: Conditions, step: int, micro: int) -> QueryBatch:
         roller = self.student.field if self.cfg.method.states == "on_policy" else self.teachers[route]

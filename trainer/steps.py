@@ -7,12 +7,14 @@ import math
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 
 from danceopd.config import TrainConfig
 from danceopd.fields.base import Conditions, VelocityField
-from danceopd.flow import dense_velocity_loss, forward_noise, gather_states, rollout_states, sample_query_indices, sigma_schedule, velocity_mse
+from danceopd.flow import (dense_velocity_loss, forward_noise, gather_states, rollout_states, rollout_to_queries, sample_query_indices,
+                           sigma_schedule, velocity_mse)
 from danceopd.seeding import derive_seed, generator
 from danceopd.suite import CapabilitySuite
 
@@ -25,6 +27,23 @@ class QueryBatch:
     dt: torch.Tensor  # [B*K] step size at each queried state (dense loss weight)
     x0: torch.Tensor | None = None  # dataset targets (off-policy only)
     eps: torch.Tensor | None = None
+    rollout_rows: int = 0  # velocity rows the rollout computed (a full rollout: B * N)
+
+
+@dataclass
+class MicroBatch:
+    """A micro-batch ready to train on: its route, its query states, and the teacher's velocity at them (a
+    PendingCall still in flight, or Resolved)."""
+
+    route: str
+    q: QueryBatch
+    target: Any
+
+
+def refills(cfg: TrainConfig, step: int) -> bool:
+    """Under method.staleness, whether `step` is rolled out fresh (with the weights it trains): at every checkpoint,
+    so that a run resumed there computes exactly what the uninterrupted run computed."""
+    return step % cfg.checkpoint_every == 0 or step >= cfg.steps
 
 
 def query_batch(cfg: TrainConfig, suite: CapabilitySuite, sigmas: torch.Tensor, roller: VelocityField, route: str,
@@ -38,17 +57,30 @@ def query_batch(cfg: TrainConfig, suite: CapabilitySuite, sigmas: torch.Tensor, 
     noise = torch.randn(b, *roller.info.sample_shape, generator=generator(cfg.seed, "noise", step, rank, micro)).to(device)
     cond_dev = cond.to(device)
     dt = (sigmas[idx] - sigmas[idx + 1]).reshape(-1)
+    sigma = sigmas[idx].reshape(-1)
     if m.states == "off_policy":
         x0k, eps = dataset_states(cfg, suite, route, cond, k, step, rank, micro, device)
-        sigma = sigmas[idx].reshape(-1)
         return QueryBatch(forward_noise(x0k, eps, sigma), sigma, cond_dev.repeat(k), dt, x0k, eps)
-    traj = rollout_states(lambda x, s: roller.velocity(x, s, cond_dev), noise, sigmas)
-    x, sigma = gather_states(traj.states, traj.sigmas, idx)
-    n_off = round(m.off_policy_share * b) * k  # the first samples' states (sample-major) come from the data path instead
-    if n_off:
-        x0k, eps = dataset_states(cfg, suite, route, cond.select(slice(0, n_off // k)), k, step, rank, micro, device)
-        x = torch.cat([forward_noise(x0k, eps, sigma[:n_off]).to(x.dtype), x[n_off:]])
-    return QueryBatch(x, sigma, cond_dev.repeat(k), dt)
+    off = round(m.off_policy_share * b)  # the first samples' states come from the data path instead of the rollout
+    if cfg.execution.truncate_rollout:
+        q = rollout_to_queries(lambda x, s, rows: roller.velocity(x, s, cond_dev.select(rows)), noise, sigmas, idx,
+                               skip=torch.arange(b) < off, chunk=rollout_chunk(cfg, noise.device) if m.states == "on_policy" else None)
+        x, rows = q.x, q.rows_evaluated
+    else:  # the full rollout: every state of every sample, then the queried ones
+        traj = rollout_states(lambda x, s: roller.velocity(x, s, cond_dev), noise, sigmas)
+        x, rows = gather_states(traj.states, traj.sigmas, idx)[0], b * n
+    if off:
+        x0k, eps = dataset_states(cfg, suite, route, cond.select(slice(0, off)), k, step, rank, micro, device)
+        x = torch.cat([forward_noise(x0k, eps, sigma[:off * k]).to(x.dtype), x[off * k:]])
+    return QueryBatch(x, sigma, cond_dev.repeat(k), dt, rollout_rows=rows)
+
+
+def rollout_chunk(cfg: TrainConfig, device: torch.device) -> int | None:
+    """Rows per student call in a truncated rollout (execution.rollout_chunk; auto: 8 per thread on CPU)."""
+    chunk = cfg.execution.rollout_chunk
+    if chunk == "auto":
+        return 8 * torch.get_num_threads() if device.type == "cpu" else None
+    return chunk
 
 
 def dataset_states(cfg: TrainConfig, suite: CapabilitySuite, route: str, cond: Conditions, k: int, step: int, rank: int,

@@ -41,3 +41,68 @@ def rollout_states(velocity: VelocityFn, x_init: torch.Tensor, sigmas: torch.Ten
             v = velocity(x, s)
             x = euler_step(x, v.to(x.dtype), sigmas[i].to(x.dtype), sigmas[i + 1].to(x.dtype))
     return Trajectory(torch.stack(states), sigmas, x)
+
+
+RowVelocityFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (x[m,...], sigma[m], rows[m]) -> v[m,...]
+
+# A row's velocity must not depend on how many rows share its call, and on MKL it does: the per-sample GEMMs
+# (timestep and pooled-text embeddings, one row per sample) take other kernels below 4 rows, and with 2 threads at
+# 5-7 and 9-11 rows, which round differently (measured: ~1e-6). So a batch that is a multiple of ROW_QUANTUM
+# shrinks in multiples of it (padded with rows that have finished, whose new states are discarded), which matched
+# the full batch bit for bit at 1 and 2 threads; any other batch keeps its full size until no row needs more
+# steps. tests/test_flow.py and tests/test_models.py check it on the suite's model and on tiny SD3 / FLUX.
+ROW_QUANTUM = 4
+
+
+@dataclass
+class QueriedStates:
+    x: torch.Tensor  # [B*K, ...]: the queried states, sample-major (b0k0, b0k1, ...)
+    sigma: torch.Tensor  # [B*K]
+    rows_evaluated: int  # velocity rows computed; a full rollout computes B * N
+
+
+def rollout_to_queries(velocity: RowVelocityFn, x_init: torch.Tensor, sigmas: torch.Tensor, index: torch.Tensor,
+                       skip: torch.Tensor | None = None, chunk: int | None = None, row_quantum: int = ROW_QUANTUM) -> QueriedStates:
+    """The states at `index` [B, K] of the Euler rollout from x_init, integrating each sample only down to its
+    deepest queried state: samples leave the batch as they pass it, and the final step (whose end point no query
+    reads) never runs. Bit-identical to gather_states(rollout_states(...).states, ...) (see ROW_QUANTUM).
+
+    `skip` [B] marks samples whose states are not wanted (they leave at once; their rows of x are NaN).
+    `velocity` gets the rows still rolling out and `rows` [m]: their positions in x_init; at most `chunk` rows
+    a call when given (a multiple of the row quantum, used when the batch shrinks).
+    """
+    if chunk is not None and (chunk < 1 or chunk % row_quantum):
+        raise ValueError(f"chunk must be a positive multiple of {row_quantum} rows, got {chunk}")
+    dev = x_init.device
+    sigmas = sigmas.to(device=dev, dtype=torch.float32)
+    index = index.cpu()  # the bookkeeping stays on the host: no device sync per step
+    b, k = index.shape
+    deepest = index.amax(dim=1)
+    if skip is not None:
+        deepest = deepest.masked_fill(skip.cpu(), -1)
+    shrink = b % row_quantum == 0  # else the batch keeps its size and order until no row needs another step
+    order = torch.argsort(deepest, descending=True, stable=True) if shrink else torch.arange(b)  # going rows: a prefix
+    position = torch.empty_like(order)
+    position[order] = torch.arange(b)
+    need = deepest[order]
+    flat = index.reshape(-1)
+    owner = position[torch.arange(b * k) // k]  # each query's row in the sorted batch
+    x = x_init[order.to(dev)] if shrink else x_init.clone()
+    out = torch.full((b * k, *x_init.shape[1:]), float("nan"), dtype=x_init.dtype, device=dev)
+    rows = 0
+    with torch.no_grad():
+        for i in range(len(sigmas) - 1):
+            hit = ((flat == i) & (need[owner] >= i)).nonzero().squeeze(1)
+            if hit.numel():
+                out[hit.to(dev)] = x[owner[hit].to(dev)]
+            active = int((need > i).sum())
+            if active == 0:
+                break
+            m = min(b, -(-active // row_quantum) * row_quantum) if shrink else b
+            c = chunk if chunk and shrink else m
+            for j in range(0, m, c):
+                e = min(j + c, m)
+                v = velocity(x[j:e], sigmas[i].expand(e - j), order[j:e])
+                x[j:e] = euler_step(x[j:e], v.to(x.dtype), sigmas[i].to(x.dtype), sigmas[i + 1].to(x.dtype))
+            rows += m
+    return QueriedStates(out, sigmas[flat.to(dev)], rows)

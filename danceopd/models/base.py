@@ -107,6 +107,9 @@ class PromptCache:
         self.entries: OrderedDict[str, tuple[torch.Tensor, ...]] = OrderedDict()
         self.misses = 0
 
+    def clear(self) -> None:
+        self.entries.clear()
+
     def __call__(self, prompts: list[str]) -> Embeds:
         if self.max_entries == 0:
             return self.encode(prompts)

@@ -14,7 +14,7 @@ import torch
 
 from danceopd.contracts import VelocityQuery, info_from_dict
 from danceopd.fields.base import Conditions, FieldInfo
-from danceopd.remote import acall_with_retry, call_with_retry
+from danceopd.remote import PendingCall, acall_with_retry
 
 APP_PREFIX = "teacher-"
 
@@ -52,15 +52,20 @@ class TeacherClient:
 
     def _call(self, make, nbytes: int):
         handle = self._handle(nbytes)
-        return call_with_retry(lambda: make(handle).result(timeout_s=self.timeout_s), f"teacher {self.teacher!r}",
-                               self.retries, self.backoff_s)
+        return PendingCall(lambda: make(handle), f"teacher {self.teacher!r}", self.timeout_s, self.retries, self.backoff_s).result()
 
     def query(self, query: VelocityQuery) -> np.ndarray:
         return self._call(lambda h: h.velocity.remote(query), query.x.nbytes)
 
+    def submit(self, x: torch.Tensor, sigma: torch.Tensor, conditions: Conditions) -> PendingCall[torch.Tensor]:
+        """Send the query now; `.result()` waits for the velocity (on x's device and dtype), retrying on failure."""
+        q = VelocityQuery.from_torch(x, sigma, conditions, self.adapter)
+        handle = self._handle(q.x.nbytes)
+        return PendingCall(lambda: handle.velocity.remote(q), f"teacher {self.teacher!r}", self.timeout_s, self.retries,
+                           self.backoff_s, convert=lambda v: torch.from_numpy(v).to(device=x.device, dtype=x.dtype))
+
     def velocity(self, x: torch.Tensor, sigma: torch.Tensor, conditions: Conditions) -> torch.Tensor:
-        v = self.query(VelocityQuery.from_torch(x, sigma, conditions, self.adapter))
-        return torch.from_numpy(v).to(device=x.device, dtype=x.dtype)
+        return self.submit(x, sigma, conditions).result()
 
     async def velocity_async(self, x: torch.Tensor, sigma: torch.Tensor, conditions: Conditions) -> torch.Tensor:
         """For many concurrent queries from one process (e.g. per-sample routing to several teachers)."""

@@ -153,6 +153,8 @@ class TeacherConfig(_Strict):
     batching: BatchingConfig = BatchingConfig()
     torch_threads: int = Field(1, ge=1, description="torch threads in the replica (1 is best on a shared CPU box)")
     access_log: bool = Field(False, description="one log line per query (a trainer sends several per step); metrics count them anyway")
+    simulated_call_s: float = Field(0.0, ge=0.0, le=60.0, description="benchmarks only: every model call lasts at least this long "
+                                    "(the replica's model thread sleeps, using no core), to simulate a teacher on its own device")
     deploy: bool = Field(True, description="false: only a CFG base, built inside the replicas of the teachers over it "
                                            "(no application of its own, not listed by the gateway)")
 

@@ -2,8 +2,8 @@
 
 Queries arrive as `VelocityQuery` (numpy). With batching on, concurrent queries from many callers are
 merged into one model call (sizes counted in samples, not requests) and the result is split back in order.
-The model runs in a single worker thread so that the replica's event loop keeps accepting (and batching)
-queries while a batch computes.
+The model runs in a single worker thread (batching on or off) so that the replica's event loop keeps accepting
+(and batching) queries, and answering health checks, while a batch computes.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ class TeacherServer:
     async def describe(self) -> dict:
         ctx = serve.get_replica_context()
         return {**info_to_dict(self.info), "teacher": self.cfg.name, "device": str(self.device),
-                "replica_id": ctx.replica_id.unique_id, "pid": os.getpid(),
+                "replica_id": ctx.replica_id.unique_id, "pid": os.getpid(), "cpu_s": time.process_time(),
                 "batching": self.cfg.batching.model_dump(), "recent_model_calls": self.model_calls[-64:]}
 
     async def velocity(self, query: VelocityQuery) -> np.ndarray:
@@ -62,9 +62,7 @@ class TeacherServer:
         self.metrics.queue.set(self.waiting)
         try:
             b = self.cfg.batching
-            if not b.enabled:
-                out = self._forward([query])[0]  # inline: no batching machinery, no thread hop
-            elif self.waiting == 1 or query.num_samples > b.max_batch_size:
+            if not b.enabled or self.waiting == 1 or query.num_samples > b.max_batch_size:
                 out = (await self._compute([query]))[0]  # alone, or too big to merge: on its own
             else:
                 out = await self._batched(query)  # others are queued or computing: merge
@@ -89,6 +87,7 @@ class TeacherServer:
 
     def _forward(self, queries: list[VelocityQuery]) -> list[np.ndarray]:
         """One model call per group of queries that can share one (same adapter, same source presence)."""
+        start = time.perf_counter()
         out: list[np.ndarray | None] = [None] * len(queries)
         groups: dict[tuple, list[int]] = {}
         for i, q in enumerate(queries):
@@ -104,6 +103,8 @@ class TeacherServer:
                 v = self.fields[merged.adapter].velocity(x, sigma, merged.conditions(self.device))
             for i, rows in zip(idx, split_rows(v.to("cpu", torch.float32).numpy(), group)):
                 out[i] = rows
+        if self.cfg.simulated_call_s:  # a device-bound teacher: calls queue on the model thread; the wait uses no core
+            time.sleep(max(0.0, self.cfg.simulated_call_s - (time.perf_counter() - start)))
         return out
 
 

@@ -19,11 +19,13 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, StrictFloat, ValidationError
 from ray import serve
+from ray.exceptions import RayError, RayTaskError
+from ray.serve.exceptions import RayServeException
 
 from danceopd.contracts import QueryError, VelocityQuery, info_from_dict
-from danceopd.remote import RequestError
+from danceopd.remote import RequestError, error_responses
 from services.teachers.codec import decode_array, encode_array, image_png_b64
 from services.teachers.config import TeachersConfig
 
@@ -33,7 +35,8 @@ app = FastAPI(title="DanceOPD teacher fields", version="1",
 
 class VelocityRequest(BaseModel):
     x: dict = Field(description="state x_sigma: {'b64': base64 little-endian float32, 'shape': [B,C,H,W]} or {'npy_b64': ...}")
-    sigma: float | list[float] = Field(description="noise level(s) in [0, 1]; one value is used for every sample")
+    # Strict: "0.5" and true are refused, not coerced; ints are accepted as floats.
+    sigma: StrictFloat | list[StrictFloat] = Field(description="noise level(s) in [0, 1]; one value is used for every sample")
     prompt: str | list[str] = Field("", description="prompt(s); '' = unconditional; one string is used for every sample")
     source: dict | None = Field(None, description="source image(s) for edit teachers, encoded like x")
     return_x0_png: bool = Field(False, description="also return x0_hat = x - sigma v of the first sample as a PNG")
@@ -42,6 +45,17 @@ class VelocityRequest(BaseModel):
 
 def _error(status: int, field: str, message: str) -> JSONResponse:
     return JSONResponse(status_code=status, content=RequestError(field, message).body())
+
+
+def _teacher_failure(name: str, e: Exception, timeout: float) -> JSONResponse:
+    """A teacher call that did not answer: 504 on a timeout, 503 for a replica that died, restarts or ran out
+    of memory (the client may retry), the teacher's own 4xx for input it refused."""
+    if isinstance(e, asyncio.TimeoutError):
+        return _error(504, "teacher", f"teacher {name!r} did not answer within {timeout} s")
+    cause = e.cause if isinstance(e, RayTaskError) else None
+    if isinstance(cause, RequestError):
+        return JSONResponse(status_code=cause.status, content=cause.body())
+    return _error(503, "teacher", f"teacher {name!r} is unavailable ({type(e).__name__}); retry, or read its replica log")
 
 
 @app.exception_handler(RequestValidationError)
@@ -82,46 +96,75 @@ class TeacherGateway:
     async def healthz(self) -> dict:
         return {"status": "ok", "teachers": list(self.handles)}
 
-    @app.get("/v1/fields")
+    @app.get("/v1/fields", responses=error_responses(s401="missing or wrong bearer token",
+                                                     s503="a teacher's replica is unavailable",
+                                                     s504="a teacher did not answer within gateway.request_timeout_s"))
     async def fields(self, request: Request):
         if (denied := self._unauthorized(request)) is not None:
             return denied
-        infos = await asyncio.gather(*(self._info(n) for n in self.handles))
+        infos = []
+        for n in self.handles:
+            try:
+                infos.append(await self._info(n))
+            except (asyncio.TimeoutError, RayError, RayServeException) as e:
+                return _teacher_failure(n, e, self.cfg.gateway.request_timeout_s)
         keep = ("name", "kind", "sample_shape", "takes_source", "requires_source", "guidance", "device",
                 "family", "resolution", "weights_sha256")  # the last three: model teachers only
         return {"fields": [{k: i[k] for k in keep if k in i} for i in infos]}
 
-    @app.post("/v1/fields/{name}/velocity")
+    # The body is read by hand (its size enforced while reading), so FastAPI is told its schema.
+    @app.post("/v1/fields/{name}/velocity", openapi_extra={"requestBody": {"required": True, "content": {
+                  "application/json": {"schema": VelocityRequest.model_json_schema()}}}},
+              responses=error_responses(s401="missing or wrong bearer token",
+                                        s404="unknown teacher", s413="payload over gateway.max_payload_mb",
+                                        s422="an input the teacher cannot answer (the field is named)",
+                                        s503="the teacher's replica is unavailable (restarting, out of memory)",
+                                        s504="the teacher did not answer within gateway.request_timeout_s"))
     async def velocity(self, name: str, request: Request):
         if (denied := self._unauthorized(request)) is not None:
             return denied
         if name not in self.handles:
             return _error(404, "name", f"unknown teacher {name!r}; available: {sorted(self.handles)}")
-        size = int(request.headers.get("content-length") or 0)
-        body = await request.body()
-        if max(size, len(body)) > self.max_bytes:
-            return _error(413, "body", f"payload of {max(size, len(body))} bytes exceeds gateway.max_payload_mb={self.cfg.gateway.max_payload_mb}")
+        body = await self._read_body(request)
+        if isinstance(body, JSONResponse):
+            return body
         try:
             req = VelocityRequest.model_validate_json(body)
         except ValidationError as e:  # also raised for malformed JSON
             first = e.errors()[0]
-            return _error(422, ".".join(str(p) for p in first["loc"]) or "body", first["msg"])
+            # The top-level key only: a union's branch ("sigma.float") is pydantic's detail, not the user's field.
+            return _error(422, str(first["loc"][0]) if first["loc"] else "body", first["msg"])
+        timeout = self.cfg.gateway.request_timeout_s
+        start = time.perf_counter()
         try:
             query = self._query(req)
             info = info_from_dict(await self._info(name))
             query.validate(info)
+            v = await asyncio.wait_for(self.handles[name].velocity.remote(query), timeout)
         except QueryError as e:
             return JSONResponse(status_code=e.status, content=e.body())
-        start = time.perf_counter()
-        try:
-            v = await asyncio.wait_for(self.handles[name].velocity.remote(query), self.cfg.gateway.request_timeout_s)
-        except asyncio.TimeoutError:
-            return _error(504, "teacher", f"teacher {name!r} did not answer within {self.cfg.gateway.request_timeout_s} s")
+        except (asyncio.TimeoutError, RayError, RayServeException) as e:
+            return _teacher_failure(name, e, timeout)
         out = {"teacher": name, "velocity": encode_array(v), "elapsed_ms": 1000 * (time.perf_counter() - start)}
         if req.return_x0_png:
             x0 = query.x[0] - float(query.sigma[0]) * v[0]
             out["x0_png_b64"] = image_png_b64(x0)
         return out
+
+    async def _read_body(self, request: Request) -> bytes | JSONResponse:
+        """The body, read with its size enforced while reading (a chunked body has no content-length to trust)."""
+        limit = f"gateway.max_payload_mb={self.cfg.gateway.max_payload_mb}"
+        declared = request.headers.get("content-length")
+        # Refused before reading: a false claim cannot make us wait. (Serve's HTTP proxy already answers a
+        # malformed content-length with a 400.)
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return _error(413, "body", f"payload of {declared} bytes exceeds {limit}")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > self.max_bytes:
+                return _error(413, "body", f"payload of more than {self.max_bytes} bytes exceeds {limit}")
+        return bytes(body)
 
     @staticmethod
     def _query(req: VelocityRequest) -> VelocityQuery:
