@@ -30,6 +30,12 @@ class RequestError(ValueError):
         return {"error": {"field": self.field, "message": self.message}}
 
 
+def request_error(e: RequestError) -> RequestError:
+    """The service's own RequestError behind one that crossed Ray (RayTaskError keeps it as `cause`)."""
+    cause = getattr(e, "cause", None)
+    return cause if isinstance(cause, RequestError) else e
+
+
 class ErrorDetail(BaseModel):
     field: str = Field(description="the input (or component) at fault")
     message: str = Field(description="what is wrong and how to fix it")
@@ -88,16 +94,23 @@ class PendingCall(Generic[T]):
     `send()` makes a Serve handle call (a DeploymentResponse); the first one goes out at construction."""
 
     def __init__(self, send: Callable[[], Any], what: str, timeout_s: float, retries: int, backoff_s: float,
-                 convert: Callable[[Any], T] = lambda r: r):
-        self._send, self.what, self.convert = send, what, convert
+                 convert: Callable[[Any], T] = lambda r: r, recover: Callable[[RequestError], bool] | None = None):
+        self._send, self.what, self.convert, self.recover = send, what, convert, recover
         self.timeout_s, self.retries, self.backoff_s = timeout_s, retries, backoff_s
         self._inflight = send()
         self._value: T | None = None
         self._done = False
 
     def result(self) -> T:
+        """The answer; a refusal that `recover` repairs (it returns True) is sent once more."""
         if not self._done:
-            self._value = self.convert(call_with_retry(self._attempt, self.what, self.retries, self.backoff_s))
+            try:
+                value = call_with_retry(self._attempt, self.what, self.retries, self.backoff_s)
+            except RequestError as e:
+                if self.recover is None or not self.recover(request_error(e)):
+                    raise
+                value = call_with_retry(self._attempt, self.what, self.retries, self.backoff_s)
+            self._value = self.convert(value)
             self._done = True
         return self._value
 

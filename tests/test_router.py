@@ -284,3 +284,40 @@ def test_router_on_serve_with_redis_and_rest(ray_cluster, redis_server):
         time.sleep(2)
     assert all(any(ln.startswith(w) for ln in lines) for w in wanted), lines[:5]
     serve.delete("router")
+
+
+def test_a_restarted_in_memory_router_gets_the_run_registered_again(ray_cluster, monkeypatch):
+    """The default router keeps its store in memory: a new replica has forgotten every run. Before, every worker
+    then met "unknown run" (a 404, never retried) and the run was lost; a client that knows its run re-registers
+    it, and hard routes, a pure function of the seed and step, come back unchanged."""
+    import ray
+    from ray import serve
+
+    from router.client import RouterClient
+    from router.deployment import router_app
+
+    monkeypatch.delenv("DANCEOPD_REDIS_URL", raising=False)
+    serve.run(router_app({}), name="router-mem", route_prefix="/router-mem")
+    rid, c = run_id(), cfg(policy="hard")
+    client = RouterClient("router-mem", retries=8, backoff_s=0.5, run=(rid, c))
+    client.register_run(rid, c)
+    before = [client.assign(rid, s, 1, 0) for s in range(4)]
+    assert client.send("summary", rid, 10).result()["recent"]  # the log is in the replica's memory
+
+    names = [x["name"] for x in ray.util.list_named_actors(all_namespaces=True) if "router-mem" in x["name"] and "RouterServer" in x["name"]]
+    assert len(names) == 1
+    ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
+
+    forgetful = RouterClient("router-mem", retries=8, backoff_s=0.5)  # knows no run: the 404 is final
+    with pytest.raises(Exception, match="unknown run"):
+        forgetful.assign(rid, 4, 1, 0)
+    assert [client.assign(rid, s, 1, 0) for s in range(6)] == before + [grid_at(rid, c, s) for s in (4, 5)]
+    assert forgetful.assign(rid, 6, 1, 0)["route"] in ROUTES  # registered again, for every client
+    serve.delete("router-mem")
+
+
+def grid_at(rid: str, c: dict, step: int) -> dict:
+    """What a fresh in-memory router answers for (step, rank 1, micro 0) of this run."""
+    r = Router(MemoryStore())
+    r.register_run(rid, c)
+    return r.assign(rid, step, 1, 0)

@@ -65,7 +65,10 @@ def worker_loop(config: dict) -> None:
     optimizer = torch.optim.AdamW(params, lr=job.optim.lr, betas=job.optim.betas, weight_decay=job.optim.weight_decay)
     ema = EMA(inner, job.optim.ema_decay) if job.optim.ema_decay > 0 else None
     teachers = {r: job.teacher_client(r) for r in job.routes}
-    router = RouterClient(job.services.router_app, timeout_s=job.cluster.timeout_s)
+    # A restarted in-memory router forgets the run: the client registers it again (hard routes are a pure
+    # function of the seed and step, so the answers do not change).
+    router = RouterClient(job.services.router_app, timeout_s=job.cluster.timeout_s,
+                          run=(run_id, job_routing_config(job)))
     # Hard routes are a pure function of the step: ask ahead. Adaptive weights follow the reported losses: there
     # each report is delivered before the next step's assignment is asked.
     ahead = ex.prefetch_routing and job.method.routing != "adaptive"
@@ -328,6 +331,11 @@ def use_gpu(job: JobConfig) -> bool:
     return str(job.device).startswith("cuda")
 
 
+def job_routing_config(job: JobConfig) -> dict:
+    """The run's routing config as the router holds it: the driver registers it, the workers re-register it."""
+    return routing_config(job, job.cluster.num_workers, job.worker_batch_size, job.teacher_app)
+
+
 def run_distributed(job: JobConfig, run_id: str, crash_once: dict | None = None, record_step_losses: bool = False):
     """Register the run with the router and train on Ray Train; returns the Ray Train Result.
 
@@ -338,7 +346,7 @@ def run_distributed(job: JobConfig, run_id: str, crash_once: dict | None = None,
     from router.client import RouterClient
 
     c = job.cluster
-    RouterClient(job.services.router_app, timeout_s=job.cluster.timeout_s).register_run(run_id, routing_config(job, c.num_workers, job.worker_batch_size, job.teacher_app))
+    RouterClient(job.services.router_app, timeout_s=job.cluster.timeout_s).register_run(run_id, job_routing_config(job))
     gpu = use_gpu(job)
     resources = {"CPU": c.cpus_per_worker, **({"GPU": c.gpus_per_worker} if gpu else {})}
     trainer = TorchTrainer(
