@@ -39,6 +39,19 @@ def test_bad_job_config_exits_2_naming_the_key_before_ray_starts(args, needle):
     assert "started a local Ray" not in proc.stdout and time.perf_counter() - t0 < 60
 
 
+def test_resume_with_changed_settings_is_refused_naming_the_keys_before_ray_starts(tmp_path):
+    from trainer.cli import check_resume_config
+    from trainer.job import load_job_config
+
+    out = f"output_dir={tmp_path}"
+    check_resume_config(load_job_config("configs/demo.yaml", {"output_dir": str(tmp_path)}), fresh=True, allow_change=False)
+    t0 = time.perf_counter()
+    proc = run_main("--config", "configs/demo.yaml", out, "optim.lr=0.5", "method.k=2")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "method.k: 1 -> 2" in proc.stderr and "optim.lr: 0.001 -> 0.5" in proc.stderr and "--allow-config-change" in proc.stderr
+    assert "started a local Ray" not in proc.stdout and time.perf_counter() - t0 < 60
+
+
 @pytest.fixture(scope="module")
 def head_node(tmp_path_factory):
     """A real `ray start --head` (own ports, own process group so that stopping it cannot touch the test

@@ -231,6 +231,25 @@ def test_cli_bad_config_exits_2_with_message(tmp_path, capsys):
     assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_resume_refuses_a_changed_config_unless_allowed(tmp_path):
+    from trainer.cli import check_resume_config
+
+    def cfg(**over):
+        return load_config(None, {"output_dir": str(tmp_path), "steps": 4, "log_every": 2, "checkpoint_every": 2, **over},
+                           model=JobConfig)  # what the CLI loads
+
+    assert main([f"output_dir={tmp_path}", "steps=4", "log_every=2", "checkpoint_every=2"]) == 0  # a run with checkpoints
+    # How far and how it runs may change on resume; what an update computes may not.
+    assert check_resume_config(cfg(steps=8, max_minutes=5.0, **{"execution.truncate_rollout": False}), fresh=False, allow_change=False) == []
+    with pytest.raises(ConfigError, match=r"optim.lr: 0.001 -> 0.01.*--allow-config-change"):
+        check_resume_config(cfg(**{"optim.lr": 0.01}), fresh=False, allow_change=False)
+    proc = subprocess.run([sys.executable, "-m", "trainer.reference", f"output_dir={tmp_path}", "steps=6", "seed=3"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "seed: 0 -> 3" in proc.stderr and "Traceback" not in proc.stderr
+    assert check_resume_config(cfg(seed=3), fresh=False, allow_change=True) == ["seed"]  # allowed, and recorded
+    assert check_resume_config(cfg(seed=3), fresh=False, allow_change=False) == []
+
+
 def test_shipped_configs_validate(tmp_path):
     from trainer.job import load_job_config
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -14,6 +15,8 @@ def parse_args(prog: str, description: str, argv: list[str] | None) -> argparse.
     p.add_argument("--config", type=Path, help="YAML run or job config (default: embedded defaults)")
     p.add_argument("--no-resume", action="store_true", help="start a new run even if this run has checkpoints")
     p.add_argument("--eval", action="store_true", help="evaluate after training; write report.json + grid.png")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="resume even though settings that change what is trained differ from the run's (named on refusal)")
     p.add_argument("overrides", nargs="*", help="key.path=value settings, e.g. steps=100 optim.lr=3e-4 cluster.num_workers=4")
     return p.parse_intermixed_args(argv)
 
@@ -25,3 +28,58 @@ def load_or_report(loader, args: argparse.Namespace):
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return None
+
+
+# Settings that change how a run executes or how far it goes, never what an update computes: a resumed run may
+# change them freely (more steps, another time budget, more logging, other services or cluster knobs).
+FREE_ON_RESUME = ("steps", "max_minutes", "log_every", "keep_checkpoints", "eval.", "execution.", "device", "torch_threads",
+                  "output_dir", "run_name", "services.", "cluster.")
+FIXED_ON_RESUME = ("cluster.num_workers",)  # the per-worker batch and the router's registration follow from it
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _fixed(key: str) -> bool:
+    return key in FIXED_ON_RESUME or not any(key == f or (f.endswith(".") and key.startswith(f)) for f in FREE_ON_RESUME)
+
+
+def check_resume_config(cfg, fresh: bool, allow_change: bool) -> list[str]:
+    """Compare the run's saved config (run_dir/config.json) with this one before anything starts; returns the keys
+    that differ. A resumed run with other trained-what settings is refused (ConfigError naming the keys) unless
+    `allow_change`; the file is (re)written for a new run and for an allowed change."""
+    path = cfg.run_dir / "config.json"
+    now = _flat(json.loads(cfg.model_dump_json()))
+    changed: list[str] = []
+    if not fresh and path.exists():
+        before = _flat(json.loads(path.read_text()))
+        changed = sorted(k for k in set(now) | set(before) if _fixed(k) and now.get(k, "<unset>") != before.get(k, "<unset>"))
+        if changed and not allow_change:
+            shown = ", ".join(f"{k}: {before.get(k, '<unset>')!r} -> {now.get(k, '<unset>')!r}" for k in changed[:8])
+            raise ConfigError(f"resuming run {cfg.run_dir} with changed settings ({shown}"
+                              f"{', ...' if len(changed) > 8 else ''}); pass --allow-config-change to resume anyway, "
+                              f"--no-resume to start a new run, or another run_name")
+        if not changed:
+            return []
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(json.loads(cfg.model_dump_json()), indent=2))
+    return changed
+
+
+def resume_config_or_report(cfg, args: argparse.Namespace) -> bool:
+    """check_resume_config for a CLI: False after printing the refusal (the caller exits 2)."""
+    try:
+        changed = check_resume_config(cfg, args.no_resume, args.allow_config_change)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return False
+    if changed:
+        print(f"resuming with changed settings (--allow-config-change): {', '.join(changed)}", flush=True)
+    return True

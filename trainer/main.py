@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from danceopd.remote import RequestError
-from trainer.cli import load_or_report, parse_args
+from trainer.cli import load_or_report, parse_args, resume_config_or_report
 from trainer.job import JobConfig, load_job_config
 
 
@@ -160,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args("python -m trainer.main", "Distributed DanceOPD training (Ray Train + Serve teachers + router).", argv)
     job = load_or_report(load_job_config, args)
     if job is None:
+        return 2
+    if not resume_config_or_report(job, args):  # before Ray starts: a resumed run must train what it trained
         return 2
     t_job = time.perf_counter()
     print(connect(job), flush=True)

@@ -28,7 +28,7 @@ from trainer.checkpoint import latest_checkpoint, restore_checkpoint, save_check
 from danceopd.remote import Resolved
 from trainer.steps import (MicroBatch, QueryBatch, StepTimes, distillation_loss, format_progress, lr_at, query_batch, refills,
                            routing_config, run_sigmas)
-from trainer.cli import load_or_report, parse_args
+from trainer.cli import load_or_report, parse_args, resume_config_or_report
 from trainer.ema import EMA
 from trainer.job import JobConfig
 
@@ -196,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args("python -m trainer.reference", "Reference (single-process) DanceOPD training.", argv)
     cfg = load_or_report(lambda path, over: load_config(path, over, model=JobConfig), args)  # a job file works too
     if cfg is None:
+        return 2
+    if not resume_config_or_report(cfg, args):  # before the model loads: a resumed run must train what it trained
         return 2
     trainer = ReferenceTrainer(cfg, log=lambda m: print(m, flush=True))
     if not args.no_resume:
