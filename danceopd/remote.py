@@ -27,7 +27,7 @@ class RequestError(ValueError):
         return (type(self), (self.field, self.message, self.status))
 
     def body(self) -> dict:
-        return {"error": {"field": self.field, "message": self.message}}
+        return ErrorBody(error=ErrorDetail(field=self.field, message=self.message)).model_dump()
 
 
 def request_error(e: RequestError) -> RequestError:

@@ -56,7 +56,8 @@ def check_resume_config(cfg, fresh: bool, allow_change: bool) -> list[str]:
     that differ. A resumed run with other trained-what settings is refused (ConfigError naming the keys) unless
     `allow_change`; the file is (re)written for a new run and for an allowed change."""
     path = cfg.run_dir / "config.json"
-    now = _flat(json.loads(cfg.model_dump_json()))
+    dumped = json.loads(cfg.model_dump_json())
+    now = _flat(dumped)
     changed: list[str] = []
     if not fresh and path.exists():
         before = _flat(json.loads(path.read_text()))
@@ -69,7 +70,7 @@ def check_resume_config(cfg, fresh: bool, allow_change: bool) -> list[str]:
         if not changed:
             return []
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(json.loads(cfg.model_dump_json()), indent=2))
+    path.write_text(json.dumps(dumped, indent=2))
     return changed
 
 

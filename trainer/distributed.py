@@ -137,8 +137,9 @@ def worker_loop(config: dict) -> None:
         _maybe_crash(config.get("crash_once"), rank, step)
 
         done = step + 1
-        stop = window.log_due(done) and window.summarize(done)  # collective: every rank agrees to stop
-        if window.log_due(done):
+        log_due = window.log_due(done)
+        stop = log_due and window.summarize(done)  # collective: every rank agrees to stop
+        if log_due:
             reports.send()
         if done % job.checkpoint_every == 0 or done == job.steps or stop:
             reports.flush()
@@ -199,20 +200,21 @@ class LossReports:
         if self.wait:
             self.flush()
 
-    def send(self) -> None:
-        """Send what is buffered, without waiting (the previous batch is waited for first: reports stay in order)."""
+    def _wait(self) -> None:
         if self.inflight is not None:
             self.inflight.result()
             self.inflight = None
+
+    def send(self) -> None:
+        """Send what is buffered, without waiting (the previous batch is waited for first: reports stay in order)."""
+        self._wait()
         if self.buffered:
             self.inflight = self.router.send("report_losses", self.run_id, self.buffered)
             self.buffered = []
 
     def flush(self) -> None:
         self.send()
-        if self.inflight is not None:
-            self.inflight.result()
-            self.inflight = None
+        self._wait()
 
 
 def ddp_options(find_unused_parameters: bool) -> dict:

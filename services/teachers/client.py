@@ -50,9 +50,13 @@ class TeacherClient:
     def _handle(self, nbytes: int):
         return self._handle_small if nbytes < self.BY_VALUE_MAX_BYTES else self._handle_large
 
-    def _call(self, make, nbytes: int):
+    def _send(self, make, nbytes: int, convert=lambda r: r) -> PendingCall:
         handle = self._handle(nbytes)
-        return PendingCall(lambda: make(handle), f"teacher {self.teacher!r}", self.timeout_s, self.retries, self.backoff_s).result()
+        return PendingCall(lambda: make(handle), f"teacher {self.teacher!r}", self.timeout_s, self.retries, self.backoff_s,
+                           convert=convert)
+
+    def _call(self, make, nbytes: int):
+        return self._send(make, nbytes).result()
 
     def query(self, query: VelocityQuery) -> np.ndarray:
         return self._call(lambda h: h.velocity.remote(query), query.x.nbytes)
@@ -60,9 +64,8 @@ class TeacherClient:
     def submit(self, x: torch.Tensor, sigma: torch.Tensor, conditions: Conditions) -> PendingCall[torch.Tensor]:
         """Send the query now; `.result()` waits for the velocity (on x's device and dtype), retrying on failure."""
         q = VelocityQuery.from_torch(x, sigma, conditions, self.adapter)
-        handle = self._handle(q.x.nbytes)
-        return PendingCall(lambda: handle.velocity.remote(q), f"teacher {self.teacher!r}", self.timeout_s, self.retries,
-                           self.backoff_s, convert=lambda v: torch.from_numpy(v).to(device=x.device, dtype=x.dtype))
+        return self._send(lambda h: h.velocity.remote(q), q.x.nbytes,
+                          convert=lambda v: torch.from_numpy(v).to(device=x.device, dtype=x.dtype))
 
     def velocity(self, x: torch.Tensor, sigma: torch.Tensor, conditions: Conditions) -> torch.Tensor:
         return self.submit(x, sigma, conditions).result()
