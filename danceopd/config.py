@@ -142,6 +142,8 @@ class OptimConfig(_Strict):
     batch_size: int = Field(32, ge=1, description="samples per micro-batch")
     ema_decay: float = Field(0.995, ge=0.0, lt=1.0, description="EMA of the weights that is evaluated and saved; 0 = off")
     grad_accum: int = Field(1, ge=1)
+    max_nonfinite_steps: int = Field(10, ge=1, description="updates in a row whose loss or gradient is not finite (each one "
+                                                          "skipped: weights, optimizer and EMA unchanged) before the run stops")
 
 
 class EvalConfig(_Strict):
@@ -280,6 +282,23 @@ class TrainConfig(_Strict):
 
 class ConfigError(ValueError):
     """A configuration problem, with a message that names the key and the fix."""
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """Nested settings as dotted keys ({'optim': {'lr': 1}} -> {'optim.lr': 1})."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def differences(before: dict, now: dict) -> dict[str, tuple]:
+    """The dotted keys whose values differ between two nested settings: key -> (before, now); '<unset>' if absent."""
+    a, b = flatten(before), flatten(now)
+    return {k: (a.get(k, "<unset>"), b.get(k, "<unset>")) for k in sorted(set(a) | set(b)) if a.get(k, "<unset>") != b.get(k, "<unset>")}
 
 
 def format_validation_error(err: ValidationError, source: str) -> str:

@@ -39,6 +39,14 @@ class VelocityQuery:
         src = None if conditions.source is None else _np32(conditions.source)
         return cls(_np32(x), _np32(sigma), list(conditions.prompts), src, adapter)
 
+    def chunks(self, rows: int) -> list["VelocityQuery"]:
+        """The query cut into consecutive queries of at most `rows` samples (a replica's largest model call)."""
+        if self.num_samples <= rows:
+            return [self]
+        cut = lambda a, i: None if a is None else a[i:i + rows]  # noqa: E731
+        return [VelocityQuery(self.x[i:i + rows], np.asarray(self.sigma)[i:i + rows], self.prompts[i:i + rows], cut(self.source, i),
+                              self.adapter) for i in range(0, self.num_samples, rows)]
+
     def conditions(self, device: torch.device | str = "cpu") -> Conditions:
         src = None if self.source is None else torch.from_numpy(np.ascontiguousarray(self.source)).to(device)
         return Conditions(self.prompts, src)

@@ -47,12 +47,14 @@ TRAINER_ROUTE_STEPS = MetricSpec("danceopd_trainer_route_steps", "counter", RUN_
 TRAINER_SAMPLES_PER_S = MetricSpec("danceopd_trainer_samples_per_second", "gauge", ("run",), "Training throughput (all workers)")
 TRAINER_STEP_TIME = MetricSpec("danceopd_trainer_step_time_seconds", "gauge", ("run", "part"),
                                "Seconds per step by part (rollout, teacher, forward_backward, optimizer, router), last log window")
+TRAINER_NONFINITE = MetricSpec("danceopd_trainer_nonfinite_steps", "counter", RUN_ROUTE,
+                              "Updates skipped because the loss or gradient was not finite")
 TRAINER_CHECKPOINT_TIME = MetricSpec("danceopd_trainer_checkpoint_timestamp_seconds", "gauge", ("run",),
                                      "Unix time of the last checkpoint (age = time() - value)")
 
 ALL = [TEACHER_QUERIES, TEACHER_SAMPLES, TEACHER_ERRORS, TEACHER_LATENCY, TEACHER_BATCH, TEACHER_QUEUE,
        ROUTER_ASSIGNMENTS, ROUTER_WEIGHT, ROUTER_LOSS,
-       TRAINER_STEP, TRAINER_LOSS, TRAINER_ROUTE_STEPS, TRAINER_SAMPLES_PER_S, TRAINER_STEP_TIME, TRAINER_CHECKPOINT_TIME]
+       TRAINER_STEP, TRAINER_LOSS, TRAINER_ROUTE_STEPS, TRAINER_SAMPLES_PER_S, TRAINER_STEP_TIME, TRAINER_NONFINITE, TRAINER_CHECKPOINT_TIME]
 
 # Ray Serve's own metric the teachers dashboard uses for replica counts (per application).
 SERVE_REPLICAS_HEALTHY = "ray_serve_deployment_replica_healthy"

@@ -145,7 +145,9 @@ def run_one(spec: ExperimentSpec, arm: str, seed: int, out: Path, smoke: bool, l
             with tr.final_weights():
                 before_path.write_text(json.dumps(scores(evaluate(tr.student.field, tr.teachers, cfg.routes, tr.suite, cfg.eval,
                                                                   device=tr.device))))
-        tr.fit()
+        stopped = tr.fit().get("stopped")
+        if stopped:  # an arm that diverged has no result to compare
+            raise RuntimeError(f"{arm}/seed{seed}: training failed: {stopped}")
         with tr.final_weights():
             report = evaluate(tr.student.field, tr.teachers, cfg.routes, tr.suite, cfg.eval, device=tr.device,
                               grid_path=cfg.run_dir / "grid.png")

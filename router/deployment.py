@@ -7,17 +7,27 @@ No `from __future__ import annotations`: FastAPI must see real annotations on th
 
 import os
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
 
 import danceopd.telemetry as T
 from danceopd.telemetry import make
-from danceopd.remote import error_responses
+from danceopd.auth import AuthOptions, authorized, resolve_token
+from danceopd.remote import RequestError, error_responses
 from router.core import Router, RouterError
 from router.store import MemoryStore, RedisStore
 
 app = FastAPI(title="DanceOPD router", version="1")
+
+
+def redis_location(url: str) -> str:
+    """A Redis URL without its credentials (host, port, database): the store's identity, safe to show. (Defined
+    before the deployment class: Serve serializes the class with the names it uses when it is decorated.)"""
+    from urllib.parse import urlsplit
+
+    u = urlsplit(url)
+    return f"{u.scheme}://{u.hostname}:{u.port or 6379}{u.path or '/0'}"
 
 
 # No access log: trainers call the router every step or few; the metrics count the assignments.
@@ -27,10 +37,12 @@ class RouterServer:
     """One replica: the store (Redis, when configured) is the source of truth, so a restarted replica
     continues with identical assignments."""
 
-    def __init__(self, redis_url: str | None = None):
+    def __init__(self, redis_url: str | None = None, auth: dict | None = None, listen_host: str | None = None):
+        self.token = resolve_token(AuthOptions(**(auth or {})), listen_host, "router API", "router")  # never open beyond loopback
         url = redis_url or os.environ.get("DANCEOPD_REDIS_URL")
         self.router = Router(RedisStore(url) if url else MemoryStore())
         self.backend = "redis" if url else "memory"
+        self.store_spec = {"kind": self.backend, **({"url": redis_location(url)} if url else {})}
         self.m_assign = make(T.ROUTER_ASSIGNMENTS)
         self.m_weight = make(T.ROUTER_WEIGHT)
         self.m_loss = make(T.ROUTER_LOSS)
@@ -75,12 +87,25 @@ class RouterServer:
     async def backend_name(self) -> str:
         return self.backend
 
+    async def store(self) -> dict:
+        """Where the router keeps runs ({'kind': 'memory'} or {'kind': 'redis', 'url': without the password}): what a job
+        checks before it attaches."""
+        return self.store_spec
+
     async def summary(self, run_id: str, recent: int = 20) -> dict:
         return self.router.summary(run_id, recent=recent)
 
     # ------------------------------------------------------------------ REST (people)
-    @app.get("/v1/runs")
-    async def runs(self):
+    def _unauthorized(self, request: Request) -> JSONResponse | None:
+        if authorized(self.token, request.headers.get("authorization")):
+            return None
+        return JSONResponse(status_code=401, content=RequestError(
+            "authorization", "missing or wrong bearer token: send 'Authorization: Bearer <token>'").body())
+
+    @app.get("/v1/runs", responses=error_responses(s401="missing or wrong bearer token"))
+    async def runs(self, request: Request):
+        if (denied := self._unauthorized(request)) is not None:
+            return denied
         out = []
         for run_id in self.router.store.list_runs():
             rec = self.router.store.get_run(run_id)
@@ -88,8 +113,11 @@ class RouterServer:
                         "routes": sorted(rec["config"]["routes"])})
         return {"runs": out, "backend": self.backend}
 
-    @app.get("/v1/runs/{run_id}/routing", responses=error_responses(s404="no run with this id is registered"))
-    async def routing(self, run_id: str, recent: int = 20):
+    @app.get("/v1/runs/{run_id}/routing", responses=error_responses(s401="missing or wrong bearer token",
+                                                                    s404="no run with this id is registered"))
+    async def routing(self, run_id: str, request: Request, recent: int = 20):
+        if (denied := self._unauthorized(request)) is not None:
+            return denied
         try:
             return self.router.summary(run_id, recent=max(0, min(recent, 1000)))
         except RouterError as e:
@@ -97,5 +125,8 @@ class RouterServer:
 
 
 def router_app(args: dict | None = None):
-    """Serve application builder: args {'redis_url': ...} (optional; default $DANCEOPD_REDIS_URL or in-memory)."""
-    return RouterServer.bind((args or {}).get("redis_url"))
+    """Serve application builder: args {'redis_url': ... (default $DANCEOPD_REDIS_URL, else in memory), 'auth',
+    'auth_token_env', 'auth_token_file' (the REST API's), 'listen_host' (Serve's HTTP host)}, all optional."""
+    args = args or {}
+    auth = {k: args[k] for k in ("auth", "auth_token_env", "auth_token_file") if args.get(k) is not None}
+    return RouterServer.bind(args.get("redis_url"), auth, args.get("listen_host"))

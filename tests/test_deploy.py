@@ -17,7 +17,7 @@ from test_observability import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
-ENV = {"RAY_AUTH_TOKEN": "test-token", "GRAFANA_ADMIN_PASSWORD": "test-password"}
+ENV = {"RAY_AUTH_TOKEN": "test-token", "DANCEOPD_API_TOKEN": "api-token", "GRAFANA_ADMIN_PASSWORD": "test-password"}
 
 
 @pytest.fixture(scope="module")
@@ -229,3 +229,30 @@ def test_the_kuberay_schema_rejects_what_kubernetes_would(mutate, message):
     mutate(m)
     with pytest.raises(jsonschema.ValidationError, match=message):
         jsonschema.validate(m, RAYSERVICE)
+
+
+def test_compose_and_kuberay_pass_the_rest_api_token(compose):
+    """Serve listens on 0.0.0.0 there: the gateway and router require a bearer token, so every node gets it (compose
+    refuses to start without it)."""
+    s = compose["services"]
+    assert all(s[n]["environment"]["DANCEOPD_API_TOKEN"] == ENV["DANCEOPD_API_TOKEN"] for n in ("ray-head", "ray-gpu-worker"))
+    env = {k: v for k, v in os.environ.items() if k not in ENV}
+    proc = subprocess.run([shutil.which("docker-compose") or "docker-compose", "-f", str(COMPOSE), "config", "-q"], capture_output=True,
+                          text=True, cwd=ROOT, env={**env, "RAY_AUTH_TOKEN": "x", "GRAFANA_ADMIN_PASSWORD": "x"}, timeout=60)
+    assert proc.returncode != 0 and "DANCEOPD_API_TOKEN" in proc.stderr
+    for name in ("rayservice-teachers.yaml", "rayjob-train.yaml"):
+        text = (ROOT / "deploy/kuberay" / name).read_text()
+        containers = [c for doc in yaml.safe_load_all(text) for c in _containers(doc)]
+        assert containers and all(any(e["name"] == "DANCEOPD_API_TOKEN" and e["valueFrom"]["secretKeyRef"]["name"] == "danceopd-api-token"
+                                      for e in c["env"]) for c in containers), name
+
+
+def _containers(node):
+    if isinstance(node, dict):
+        if "containers" in node:
+            yield from node["containers"]
+        for v in node.values():
+            yield from _containers(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _containers(v)

@@ -198,3 +198,60 @@ def test_a_killed_teacher_replica_is_retried_transparently(stack):
     after = client.velocity(x, sigma, cond)  # the first attempts fail; Serve starts a new replica; the retry lands
     torch.testing.assert_close(after, before)
     assert client._call(lambda h: h.describe.remote(), 0)["replica_id"] != old_id  # answered by a new replica
+
+
+def test_a_diverged_run_stops_on_every_worker_with_one_clear_message(stack, tmp_path):
+    """lr=1e30 blows the weights up at step 1: the rollouts turn NaN, no worker sends them to a teacher (which would
+    refuse them and fail the worker group), every update is skipped alike on both ranks (the decision is the all-reduced
+    gradient's), and after optim.max_nonfinite_steps in a row the run ends without a checkpoint and with the reason."""
+    from trainer.distributed import run_distributed, stop_marker
+    from trainer.main import training_failed
+
+    cfg = job(tmp_path, steps=20, log_every=5, checkpoint_every=100,
+              **{"optim.lr": 1e30, "optim.max_nonfinite_steps": 3, "cluster.max_failures": 0})
+    run_id = f"nan-{uuid.uuid4().hex[:6]}"
+    result = run_distributed(cfg, run_id)  # max_failures 0: a worker error would raise here
+    assert result.error is None and result.checkpoint is None
+    reason = stop_marker(cfg, run_id).read_text()
+    assert reason.startswith("stopped at step 4: 3 updates in a row had a non-finite loss or gradient (optim.max_nonfinite_steps=3)")
+    text = training_failed(cfg, run_id, reason)
+    assert text.splitlines() == [f"error: training failed (run {run_id}):", f"  {reason}",
+                                 "  no checkpoint was written; the workers' full tracebacks are in Ray's logs (ray logs, or the dashboard)"]
+
+
+def test_a_run_that_fails_for_good_ends_with_one_line_per_failed_worker_and_the_resume_point(stack, tmp_path):
+    import ray.train
+
+    from trainer.distributed import run_distributed
+    from trainer.main import training_failed
+
+    cfg = job(tmp_path, steps=8, log_every=2, checkpoint_every=2, **{"cluster.max_failures": 0})
+    run_id = f"fail-{uuid.uuid4().hex[:6]}"
+    with pytest.raises(ray.train.TrainingFailedError) as err:  # what Ray Train raises once its restarts are spent
+        run_distributed(cfg, run_id, crash_once={"rank": 1, "step": 5, "marker": str(tmp_path / "crashed")})
+    text = training_failed(cfg, run_id, err.value)
+    lines = text.splitlines()
+    assert lines[0] == f"error: training failed (run {run_id}):" and "Traceback" not in text and 'File "' not in text
+    assert any(ln.startswith("  rank 1: ") and "died" in ln for ln in lines), text  # the worker that died, named
+    assert f"re-running the same command resumes from {cfg.storage_path / run_id}/checkpoint_" in lines[-1], text
+    assert all(len(ln) < 420 for ln in lines)
+
+
+def test_the_job_attaches_only_to_services_that_serve_its_config(stack, tmp_path):
+    """Running applications with the expected names are checked against the job's own teachers and store: the
+    same config attaches; another teacher (a different suite tau) or another Redis store is refused, naming the keys."""
+    from trainer.main import ServiceError, ensure_services
+
+    lines = []
+    ensure_services(job(tmp_path), log=lines.append)  # the stack's own config: attaches, deploys nothing
+    assert lines == [f"attached to running teachers {APPS}"]
+    with pytest.raises(ServiceError) as err:
+        ensure_services(job(tmp_path, **{"suite.tau": 0.05, "services.router_redis_url": "redis://:secret@localhost:6399/0"}),
+                        log=lines.append)
+    text = str(err.value)
+    for app in APPS:
+        assert f"{app!r} differs in" in text
+    cap = APPS[0].removeprefix("dist-")
+    assert f"{cap}.field.tau (running 0.0, this job 0.05)" in text
+    assert "'dist-router' keeps runs in {'kind': 'memory'}, this job's router.redis_url is redis://localhost:6399/0" in text
+    assert "secret" not in text and "serve delete" in text

@@ -30,6 +30,8 @@ def run_main(*args, timeout=120):
     (["--config", "configs/demo.yaml", "services.teachers.nope.num_replicas=2"], "services.teachers names ['nope']"),
     (["--config", "configs/demo.yaml", "method.routing=soft"], "method.routing"),
     (["--config", "configs/gpu-cluster.yaml", "student.base=./models/nope"], "base folder ./models/nope does not exist"),
+    (["--config", "configs/demo.yaml", "services.http_host=0.0.0.0"], "$DANCEOPD_API_TOKEN is unset"),  # never open beyond loopback
+    (["--config", "configs/demo.yaml", "services.api_auth.auth=maybe"], "services.api_auth.auth"),
 ])
 def test_bad_job_config_exits_2_naming_the_key_before_ray_starts(args, needle):
     t0 = time.perf_counter()

@@ -321,3 +321,50 @@ def grid_at(rid: str, c: dict, step: int) -> dict:
     r = Router(MemoryStore())
     r.register_run(rid, c)
     return r.assign(rid, step, 1, 0)
+
+
+def test_the_router_api_requires_a_token_beyond_loopback(ray_cluster, tmp_path):
+    """Listening beyond loopback (auth: auto), the REST API answers 401 with the JSON error body without the bearer
+    token from its token file, and the data with it; a router with no token to require refuses to start."""
+    from ray import serve
+
+    from danceopd.auth import AuthOptions, resolve_token
+    from router.deployment import router_app
+
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret-token\n")
+    serve.run(router_app({"auth_token_file": str(token_file), "listen_host": "0.0.0.0"}), name="router-auth",
+              route_prefix="/router-auth")
+    url = ray_cluster.http + "/router-auth/v1/runs"
+    for header in (None, "Bearer wrong", "s3cret-token"):
+        req = urllib.request.Request(url, headers={"Authorization": header} if header else {})
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=30)
+        assert e.value.code == 401 and json.loads(e.value.read())["error"]["field"] == "authorization"
+    with urllib.request.urlopen(urllib.request.Request(url, headers={"Authorization": "Bearer s3cret-token"}), timeout=30) as resp:
+        assert json.loads(resp.read())["backend"] == "memory"
+    serve.delete("router-auth")
+    with pytest.raises(ValueError, match=r"requires a bearer token \(it listens on 0.0.0.0\) but \$DANCEOPD_API_TOKEN is unset"):
+        resolve_token(AuthOptions(), "0.0.0.0", "router API", "router")
+
+
+@pytest.mark.parametrize("opts, host, env, want", [
+    ({}, None, {}, None), ({}, "127.0.0.1", {}, None), ({}, "::1", {}, None), ({}, "localhost", {}, None),  # loopback: open
+    ({}, "0.0.0.0", {"DANCEOPD_API_TOKEN": "t1"}, "t1"),  # beyond loopback: the default variable
+    ({"auth_token_env": "MY_TOKEN"}, "127.0.0.1", {"MY_TOKEN": "t2"}, "t2"),  # a configured source turns auth on anywhere
+    ({"auth": "off"}, "0.0.0.0", {}, None),  # a trusted network, said explicitly
+    ({"auth": "on"}, "127.0.0.1", {}, ValueError), ({}, "10.0.0.5", {}, ValueError), ({}, "head.example", {}, ValueError),
+])
+def test_auth_is_on_beyond_loopback_unless_turned_off(opts, host, env, want, monkeypatch):
+    from danceopd.auth import AuthOptions, authorized, resolve_token
+
+    monkeypatch.delenv("DANCEOPD_API_TOKEN", raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    if want is ValueError:
+        with pytest.raises(ValueError, match="auth"):
+            resolve_token(AuthOptions(**opts), host, "REST gateway", "gateway")
+        return
+    token = resolve_token(AuthOptions(**opts), host, "REST gateway", "gateway")
+    assert token == want
+    assert authorized(token, f"Bearer {want}") and authorized(token, None) == (want is None)

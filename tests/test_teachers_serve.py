@@ -36,7 +36,9 @@ def teachers_dict(student_dir: Path, auth: bool = False, max_payload_mb: float =
             # A long batch wait on t2i so that concurrent callers reliably land in one batch.
             {"name": "t2i", "field": {"kind": "suite", "capability": "t2i"}, "ray_actor_options": fast,
              "batching": {"max_batch_size": 64, "batch_wait_timeout_s": 0.2}},
-            {"name": "local_edit", "field": {"kind": "suite", "capability": "local_edit"}, "ray_actor_options": fast},
+            # Small model calls on local_edit: larger queries are answered in chunks.
+            {"name": "local_edit", "field": {"kind": "suite", "capability": "local_edit"}, "ray_actor_options": fast,
+             "batching": {"max_batch_size": 4}},
             {"name": "global_edit", "field": {"kind": "suite", "capability": "global_edit"}, "ray_actor_options": fast,
              "batching": {"enabled": False}},
             {"name": "t2i_cfg", "field": {"kind": "cfg", "base": "t2i", "alpha": 3.0}, "ray_actor_options": fast},
@@ -98,6 +100,16 @@ def test_batching_merges_concurrent_callers_and_splits_exactly(served):
     calls = TeacherClient("t2i")._call(lambda h: h.describe.remote(), 0)["recent_model_calls"]
     assert max(calls[-8:]) >= 16, calls  # 8 callers x 4 samples arrived within one 0.2 s window
     assert sum(calls[-8:]) >= 32
+
+
+def test_a_query_larger_than_max_batch_size_is_answered_in_chunks(served):
+    """A dense-K query on a real model can be many times what one model call fits: the replica answers it in
+    consecutive calls of max_batch_size samples (4 on local_edit here), the rows in order, as if computed at once."""
+    client = TeacherClient("local_edit")
+    x, sigma, cond = sample_inputs("local_edit", 10, seed=3)
+    got = client.velocity(x, sigma, cond)
+    torch.testing.assert_close(got, served["local"]["local_edit"].velocity(x, sigma, cond), rtol=1e-5, atol=1e-5)
+    assert client.describe()["recent_model_calls"][-3:] == [4, 4, 2]
 
 
 def test_submit_sends_now_and_waits_later_and_a_simulated_device_teacher_sleeps_without_a_core(served):

@@ -271,3 +271,74 @@ def test_shipped_configs_validate(tmp_path):
     assert all(t.device == "cuda" and t.ray_actor_options.num_gpus == 1 for t in gpu.teachers)
     assert by_name["cfg"].num_replicas == 2 and by_name["cfg"].autoscaling_config is None
     assert by_name["geneval"].autoscaling_config.max_replicas == 4 and by_name["geneval"].num_replicas is None
+
+
+class NaNAt:
+    """A teacher whose answer is NaN on the calls listed (a teacher overflowing in fp16, say); otherwise the real one."""
+
+    def __init__(self, field, calls: set[int]):
+        self.field, self.calls, self.n = field, calls, 0
+
+    def __getattr__(self, name):
+        return getattr(self.field, name)
+
+    def velocity(self, x, sigma, cond):
+        v = self.field.velocity(x, sigma, cond)
+        self.n += 1
+        return torch.full_like(v, float("nan")) if self.n - 1 in self.calls else v
+
+
+def test_a_non_finite_update_is_skipped_and_the_run_goes_on(tmp_path):
+    """A NaN target poisons one step: its update is skipped (weights, optimizer state and EMA untouched), counted and
+    logged with the route, and the next steps train normally."""
+    lines = []
+    tr = ReferenceTrainer(small_config(tmp_path, steps=6, **{"method.routing": "adaptive"}), log=lines.append)
+    tr.fit(steps=3)
+    route = tr.adaptive.assign("reference", 3)["route"]
+    tr.teachers[route] = NaNAt(tr.teachers[route], {0})
+    before, adam_steps = params(tr).clone(), [s["step"].item() for s in tr.optimizer.state.values()]
+    ema = {n: p.clone() for n, p in tr.ema.params.items()}
+    stats = tr.adaptive.store.get_loss_stats("reference")
+    out = tr.train_step()
+    assert out["route"] == route and not out["applied"] and out["step"] == 3 and tr.step == 4
+    assert torch.equal(params(tr), before)
+    assert [s["step"].item() for s in tr.optimizer.state.values()] == adam_steps
+    assert all(torch.equal(p, ema[n]) for n, p in tr.ema.params.items())
+    assert tr.adaptive.store.get_loss_stats("reference") == stats  # a NaN never reaches the router's statistics
+    assert f"step 4: non-finite loss on route {route}" in lines[-1] and "(1 in a row, 1 in all)" in lines[-1]
+    result = tr.fit()
+    assert "stopped" not in result and tr.step == 6 and tr.nonfinite.in_row == 0 and tr.nonfinite.total == 1
+    assert torch.isfinite(params(tr)).all() and not torch.equal(params(tr), before)
+
+
+def test_a_diverged_run_stops_after_the_configured_non_finite_steps_with_a_message(tmp_path, capsys):
+    """lr=1e30 blows the weights up at step 1: every later update is NaN. The run stops after
+    optim.max_nonfinite_steps of them in a row, exit 1 with one clear line, no traceback, no checkpoint of that state."""
+    rc = main(["--config", "configs/demo.yaml", *[f"{k}={v}" for k, v in SMALL.items()], f"output_dir={tmp_path}", "steps=20",
+               "optim.lr=1e30", "optim.max_nonfinite_steps=3"])
+    out, err = capsys.readouterr()
+    assert rc == 1
+    assert out.count("update skipped") == 3 and "(3 in a row, 3 in all)" in out
+    assert "error: training failed: stopped at step 4: 3 updates in a row had a non-finite loss or gradient" in err
+    assert "optim.max_nonfinite_steps=3" in err and "Traceback" not in out + err
+    assert not (tmp_path / "demo" / "checkpoints").exists() and not (tmp_path / "demo" / "student").exists()
+
+
+def test_a_checkpoint_is_on_disk_before_it_is_renamed_into_place(tmp_path, monkeypatch):
+    """Every file and folder of a checkpoint is fsynced before the rename, and the rename (its folder) after it."""
+    import os
+
+    from trainer.checkpoint import save_checkpoint
+
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd))[1])
+    tr = ReferenceTrainer(small_config(tmp_path, steps=1), log=lambda m: None)
+    tr.fit()
+    synced.clear()
+    final = save_checkpoint(tmp_path / "run", 7, tr.student, tr.ema, tr.optimizer, tr.state())
+    tmp = str(final.parent / ".tmp-step-00000007")
+    written = {str(p.relative_to(final)) for p in final.rglob("*")} | {"."}
+    flushed = {os.path.relpath(p, tmp) for p in synced if p.startswith(tmp)}
+    assert written == flushed, written ^ flushed
+    assert synced[-1] == str(final.parent)  # the rename is flushed last

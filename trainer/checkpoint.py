@@ -3,13 +3,15 @@
 Layout: <run_dir>/checkpoints/step-XXXXXXXX/{student/, optimizer.pt, state.json}. student/ holds the
 weights to evaluate and serve (the EMA when it is on; for a LoRA student, a diffusers LoRA folder);
 optimizer.pt holds the raw trainable weights, the fp32 EMA, the optimizer state and the RNGs. A checkpoint is
-written to a temporary folder and renamed into place, so a crash never leaves a half-written "latest".
+written to a temporary folder, fsynced, and renamed into place, so a crash (even of the machine) never leaves a
+half-written "latest".
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import random
 import shutil
 from pathlib import Path
@@ -51,11 +53,29 @@ def save_checkpoint(run_dir: Path, step: int, student, ema, optimizer: torch.opt
                 "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state(), "python_rng": random.getstate()},
                tmp / "optimizer.pt")
     (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2))
+    fsync_tree(tmp)  # the data is on disk before the rename makes it "latest"
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
+    fsync_path(d)  # and the rename itself
     for old in sorted(p for p in d.glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """Flush every file and folder under `root` (and root) to disk: a rename is durable only after its data is."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            fsync_path(Path(folder) / name)
+        fsync_path(Path(folder))
 
 
 def restore_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, ema=None) -> dict:

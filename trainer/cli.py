@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from danceopd.config import ConfigError, parse_override
+from danceopd.config import ConfigError, differences, parse_override
 
 
 def parse_args(prog: str, description: str, argv: list[str] | None) -> argparse.Namespace:
@@ -37,16 +37,6 @@ FREE_ON_RESUME = ("steps", "max_minutes", "log_every", "keep_checkpoints", "eval
 FIXED_ON_RESUME = ("cluster.num_workers",)  # the per-worker batch and the router's registration follow from it
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def _fixed(key: str) -> bool:
     return key in FIXED_ON_RESUME or not any(key == f or (f.endswith(".") and key.startswith(f)) for f in FREE_ON_RESUME)
 
@@ -57,13 +47,12 @@ def check_resume_config(cfg, fresh: bool, allow_change: bool) -> list[str]:
     `allow_change`; the file is (re)written for a new run and for an allowed change."""
     path = cfg.run_dir / "config.json"
     dumped = json.loads(cfg.model_dump_json())
-    now = _flat(dumped)
     changed: list[str] = []
     if not fresh and path.exists():
-        before = _flat(json.loads(path.read_text()))
-        changed = sorted(k for k in set(now) | set(before) if _fixed(k) and now.get(k, "<unset>") != before.get(k, "<unset>"))
+        diff = {k: v for k, v in differences(json.loads(path.read_text()), dumped).items() if _fixed(k)}
+        changed = list(diff)
         if changed and not allow_change:
-            shown = ", ".join(f"{k}: {before.get(k, '<unset>')!r} -> {now.get(k, '<unset>')!r}" for k in changed[:8])
+            shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(diff.items())[:8])
             raise ConfigError(f"resuming run {cfg.run_dir} with changed settings ({shown}"
                               f"{', ...' if len(changed) > 8 else ''}); pass --allow-config-change to resume anyway, "
                               f"--no-resume to start a new run, or another run_name")

@@ -34,8 +34,8 @@ from trainer.checkpoint import restore_checkpoint, save_checkpoint
 from trainer.ema import EMA
 from trainer.job import JobConfig
 from trainer.metrics import TrainerMetrics
-from trainer.steps import (MicroBatch, StepTimes, distillation_loss, format_progress, lr_at, query_batch, refills, routing_config,
-                           run_sigmas)
+from trainer.steps import (MicroBatch, NonFiniteSteps, StepTimes, distillation_loss, format_progress, lr_at, query_batch, refills,
+                           routing_config, run_sigmas)
 
 
 def worker_loop(config: dict) -> None:
@@ -87,6 +87,9 @@ def worker_loop(config: dict) -> None:
             with times.time("rollout"):
                 roller = roll_field if job.method.states == "on_policy" else teachers[route]
                 q = query_batch(job, suite, sigmas, roller, route, cond, step, rank, micro, device)
+            if not torch.isfinite(q.x).all():  # diverged weights: the teacher refuses NaN states, and the NaN loss
+                out.append(MicroBatch(route, q, Resolved(torch.full_like(q.x, float("nan")))))  # skips the update on every rank
+                continue
             with times.time("teacher"), torch.no_grad():  # all K states of every sample: one call
                 send = teachers[route].submit(q.x, q.sigma, q.conditions)
                 out.append(MicroBatch(route, q, send if ex.overlap_teacher else Resolved(send.result())))
@@ -105,6 +108,7 @@ def worker_loop(config: dict) -> None:
     window = Window(job, rank, world, start, metrics, record_step_losses=config.get("record_step_losses", False))
     window.history = history
     prepared: dict[int, list[MicroBatch]] = {}
+    nonfinite = NonFiniteSteps(job.optim.max_nonfinite_steps)
     for step in range(start, job.steps):
         times = StepTimes()
         batches = prepared.pop(step, None) or prepare(step, times)
@@ -124,17 +128,29 @@ def worker_loop(config: dict) -> None:
                     loss.backward()
             step_loss += loss.detach()
         with times.time("optimizer"):
-            torch.nn.utils.clip_grad_norm_(params, job.optim.grad_clip)
-            for g in optimizer.param_groups:
-                g["lr"] = lr_at(job, step)
-            optimizer.step()
-            if ema is not None:
-                ema.update(inner, step)
-        route, step_loss = batches[-1].route, step_loss.item()  # the step's one host sync
-        with times.time("router"):
-            reports.add(step, route, step_loss)
-        window.add(route, step_loss, times)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, job.optim.grad_clip)
+            step_loss, grad_norm = torch.stack([step_loss, grad_norm.to(step_loss)]).tolist()  # the step's one host sync
+            applied = nonfinite.check(grad_norm)  # of the all-reduced gradients: every rank decides alike
+            if applied:
+                for g in optimizer.param_groups:
+                    g["lr"] = lr_at(job, step)
+                optimizer.step()
+                if ema is not None:
+                    ema.update(inner, step)
+        route = batches[-1].route
+        if applied:
+            with times.time("router"):
+                reports.add(step, route, step_loss)
+        elif rank == 0:
+            say(nonfinite.skipped(step, route, step_loss, grad_norm))
+            metrics.skipped(route)
+        window.add(route, step_loss if applied else None, times)
         _maybe_crash(config.get("crash_once"), rank, step)
+        if nonfinite.exhausted:  # every rank stops here; no checkpoint: a restart must not begin from this state
+            if rank == 0:  # Ray Train keeps only checkpointed metrics: the driver reads the reason from the run's storage
+                stop_marker(job, run_id).parent.mkdir(parents=True, exist_ok=True)
+                stop_marker(job, run_id).write_text(nonfinite.stop_message(step))
+            break
 
         done = step + 1
         log_due = window.log_due(done)
@@ -261,9 +277,11 @@ class Window:
         self.history: list[dict] = []
         self.last: dict = {}
 
-    def add(self, route: str, loss: float, times: StepTimes) -> None:
-        self.sums[route].append(loss)
-        self.since_report[route].append(loss)
+    def add(self, route: str, loss: float | None, times: StepTimes) -> None:
+        """A step's loss (None: the update was skipped) and times."""
+        if loss is not None:
+            self.sums[route].append(loss)
+            self.since_report[route].append(loss)
         self.times.add(times)
         self.total_times.add(times)
 
@@ -333,6 +351,11 @@ def use_gpu(job: JobConfig) -> bool:
     return str(job.device).startswith("cuda")
 
 
+def stop_marker(job: JobConfig, run_id: str) -> Path:
+    """Where rank 0 says why it stopped the run early (beside the run's checkpoints)."""
+    return Path(job.storage_path) / run_id / "stopped.txt"
+
+
 def job_routing_config(job: JobConfig) -> dict:
     """The run's routing config as the router holds it: the driver registers it, the workers re-register it."""
     return routing_config(job, job.cluster.num_workers, job.worker_batch_size, job.teacher_app)
@@ -349,6 +372,7 @@ def run_distributed(job: JobConfig, run_id: str, crash_once: dict | None = None,
 
     c = job.cluster
     RouterClient(job.services.router_app, timeout_s=job.cluster.timeout_s).register_run(run_id, job_routing_config(job))
+    stop_marker(job, run_id).unlink(missing_ok=True)  # a resumed run's earlier stop
     gpu = use_gpu(job)
     resources = {"CPU": c.cpus_per_worker, **({"GPU": c.gpus_per_worker} if gpu else {})}
     trainer = TorchTrainer(

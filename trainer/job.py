@@ -15,6 +15,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from danceopd.auth import AuthOptions, resolve_token
 from danceopd.config import ConfigError, TrainConfig, load_config
 from services.teachers.config import (ActorOptions, AutoscalingConfig, BatchingConfig, GatewayConfig, RouterServiceConfig,
                                       TeachersConfig)
@@ -67,7 +68,9 @@ class ServicesConfig(_Strict):
                                                  "no CFG) from one deployment holding the base once, with each route's LoRAs "
                                                  "as adapters switched per query: less GPU memory, a per-call adapter cost")
     gateway_route_prefix: str = "/"
-    http_host: str = Field("127.0.0.1", description="Serve's HTTP proxy, when the job starts Serve (REST gateway, router API)")
+    http_host: str = Field("127.0.0.1", description="Serve's HTTP proxy, when the job starts Serve (REST gateway, router API); "
+                                                  "beyond loopback, api_auth requires a bearer token (auth: auto)")
+    api_auth: AuthOptions = Field(AuthOptions(), description="the REST gateway's and router API's bearer-token authentication")
     http_port: int = Field(8000, ge=1, le=65535)
 
 
@@ -156,8 +159,8 @@ class JobConfig(TrainConfig):
         try:
             return TeachersConfig.model_validate({
                 "app_prefix": self.services.app_prefix, "teachers": teachers,
-                "gateway": GatewayConfig(route_prefix=self.services.gateway_route_prefix).model_dump(),
-                "router": RouterServiceConfig(redis_url=redis_url).model_dump()})
+                "gateway": GatewayConfig(route_prefix=self.services.gateway_route_prefix, **self.services.api_auth.model_dump()).model_dump(),
+                "router": RouterServiceConfig(redis_url=redis_url, **self.services.api_auth.model_dump()).model_dump()})
         except Exception as e:  # pydantic ValidationError: name the job keys it came from
             raise ConfigError(f"services: the teachers derived from routes are invalid: {e}") from None
 
@@ -173,4 +176,10 @@ def load_job_config(path: str | Path | None, overrides: dict | None = None) -> J
     if job.method.target != "teacher":
         raise ConfigError("method.target: the distributed trainer distils teachers ('teacher'); plain flow matching runs in trainer.reference")
     job.teachers_config()  # the derived teachers validate now, before Ray starts
+    s = job.services
+    if not (job.cluster.address or os.environ.get("RAY_ADDRESS")):  # a local Ray: its services inherit this environment
+        try:
+            resolve_token(s.api_auth, s.http_host, "REST gateway and router API", "services.api_auth")
+        except ValueError as e:
+            raise ConfigError(f"services.http_host is {s.http_host!r}: {e}") from None
     return job

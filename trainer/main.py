@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+from danceopd.config import differences
 from danceopd.remote import RequestError
 from trainer.cli import load_or_report, parse_args, resume_config_or_report
 from trainer.job import JobConfig, load_job_config
@@ -63,7 +64,7 @@ def ensure_services(job: JobConfig, log=print) -> None:
     from ray import serve
 
     from router.deployment import router_app
-    from services.teachers.app import GATEWAY_APP, deploy_teachers
+    from services.teachers.app import GATEWAY_APP, deploy_teachers, router_args
 
     tcfg = job.teachers_config()
     s = job.services
@@ -83,12 +84,13 @@ def ensure_services(job: JobConfig, log=print) -> None:
         serve.start(http_options={"host": s.http_host, "port": s.http_port}, logging_config={"enable_access_log": False})
     if missing or (s.gateway and GATEWAY_APP not in running):
         t0 = time.perf_counter()
-        deploy_teachers(tcfg, only=missing, gateway=s.gateway and GATEWAY_APP not in running)
+        deploy_teachers(tcfg, only=missing, gateway=s.gateway and GATEWAY_APP not in running, listen_host=s.http_host)
         log(f"deployed teachers {missing}{' + REST gateway' if s.gateway else ''} in {time.perf_counter() - t0:.0f} s")
     if router_missing:
-        serve.run(router_app({"redis_url": tcfg.router.redis_url}), name=s.router_app, route_prefix=tcfg.router.route_prefix)
+        serve.run(router_app(router_args(tcfg, s.http_host)), name=s.router_app, route_prefix=tcfg.router.route_prefix)
         log(f"deployed router ({'redis' if tcfg.router.redis_url else 'in-memory store'})")
     attached = list(dict.fromkeys(job.teacher_app(r) for r in job.routes if job.teacher_name(r) not in missing))
+    check_attached(job, attached, router=not router_missing)
     if attached:
         log(f"attached to running teachers {attached}")
     shape = expected_sample_shape(job.student)
@@ -97,6 +99,31 @@ def ensure_services(job: JobConfig, log=print) -> None:
         if shape is not None and tuple(info.sample_shape) != shape:
             raise ServiceError(f"routes.{r}: teacher application {job.teacher_app(r)!r} serves {tuple(info.sample_shape)} images, "
                                f"the student makes {shape}: point the route at a matching teacher")
+
+
+def check_attached(job: JobConfig, teacher_apps: list[str], router: bool) -> None:
+    """Refuse running applications that have the expected names but serve something else than this job configures
+    (another field, guidance, dtype or CFG base; another Redis store): a student must not silently train against them."""
+    from router.client import RouterClient
+    from router.deployment import redis_location
+
+    tcfg, s = job.teachers_config(), job.services
+    problems = []
+    for route in dict.fromkeys(r for r in job.routes if job.teacher_app(r) in teacher_apps).keys():
+        running = job.teacher_client(route).describe().get("spec", {})  # {}: an application from before specs existed
+        diff = differences(running, tcfg.teacher_spec(job.teacher_name(route)))
+        if diff:
+            problems.append(f"{job.teacher_app(route)!r} differs in " + ", ".join(f"{k} (running {a!r}, this job {b!r})"
+                                                                               for k, (a, b) in list(diff.items())[:4]))
+    if router and tcfg.router.redis_url:  # no redis_url: the job takes whatever store the cluster's router has
+        running = RouterClient(s.router_app, timeout_s=job.cluster.timeout_s).send("store").result()
+        expected = {"kind": "redis", "url": redis_location(tcfg.router.redis_url)}
+        if running != expected:
+            problems.append(f"{s.router_app!r} keeps runs in {running}, this job's router.redis_url is {expected['url']}")
+    if problems:
+        raise ServiceError("running Serve applications are not the ones this job configures: " + "; ".join(problems)
+                           + ". Delete them (serve delete <name>) so that the job deploys its own, or give this job's "
+                           "applications other names (services.app_prefix, services.router_app)")
 
 
 def resolve_run_id(job: JobConfig, fresh: bool) -> tuple[str, bool]:
@@ -156,6 +183,23 @@ def before_after_table(before: dict | None, after: dict) -> str:
     return "\n".join(lines)
 
 
+def training_failed(job: JobConfig, run_id: str, failure) -> str:
+    """What went wrong, one line per failed worker (the last line of its error), and how to go on."""
+    failures = getattr(failure, "worker_failures", None) or {}
+    causes = [f"rank {rank}: {last_line(e)}" for rank, e in sorted(failures.items())] or [last_line(failure)]
+    done = sorted((job.storage_path / run_id).glob("checkpoint_*"))
+    resume = (f"re-running the same command resumes from {done[-1]}" if done else "no checkpoint was written")
+    return "\n".join([f"error: training failed (run {run_id}):", *(f"  {c}" for c in causes),
+                      f"  {resume}; the workers' full tracebacks are in Ray's logs (ray logs, or the dashboard)"])
+
+
+def last_line(error) -> str:
+    """The informative line of an error: for a worker's error the text ends with its exception's own line."""
+    lines = [ln.strip() for ln in str(error).strip().splitlines() if ln.strip()]
+    text = lines[-1] if lines else type(error).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args("python -m trainer.main", "Distributed DanceOPD training (Ray Train + Serve teachers + router).", argv)
     job = load_or_report(load_job_config, args)
@@ -175,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{job.steps} steps; checkpoints in {job.storage_path / run_id}", flush=True)
 
     from danceopd.student import build_student, load_student
-    from trainer.distributed import run_distributed
+    from trainer.distributed import run_distributed, stop_marker
 
     before = None
     if args.eval and not resuming:
@@ -183,10 +227,15 @@ def main(argv: list[str] | None = None) -> int:
         before = evaluate_student(job, initial, job.run_dir / "grid-before.png")  # the same grid before training
         del initial
     t0 = time.perf_counter()
-    result = run_distributed(job, run_id)
+    try:
+        result = run_distributed(job, run_id)
+        stopped = stop_marker(job, run_id)
+        failure = (stopped.read_text() if stopped.exists() else result.error) or (None if result.checkpoint else "no checkpoint was written")
+    except Exception as e:  # Ray Train raises once cluster.max_failures restarts are spent
+        failure = e
     train_s = time.perf_counter() - t0
-    if result.error is not None or result.checkpoint is None:
-        print(f"error: training failed: {result.error}", file=sys.stderr)
+    if failure is not None:
+        print(training_failed(job, run_id, failure), file=sys.stderr)
         return 1
     final_dir = job.run_dir / "student"
     with result.checkpoint.as_directory() as d:

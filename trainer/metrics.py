@@ -20,6 +20,7 @@ class TrainerMetrics:
         self.samples_per_s = make(T.TRAINER_SAMPLES_PER_S)
         self.step_time = make(T.TRAINER_STEP_TIME)
         self.checkpoint_time = make(T.TRAINER_CHECKPOINT_TIME)
+        self.nonfinite = make(T.TRAINER_NONFINITE)
 
     def _route(self, route: str) -> dict:
         return {"run": self.run, "route": route, "capability": self.capability[route]}
@@ -35,6 +36,9 @@ class TrainerMetrics:
         self.samples_per_s.set(samples_per_s, tags={"run": self.run})
         for part, seconds in seconds_per_step.items():
             self.step_time.set(seconds, tags={"run": self.run, "part": part})
+
+    def skipped(self, route: str) -> None:
+        self.nonfinite.inc(1, tags=self._route(route))
 
     def checkpointed(self) -> None:
         self.checkpoint_time.set(time.time(), tags={"run": self.run})

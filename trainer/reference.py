@@ -26,8 +26,8 @@ from danceopd.student import build_student, load_student
 from danceopd.suite import CapabilitySuite
 from trainer.checkpoint import latest_checkpoint, restore_checkpoint, save_checkpoint
 from danceopd.remote import Resolved
-from trainer.steps import (MicroBatch, QueryBatch, StepTimes, distillation_loss, format_progress, lr_at, query_batch, refills,
-                           routing_config, run_sigmas)
+from trainer.steps import (MicroBatch, NonFiniteSteps, QueryBatch, StepTimes, distillation_loss, format_progress, lr_at, query_batch,
+                           refills, routing_config, run_sigmas)
 from trainer.cli import load_or_report, parse_args, resume_config_or_report
 from trainer.ema import EMA
 from trainer.job import JobConfig
@@ -67,6 +67,7 @@ class ReferenceTrainer:
         self.prepared: dict[int, list[MicroBatch]] = {}  # method.staleness: the next step, rolled out before this update
         self.route_log: list[str] = []
         self.history: list[dict] = []
+        self.nonfinite = NonFiniteSteps(cfg.optim.max_nonfinite_steps)
 
     # ----------------------------------------------------------------------------------- one update
     def train_step(self) -> dict:
@@ -84,18 +85,23 @@ class ReferenceTrainer:
                 loss.backward()
             total += loss.detach()
         with times.time("optimizer"):
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.grad_clip))
-            for g in self.optimizer.param_groups:
-                g["lr"] = self.lr_at(step)
-            self.optimizer.step()
-            if self.ema is not None:
-                self.ema.update(self.student.transformer, step)
-        route, total = batches[-1].route, total.item()
-        if self.adaptive:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.grad_clip)
+            total, grad_norm = torch.stack([total, grad_norm.to(total)]).tolist()  # the step's one host sync
+            applied = self.nonfinite.check(total, grad_norm)
+            if applied:
+                for g in self.optimizer.param_groups:
+                    g["lr"] = self.lr_at(step)
+                self.optimizer.step()
+                if self.ema is not None:
+                    self.ema.update(self.student.transformer, step)
+        route = batches[-1].route
+        if not applied:
+            self.log(self.nonfinite.skipped(step, route, total, grad_norm))
+        elif self.adaptive:
             self.adaptive.report_loss(RUN, step, route, total)
         self.route_log.append(route)
         self.step += 1
-        return {"step": step, "route": route, "loss": total, "grad_norm": grad_norm, "times": times}
+        return {"step": step, "route": route, "loss": total, "grad_norm": grad_norm, "times": times, "applied": applied}
 
     def prepare(self, step: int, times: StepTimes) -> list[MicroBatch]:
         """The micro-batches of `step`: hard route (one field for every micro-batch of the update), conditions,
@@ -168,7 +174,11 @@ class ReferenceTrainer:
         acc = StepTimes()
         while self.step < end:
             out = self.train_step()
-            window[out["route"]].append(out["loss"])
+            if out["applied"]:
+                window[out["route"]].append(out["loss"])
+            elif self.nonfinite.exhausted:  # no checkpoint: a resume must not start from this state
+                return {"steps": self.step - start_step, "seconds": time.perf_counter() - start,
+                        "stopped": self.nonfinite.stop_message(out["step"])}
             acc.add(out["times"])
             elapsed = time.perf_counter() - start
             done = self.step - start_step
@@ -203,7 +213,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_resume:
         trainer.resume()
     before = trainer.evaluate(grid_path=cfg.run_dir / "grid-before.png") if args.eval and trainer.step == 0 else None
-    trainer.fit()
+    stopped = trainer.fit().get("stopped")
+    if stopped:
+        print(f"error: training failed: {stopped}", file=sys.stderr)
+        return 1
     final = cfg.run_dir / "student"  # the trained student (EMA), ready for init_from, eval or serving
     with trainer.final_weights():
         trainer.student.save_pretrained(final)

@@ -146,6 +146,38 @@ class StepTimes:
             setattr(self, part, getattr(self, part) + time.perf_counter() - t0)
 
 
+class NonFiniteSteps:
+    """Updates whose loss or gradient is not finite (an overflow, a teacher answering NaN) are skipped: the weights,
+    optimizer and EMA keep their state, the step counts as done, and the loss is not reported. `limit` of them in a
+    row stop the run: by then the weights themselves are broken, or the data is, and replaying cannot help. On the
+    distributed trainer the decision is taken from the all-reduced gradient norm, so every rank takes the same one."""
+
+    def __init__(self, limit: int):
+        self.limit, self.in_row, self.total = limit, 0, 0
+
+    def check(self, *values: float) -> bool:
+        """Whether this update may be applied (all `values` finite); counts it otherwise."""
+        if all(math.isfinite(v) for v in values):
+            self.in_row = 0
+            return True
+        self.in_row += 1
+        self.total += 1
+        return False
+
+    @property
+    def exhausted(self) -> bool:
+        return self.in_row >= self.limit
+
+    def skipped(self, step: int, route: str, loss: float, grad_norm: float) -> str:
+        return (f"step {step + 1}: non-finite {'loss' if not math.isfinite(loss) else 'gradient'} on route {route} "
+                f"(loss {loss}, gradient norm {grad_norm}): update skipped ({self.in_row} in a row, {self.total} in all)")
+
+    def stop_message(self, step: int) -> str:
+        return (f"stopped at step {step + 1}: {self.in_row} updates in a row had a non-finite loss or gradient "
+                f"(optim.max_nonfinite_steps={self.limit}). The weights were last changed by a finite update; lower optim.lr, "
+                "check the teachers' answers, or resume from an earlier checkpoint")
+
+
 def format_progress(step: int, end: int, losses: dict[str, float], samples_per_s: float, shares: dict[str, float], eta_s: float) -> str:
     loss_txt = " ".join(f"{r}={v:.4f}" for r, v in sorted(losses.items()))
     parts = " ".join(f"{k.replace('forward_backward', 'fwd/bwd')} {v:.0%}" for k, v in shares.items() if v > 0.005)

@@ -35,7 +35,10 @@ def container(name: str, cpu: str, memory: str, gpus: int = 0, ports: list[tuple
         "ports": [{"name": n, "containerPort": p} for n, p in ports],
         "env": [{"name": "RAY_AUTH_MODE", "value": "token"},
                 {"name": "RAY_AUTH_TOKEN", "valueFrom": {"secretKeyRef": {"name": "danceopd-ray-token", "key": "token"}}},
-                {"name": "DANCEOPD_REDIS_URL", "value": f"redis://{REDIS_ADDRESS}/1"}, *extra_env],
+                {"name": "DANCEOPD_REDIS_URL", "value": f"redis://{REDIS_ADDRESS}/1"},
+                # the REST gateway's and router API's bearer token (Serve listens beyond loopback: auth is on)
+                {"name": "DANCEOPD_API_TOKEN", "valueFrom": {"secretKeyRef": {"name": "danceopd-api-token", "key": "token"}}},
+                *extra_env],
         "volumeMounts": [{"name": "runs", "mountPath": "/runs"}, {"name": "models", "mountPath": "/models", "readOnly": True}],
     }
 

@@ -23,7 +23,7 @@ def _config(args: dict) -> TeachersConfig:
         return load_teachers_config(args["config"])
     if "teachers" not in args:
         raise ValueError("application args need 'teachers' (the inline config) or 'config' (a path)")
-    return load_teachers_config({k: v for k, v in args.items() if k != "teacher"})
+    return load_teachers_config({k: v for k, v in args.items() if k not in ("teacher", "listen_host")})
 
 
 def teacher_app(args: dict):
@@ -34,12 +34,12 @@ def teacher_app(args: dict):
 
 
 def gateway_app(args: dict):
-    """Serve application builder: args = the inline config, or {'config': path}."""
-    return gateway_deployment(_config(args))
+    """Serve application builder: args = the inline config, or {'config': path}; plus 'listen_host' (Serve's HTTP host)."""
+    return gateway_deployment(_config(args), args.get("listen_host"))
 
 
 def deploy_teachers(cfg: TeachersConfig, only: list[str] | None = None, gateway: bool = True, gateway_app_name: str = GATEWAY_APP,
-                    gateway_route_prefix: str | None = None) -> None:
+                    gateway_route_prefix: str | None = None, listen_host: str | None = None) -> None:
     """serve.run each teacher application (all, or those in `only`) and the gateway.
 
     Re-running with one teacher's replica count changed redeploys that application alone: the other
@@ -51,7 +51,7 @@ def deploy_teachers(cfg: TeachersConfig, only: list[str] | None = None, gateway:
         if t.deploy and (only is None or t.name in only):
             serve.run(teacher_deployment(cfg, t.name), name=cfg.app_name(t.name), route_prefix=None)
     if gateway:
-        serve.run(gateway_deployment(cfg), name=gateway_app_name, route_prefix=gateway_route_prefix or cfg.gateway.route_prefix)
+        serve.run(gateway_deployment(cfg, listen_host), name=gateway_app_name, route_prefix=gateway_route_prefix or cfg.gateway.route_prefix)
 
 
 def serve_config(cfg: TeachersConfig, host: str = "0.0.0.0", port: int = 8000) -> dict:
@@ -65,11 +65,17 @@ def serve_config(cfg: TeachersConfig, host: str = "0.0.0.0", port: int = 8000) -
                      "args": {**replica_args(cfg, t.name), "teacher": t.name},
                      "deployments": [{"name": "TeacherServer", **deployment_options(cfg, t.name)}]})
     apps.append({"name": GATEWAY_APP, "route_prefix": cfg.gateway.route_prefix, "import_path": "services.teachers.app:gateway_app",
-                 "args": gateway_args(cfg)})
+                 "args": {**gateway_args(cfg), "listen_host": host}})
     if cfg.router.enabled:
         apps.append({"name": "router", "route_prefix": cfg.router.route_prefix, "import_path": "router.deployment:router_app",
-                     "args": {"redis_url": cfg.router.redis_url}})
+                     "args": router_args(cfg, host)})
     return {"http_options": {"host": host, "port": port}, "applications": apps}
+
+
+def router_args(cfg: TeachersConfig, listen_host: str | None) -> dict:
+    """The router application's args: its store, its REST API's auth, and where Serve listens."""
+    return {**cfg.router.model_dump(mode="json", include={"redis_url", "auth", "auth_token_env", "auth_token_file"}),
+            "listen_host": listen_host}
 
 
 def render_serve_config(cfg: TeachersConfig, source: str, host: str = "0.0.0.0", port: int = 8000) -> str:

@@ -36,10 +36,14 @@ class TeacherClient:
 
     BY_VALUE_MAX_BYTES = 4 * 2**20
 
+    def describe(self) -> dict:
+        """The answering replica's field info, teacher spec, device, batching and recent model calls."""
+        return self._call(lambda h: h.describe.remote(), 0)
+
     @property
     def info(self) -> FieldInfo:
         if self._info is None:
-            info = info_from_dict(self._call(lambda h: h.describe.remote(), 0))
+            info = info_from_dict(self.describe())
             if self.adapter is not None:  # this client is one teacher of the bank
                 from dataclasses import replace
 

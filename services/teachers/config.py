@@ -24,6 +24,7 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from danceopd.auth import AuthOptions
 from danceopd.config import ConfigError, read_yaml_mapping, validate_config
 from danceopd.suite.buckets import check_capability
 from danceopd.teacher_model import LoraAdapterSpec, TeacherModelSpec
@@ -115,7 +116,8 @@ FieldSpec = Annotated[Union[SuiteFieldSpec, DiffusersFieldSpec, AdapterBankSpec,
 
 class BatchingConfig(_Strict):
     enabled: bool = True
-    max_batch_size: int = Field(64, ge=1, description="samples (not requests) per model call")
+    max_batch_size: int = Field(64, ge=1, description="samples (not requests) per model call; a larger query is answered in "
+                                                      "consecutive calls of this size (batching on or off)")
     # 0 = opportunistic: never wait; queries that arrive while a batch computes form the next batch.
     # A positive wait only pays off when callers outnumber what one model call can absorb.
     batch_wait_timeout_s: float = Field(0.0, ge=0.0, le=1.0)
@@ -169,15 +171,14 @@ class TeacherConfig(_Strict):
         return self
 
 
-class GatewayConfig(_Strict):
+class GatewayConfig(AuthOptions, _Strict):
     route_prefix: str = "/"
-    auth_token_env: str | None = Field(None, description="env var holding the bearer token; unset = no auth")
     max_payload_mb: float = Field(32.0, gt=0)
     request_timeout_s: float = Field(30.0, gt=0)
     num_cpus: float = Field(0.5, ge=0)
 
 
-class RouterServiceConfig(_Strict):
+class RouterServiceConfig(AuthOptions, _Strict):
     """The router application deployed beside the teachers (`serve deploy` declares every app at once)."""
 
     enabled: bool = True
@@ -220,6 +221,18 @@ class TeachersConfig(_Strict):
 
     def app_name(self, teacher: str) -> str:
         return f"{self.app_prefix}{teacher}"
+
+    def base_chain(self, name: str) -> list[TeacherConfig]:
+        """A teacher, then the CFG base it guides, and that one's base, and so on: what its replicas build."""
+        chain = [self.teacher(name)]
+        while getattr(chain[-1].field, "kind", None) == "cfg":
+            chain.append(self.teacher(chain[-1].field.base))
+        return chain
+
+    def teacher_spec(self, name: str) -> dict:
+        """What a teacher's velocities depend on (field and dtype, its CFG bases' too), not how it is scaled or placed:
+        a running application is this teacher only if its spec is equal."""
+        return {t.name: t.model_dump(mode="json", include={"field", "dtype"}) for t in self.base_chain(name)}
 
 
 def load_teachers_config(source: str | Path | dict) -> TeachersConfig:

@@ -35,6 +35,7 @@ class TeacherServer:
         # an adapter bank serves several teachers on one base: one field per adapter, one FieldInfo for the replica
         self.fields = getattr(built, "fields", None) or {None: built}
         self.info = built.info
+        self.spec = all_cfg.teacher_spec(teacher)  # what a job checks before it attaches
         self.metrics = TeacherMetrics(self.cfg.name)
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"teacher-{teacher}")
         b = self.cfg.batching
@@ -48,7 +49,7 @@ class TeacherServer:
         ctx = serve.get_replica_context()
         return {**info_to_dict(self.info), "teacher": self.cfg.name, "device": str(self.device),
                 "replica_id": ctx.replica_id.unique_id, "pid": os.getpid(), "cpu_s": time.process_time(),
-                "batching": self.cfg.batching.model_dump(), "recent_model_calls": self.model_calls[-64:]}
+                "batching": self.cfg.batching.model_dump(), "recent_model_calls": self.model_calls[-64:], "spec": self.spec}
 
     async def velocity(self, query: VelocityQuery) -> np.ndarray:
         """float32 [B, C, H, W] velocity for the query; raises QueryError (a 4xx for the gateway) on bad input."""
@@ -62,8 +63,10 @@ class TeacherServer:
         self.metrics.queue.set(self.waiting)
         try:
             b = self.cfg.batching
-            if not b.enabled or self.waiting == 1 or query.num_samples > b.max_batch_size:
-                out = (await self._compute([query]))[0]  # alone, or too big to merge: on its own
+            if query.num_samples > b.max_batch_size:  # one model call would exceed what the device is sized for
+                out = np.concatenate([(await self._compute([part]))[0] for part in query.chunks(b.max_batch_size)])
+            elif not b.enabled or self.waiting == 1:
+                out = (await self._compute([query]))[0]  # alone: on its own
             else:
                 out = await self._batched(query)  # others are queued or computing: merge
         except Exception as e:
@@ -117,12 +120,7 @@ def replica_args(cfg: TeachersConfig, name: str) -> dict:
     Scaling settings live in the deployment options only, so that changing a replica count is a
     lightweight update of that one application: no replica restarts, here or in any other teacher.
     """
-    chain, cur = [], cfg.teacher(name)
-    while True:
-        chain.append(cur.model_dump(mode="json", exclude=set(SCALING_KEYS), exclude_defaults=True))
-        if getattr(cur.field, "kind", None) != "cfg":
-            break
-        cur = cfg.teacher(cur.field.base)
+    chain = [t.model_dump(mode="json", exclude=set(SCALING_KEYS), exclude_defaults=True) for t in cfg.base_chain(name)]
     return {"teachers": chain, "app_prefix": cfg.app_prefix}
 
 

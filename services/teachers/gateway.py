@@ -11,8 +11,6 @@ ingress methods.
 
 
 import asyncio
-import hmac
-import os
 import time
 
 import numpy as np
@@ -24,6 +22,7 @@ from ray import serve
 from ray.exceptions import RayError, RayTaskError
 from ray.serve.exceptions import RayServeException
 
+from danceopd.auth import authorized, resolve_token
 from danceopd.contracts import QueryError, VelocityQuery, info_from_dict
 from danceopd.remote import RequestError, error_responses
 from services.teachers.codec import decode_array, encode_array, image_png_b64
@@ -68,12 +67,10 @@ async def _invalid_body(request: Request, exc: RequestValidationError):
 @serve.deployment(name="TeacherGateway")
 @serve.ingress(app)
 class TeacherGateway:
-    def __init__(self, teachers: dict):
+    def __init__(self, teachers: dict, listen_host: str | None = None):
         self.cfg = TeachersConfig.model_validate(teachers)
         g = self.cfg.gateway
-        self.token = os.environ.get(g.auth_token_env) if g.auth_token_env else None
-        if g.auth_token_env and not self.token:
-            raise ValueError(f"gateway.auth_token_env is {g.auth_token_env!r} but that variable is unset in the gateway's environment")
+        self.token = resolve_token(g, listen_host, "REST gateway", "gateway")  # refuses to start open beyond loopback
         self.max_bytes = int(g.max_payload_mb * 2**20)
         self.handles = {t.name: serve.get_deployment_handle("TeacherServer", app_name=self.cfg.app_name(t.name))
                         for t in self.cfg.teachers if t.deploy}
@@ -85,12 +82,9 @@ class TeacherGateway:
         return self.infos[name]
 
     def _unauthorized(self, request: Request) -> JSONResponse | None:
-        if self.token is None:
+        if authorized(self.token, request.headers.get("authorization")):
             return None
-        got = request.headers.get("authorization", "")
-        if not hmac.compare_digest(got.encode(), f"Bearer {self.token}".encode()):
-            return _error(401, "authorization", "missing or wrong bearer token: send 'Authorization: Bearer <token>'")
-        return None
+        return _error(401, "authorization", "missing or wrong bearer token: send 'Authorization: Bearer <token>'")
 
     @app.get("/healthz")
     async def healthz(self) -> dict:
@@ -190,5 +184,6 @@ def gateway_args(cfg: TeachersConfig) -> dict:
             "router": {"enabled": False}}
 
 
-def gateway_deployment(cfg: TeachersConfig):
-    return TeacherGateway.options(ray_actor_options={"num_cpus": cfg.gateway.num_cpus}).bind(gateway_args(cfg))
+def gateway_deployment(cfg: TeachersConfig, listen_host: str | None = None):
+    """`listen_host`: where Serve's HTTP proxy listens (auth: auto requires a token beyond loopback)."""
+    return TeacherGateway.options(ray_actor_options={"num_cpus": cfg.gateway.num_cpus}).bind(gateway_args(cfg), listen_host)
