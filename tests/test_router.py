@@ -348,6 +348,23 @@ def test_the_router_api_requires_a_token_beyond_loopback(ray_cluster, tmp_path):
         resolve_token(AuthOptions(), "0.0.0.0", "router API", "router")
 
 
+def test_router_rest_fuzzing_finds_no_server_error_no_undocumented_status_and_no_hang(ray_cluster):
+    """schemathesis against the router's OpenAPI (one run registered, so that some cases find it)."""
+    from ray import serve
+
+    from fuzz import fuzz_openapi
+    from router.client import RouterClient
+    from router.deployment import router_app
+
+    serve.run(router_app({}), name="router-fuzz", route_prefix="/router-fuzz")
+    RouterClient("router-fuzz").register_run("fuzz", cfg(policy="hard"))
+    out = fuzz_openapi(ray_cluster.http + "/router-fuzz", examples=100, timeout_s=10.0)
+    serve.delete("router-fuzz")
+    print(f"router fuzz: {out['cases']} cases, by status class {dict(sorted(out['by_class'].items()))}")
+    assert out["cases"] >= 150 and out["by_class"]["2xx"] > 0
+    assert out["server_errors"] == [] and out["undocumented"] == [] and out["slow"] == []
+
+
 @pytest.mark.parametrize("opts, host, env, want", [
     ({}, None, {}, None), ({}, "127.0.0.1", {}, None), ({}, "::1", {}, None), ({}, "localhost", {}, None),  # loopback: open
     ({}, "0.0.0.0", {"DANCEOPD_API_TOKEN": "t1"}, "t1"),  # beyond loopback: the default variable

@@ -328,6 +328,17 @@ def test_rest_openapi_documents_the_velocity_body_and_every_status(served):
     assert {"200", "401", "404", "413", "422", "503", "504"} <= set(op["responses"])
 
 
+def test_rest_fuzzing_finds_no_server_error_no_undocumented_status_and_no_hang(served):
+    """schemathesis, from the gateway's own OpenAPI: valid and invalid cases for every operation."""
+    from fuzz import fuzz_openapi
+
+    timeout = served["cfg"].gateway.request_timeout_s
+    out = fuzz_openapi(served["url"], examples=100, timeout_s=timeout)
+    print(f"gateway fuzz: {out['cases']} cases, by status class {dict(sorted(out['by_class'].items()))}")
+    assert out["cases"] >= 150 and out["by_class"]["4xx"] > 0 and out["by_class"]["2xx"] > 0
+    assert out["server_errors"] == [] and out["undocumented"] == [] and out["slow"] == []
+
+
 def test_rest_auth_on_and_off(served):
     x = np.zeros((1, 3, 16, 16), np.float32)
     body = {"x": b64(x), "sigma": 0.5, "prompt": "a red circle"}
