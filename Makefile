@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install os-deps deploy-files demo demo-reference demo-diffusers tiny-models results test test-fast bench-learning bench-teachers bench-step gpu-check clean
+.PHONY: install os-deps deploy-files demo demo-reference demo-diffusers tiny-models results test test-fast chaos bench-learning bench-teachers bench-step gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -56,10 +56,15 @@ results: install
 
 ## test: the whole suite (CPU; CUDA tests skip without a GPU)
 test: install os-deps
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not chaos"
+
+## chaos: the seeded chaos table: a teacher replica, a train worker, the router replica and Redis killed mid-run,
+## each alone and all at once; final weights and routing log against an uninterrupted run (runs/chaos/chaos.json)
+chaos: install os-deps
+	$(BIN)/python -m pytest -q -s tests/test_chaos.py
 
 test-fast: install os-deps
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow and not chaos"
 
 ## bench-learning: train from scratch for --minutes, print per-capability scores against the teachers
 bench-learning: install

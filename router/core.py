@@ -37,6 +37,11 @@ class Router:
         if existing is not None:
             if existing["config"] != dumped:
                 raise RouterError("config", f"run {run_id!r} is registered with another routing config; use a new run id", 409)
+            if existing["status"] != "running":  # a resumed run: running again, its keys kept for good
+                existing = {**existing, "status": "running"}
+                existing.pop("expires", None)
+                self.store.put_run(run_id, existing)
+                self.store.keep_run(run_id)
             return existing
         record = {"run": run_id, "config": dumped, "status": "running", "created": time.time()}
         self.store.put_run(run_id, record)
@@ -45,6 +50,16 @@ class Router:
     def set_status(self, run_id: str, status: str) -> None:
         record = self._record(run_id)
         self.store.put_run(run_id, {**record, "status": status})
+
+    def finish_run(self, run_id: str, status: str, keep_s: float) -> dict:
+        """The run ended (`finished` or `failed`): its log and statistics are kept `keep_s` seconds more, then expire
+        (Redis TTLs), so that a long-lived store does not grow with every run ever trained."""
+        if status not in ("finished", "failed"):
+            raise RouterError("status", f"must be 'finished' or 'failed', got {status!r}")
+        record = {**self._record(run_id), "status": status, "expires": time.time() + keep_s}
+        self.store.put_run(run_id, record)
+        self.store.expire_run(run_id, keep_s)
+        return record
 
     def config(self, run_id: str) -> RoutingConfig:
         if run_id not in self._configs:
@@ -125,6 +140,9 @@ class Router:
 
     # ------------------------------------------------------------------------------------ losses
     def report_loss(self, run_id: str, step: int, route: str, loss: float) -> dict:
+        """Fold a step's loss into its route's statistics, once per step: the first report of a step counts, later ones
+        (retries, other ranks, steps redone after a restart) are ignored, so the statistics, and the adaptive weights
+        drawn from them, are a function of the steps' losses alone."""
         cfg = self.config(run_id)
         if route not in cfg.routes:
             raise RouterError("route", f"unknown route {route!r}; this run has {sorted(cfg.routes)}")
@@ -135,6 +153,8 @@ class Router:
         a, warm = cfg.adaptive.ema, cfg.adaptive.warmup_reports
 
         def update(old: dict | None) -> dict:
+            if old is not None and step <= old["last_step"]:  # a retry, another rank, or a step replayed after a restart
+                return old
             s = old or {"count": 0, "ema": None, "scale_sum": 0.0, "scale": None}
             s["count"] += 1
             s["ema"] = loss if s["ema"] is None else a * s["ema"] + (1 - a) * loss

@@ -16,7 +16,7 @@ from danceopd.telemetry import make
 from danceopd.auth import AuthOptions, authorized, resolve_token
 from danceopd.remote import RequestError, error_responses
 from router.core import Router, RouterError
-from router.store import MemoryStore, RedisStore
+from router.store import MemoryStore, RayKVStore, RedisStore
 
 app = FastAPI(title="DanceOPD router", version="1")
 
@@ -37,11 +37,13 @@ class RouterServer:
     """One replica: the store (Redis, when configured) is the source of truth, so a restarted replica
     continues with identical assignments."""
 
-    def __init__(self, redis_url: str | None = None, auth: dict | None = None, listen_host: str | None = None):
+    def __init__(self, redis_url: str | None = None, auth: dict | None = None, listen_host: str | None = None, store: str = "ray"):
         self.token = resolve_token(AuthOptions(**(auth or {})), listen_host, "router API", "router")  # never open beyond loopback
         url = redis_url or os.environ.get("DANCEOPD_REDIS_URL")
-        self.router = Router(RedisStore(url) if url else MemoryStore())
-        self.backend = "redis" if url else "memory"
+        if store not in ("ray", "memory"):
+            raise ValueError(f"router.store must be 'ray' or 'memory', got {store!r}")
+        self.backend = "redis" if url else store
+        self.router = Router(RedisStore(url) if url else RayKVStore() if store == "ray" else MemoryStore())
         self.store_spec = {"kind": self.backend, **({"url": redis_location(url)} if url else {})}
         self.m_assign = make(T.ROUTER_ASSIGNMENTS)
         self.m_weight = make(T.ROUTER_WEIGHT)
@@ -84,6 +86,9 @@ class RouterServer:
     async def set_status(self, run_id: str, status: str) -> None:
         self.router.set_status(run_id, status)
 
+    async def finish_run(self, run_id: str, status: str, keep_s: float) -> dict:
+        return self.router.finish_run(run_id, status, keep_s)
+
     async def backend_name(self) -> str:
         return self.backend
 
@@ -125,8 +130,9 @@ class RouterServer:
 
 
 def router_app(args: dict | None = None):
-    """Serve application builder: args {'redis_url': ... (default $DANCEOPD_REDIS_URL, else in memory), 'auth',
-    'auth_token_env', 'auth_token_file' (the REST API's), 'listen_host' (Serve's HTTP host)}, all optional."""
+    """Serve application builder: args {'redis_url': ... (default $DANCEOPD_REDIS_URL), 'store' (without Redis: 'ray',
+    the cluster's key-value store, by default, or 'memory'), 'auth', 'auth_token_env', 'auth_token_file' (the REST
+    API's), 'listen_host' (Serve's HTTP host)}, all optional."""
     args = args or {}
     auth = {k: args[k] for k in ("auth", "auth_token_env", "auth_token_file") if args.get(k) is not None}
-    return RouterServer.bind(args.get("redis_url"), auth, args.get("listen_host"))
+    return RouterServer.bind(args.get("redis_url"), auth, args.get("listen_host"), args.get("store") or "ray")

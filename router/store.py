@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from typing import Protocol
 
 
@@ -22,6 +23,14 @@ class RouterStore(Protocol):
     def get_loss_stats(self, run_id: str) -> dict[str, dict]: ...
     def update_loss_stats(self, run_id: str, route: str, fn) -> dict: ...
     def get_or_set_weights(self, run_id: str, step: int, weights: dict[str, float]) -> dict[str, float]: ...
+    def expire_run(self, run_id: str, seconds: float) -> None: ...
+    def keep_run(self, run_id: str) -> None: ...
+
+
+def _live(records: dict[str, dict]) -> list[str]:
+    """Run ids whose record has not expired (a finished run's `expires`)."""
+    now = time.time()
+    return sorted(r for r, rec in records.items() if rec.get("expires", now + 1) > now)
 
 
 class MemoryStore:
@@ -42,7 +51,13 @@ class MemoryStore:
         return self.runs.get(run_id)
 
     def list_runs(self):
-        return sorted(self.runs)
+        return _live(self.runs)
+
+    def expire_run(self, run_id, seconds):  # the replica's memory goes with it anyway; the listing hides it
+        pass
+
+    def keep_run(self, run_id):
+        pass
 
     def get_or_set_assignment(self, run_id, key, value):
         with self._lock:
@@ -100,7 +115,26 @@ class RedisStore:
         return None if raw is None else json.loads(raw)
 
     def list_runs(self):
-        return sorted(self.r.hkeys(f"{self.p}:runs"))
+        records = {k: json.loads(v) for k, v in self.r.hgetall(f"{self.p}:runs").items()}
+        live = _live(records)
+        gone = [r for r in records if r not in live]
+        if gone:  # expired runs' keys are gone already (TTL); drop their registry entries too
+            self.r.hdel(f"{self.p}:runs", *gone)
+        return live
+
+    RUN_KEYS = ("assign", "order", "counts", "loss", "weights")
+
+    def expire_run(self, run_id, seconds):
+        pipe = self.r.pipeline()
+        for what in self.RUN_KEYS:
+            pipe.expire(self._k(run_id, what), max(1, int(seconds)))
+        pipe.execute()
+
+    def keep_run(self, run_id):
+        pipe = self.r.pipeline()
+        for what in self.RUN_KEYS:
+            pipe.persist(self._k(run_id, what))
+        pipe.execute()
 
     def get_or_set_assignment(self, run_id, key, value):
         if self.r.hsetnx(self._k(run_id, "assign"), key, json.dumps(value)):
@@ -146,3 +180,113 @@ class RedisStore:
         key = self._k(run_id, "weights")
         self.r.hsetnx(key, str(step), json.dumps(weights))
         return json.loads(self.r.hget(key, str(step)))
+
+
+class RayKVStore(MemoryStore):
+    """The default: the router's state in the Ray cluster's own key-value store (the GCS), behind the in-memory one.
+
+    Needs no setup, and survives the router replica: a restarted replica finds each run (registration, assignment log,
+    loss statistics, adaptive weights) as it left it, loading it once on first use. Every write goes to the GCS
+    first; assignments and frozen weights are first-writer-wins (put without overwrite). The GCS survives a head
+    restart only with GCS fault tolerance (Redis, as in the compose and KubeRay files); Redis as the router's store
+    outlives the cluster itself."""
+
+    NAMESPACE = "danceopd-router"
+
+    def __init__(self, prefix: str = ""):
+        super().__init__()
+        self.prefix = prefix
+        self.loaded: set[str] = set()
+
+    # GCS key-value calls (Ray's internal KV: what Serve's controller keeps its own state in)
+    def _put(self, key: str, value, overwrite: bool = True) -> bool:
+        from ray.experimental.internal_kv import _internal_kv_put
+
+        return _internal_kv_put(self.prefix + key, json.dumps(value), overwrite, namespace=self.NAMESPACE)  # True: existed
+
+    def _get(self, key: str):
+        from ray.experimental.internal_kv import _internal_kv_get
+
+        raw = _internal_kv_get(self.prefix + key, namespace=self.NAMESPACE)
+        return None if raw is None else json.loads(raw)
+
+    def _keys(self, prefix: str) -> list[str]:
+        from ray.experimental.internal_kv import _internal_kv_list
+
+        n = len(self.prefix)
+        return [k.decode()[n:] for k in _internal_kv_list(self.prefix + prefix, namespace=self.NAMESPACE)]
+
+    def _load(self, run_id: str) -> None:
+        """A run this replica has not seen yet: its state from the GCS (once)."""
+        if run_id in self.loaded:
+            return
+        self.loaded.add(run_id)
+        record = self._get(f"runs/{run_id}")
+        if record is None:
+            return
+        super().put_run(run_id, record)
+        keys = self._keys(f"assign/{run_id}/")
+        for k in sorted(keys, key=lambda k: tuple(int(p) for p in k.rsplit("/", 1)[1].split(":"))):  # step, rank, micro
+            super().get_or_set_assignment(run_id, k.rsplit("/", 1)[1], self._get(k))
+        for k in self._keys(f"loss/{run_id}/"):
+            self.loss.setdefault(run_id, {})[k.rsplit("/", 1)[1]] = self._get(k)
+        for k in self._keys(f"weights/{run_id}/"):
+            self.weights.setdefault(run_id, {})[int(k.rsplit("/", 1)[1])] = self._get(k)
+
+    def put_run(self, run_id, record):
+        self._put(f"runs/{run_id}", record)
+        self.loaded.add(run_id)
+        super().put_run(run_id, record)
+
+    def get_run(self, run_id):
+        self._load(run_id)
+        return super().get_run(run_id)
+
+    def list_runs(self):
+        for key in self._keys("runs/"):
+            self._load(key.split("/", 1)[1])
+        live = super().list_runs()
+        for run_id in [r for r in self.runs if r not in live]:  # expired: drop its keys from the GCS
+            from ray.experimental.internal_kv import _internal_kv_del
+
+            for what in ("runs", "assign", "loss", "weights"):
+                _internal_kv_del(f"{self.prefix}{what}/{run_id}" + ("" if what == "runs" else "/"), del_by_prefix=what != "runs",
+                                 namespace=self.NAMESPACE)
+            for table in (self.runs, self.assign, self.order, self.counts, self.loss, self.weights):
+                table.pop(run_id, None)
+        return live
+
+    def get_or_set_assignment(self, run_id, key, value):
+        self._load(run_id)
+        if key not in self.assign.get(run_id, {}):
+            if self._put(f"assign/{run_id}/{key}", value, overwrite=False):  # another replica's answer came first
+                value = self._get(f"assign/{run_id}/{key}")
+        return super().get_or_set_assignment(run_id, key, value)
+
+    def update_loss_stats(self, run_id, route, fn):
+        self._load(run_id)
+        with self._lock:
+            stats = self.loss.setdefault(run_id, {})
+            new = fn(stats.get(route))
+            self._put(f"loss/{run_id}/{route}", new)
+            stats[route] = new
+            return new
+
+    def get_or_set_weights(self, run_id, step, weights):
+        self._load(run_id)
+        if step not in self.weights.get(run_id, {}):
+            if self._put(f"weights/{run_id}/{step}", weights, overwrite=False):
+                weights = self._get(f"weights/{run_id}/{step}")
+        return super().get_or_set_weights(run_id, step, weights)
+
+    def recent_assignments(self, run_id, n):
+        self._load(run_id)
+        return super().recent_assignments(run_id, n)
+
+    def route_counts(self, run_id):
+        self._load(run_id)
+        return super().route_counts(run_id)
+
+    def get_loss_stats(self, run_id):
+        self._load(run_id)
+        return super().get_loss_stats(run_id)

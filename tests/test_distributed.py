@@ -149,27 +149,39 @@ def test_async_dispatch_truncation_and_prefetch_change_nothing_on_two_workers(st
     assert all(torch.equal(runs["defaults"][1][n], w) for n, w in runs["before"][1].items())
 
 
-def test_a_killed_worker_resumes_from_the_checkpoint_without_losing_or_repeating_steps(stack, tmp_path):
+def test_a_killed_worker_changes_nothing_even_under_adaptive_routing(stack, tmp_path):
+    """Adaptive routing: the weights of step s follow the losses of steps < s. Rank 1 dies at step 17; Ray Train
+    restarts the group from a checkpoint and the steps after it run again. Every rank reports the update's
+    all-reduced loss and the router counts each step's first report only, so the run ends exactly where an
+    uninterrupted run with the same seed ends: weights bit for bit, the routing log with each step's weights, and
+    the router's loss statistics (which before counted every rank's and every redone step's report)."""
     from router.client import RouterClient
     from trainer.distributed import run_distributed
 
-    cfg = job(tmp_path, steps=20, log_every=5, checkpoint_every=5, **{"cluster.max_failures": 1})
-    run_id = f"kill-{uuid.uuid4().hex[:6]}"
-    marker = tmp_path / "crashed"
-    result = run_distributed(cfg, run_id, crash_once={"rank": 1, "step": 17, "marker": str(marker)})
-    assert marker.read_text() == "17"  # rank 1's process really died at step 17
-    assert result.error is None and result.metrics["step"] == 20
-    # The restarted workers continued from a checkpoint (5, 10 or 15: the newest one only counts once Ray
-    # Train's controller has registered it, which can race with the crash), not from scratch.
-    assert result.metrics["resumed_from"] in (5, 10, 15)
-    stats = RouterClient("dist-router").summary(run_id, recent=1000)
-    # Steps after the checkpoint ran again after the restart: the router answered them from its
-    # log, so each (step, rank) appears once and the sample counts are those of 20 clean steps.
-    assert sorted((a["step"], a["rank"]) for a in stats["recent"]) == [(s, r) for s in range(20) for r in range(2)]
-    assert sum(stats["counts"].values()) == 20 * 16
-    with result.checkpoint.as_directory() as d:  # the progress history survives the restart: every window once
-        history = json.loads((Path(d) / "state.json").read_text())["history"]
-    assert [h["step"] for h in history] == [5, 10, 15, 20]
+    over = {"steps": 20, "log_every": 5, "checkpoint_every": 5, "cluster.max_failures": 1, "method.routing": "adaptive"}
+    runs = {}
+    for name, crash in (("straight", None), ("killed", {"rank": 1, "step": 17, "marker": str(tmp_path / "crashed")})):
+        run_id = f"{name}-{uuid.uuid4().hex[:6]}"
+        result = run_distributed(job(tmp_path / name, **over), run_id, crash_once=crash)
+        assert result.error is None and result.metrics["step"] == 20
+        with result.checkpoint.as_directory() as d:
+            weights = torch.load(Path(d) / "optimizer.pt", weights_only=False)["training_weights"]
+            history = json.loads((Path(d) / "state.json").read_text())["history"]
+        stats = RouterClient("dist-router").summary(run_id, recent=1000)
+        log = sorted((a["step"], a["rank"], a["route"], tuple(sorted(a["weights"].items()))) for a in stats["recent"])
+        runs[name] = {"result": result, "weights": weights, "history": history, "log": log, "losses": stats["losses"],
+                      "counts": stats["counts"]}
+    killed, straight = runs["killed"], runs["straight"]
+    assert (tmp_path / "crashed").read_text() == "17"  # rank 1's process really died at step 17
+    # Restarted from a checkpoint (5, 10 or 15: the newest counts once Ray Train's controller registered it), not from 0.
+    assert killed["result"].metrics["resumed_from"] in (5, 10, 15)
+    assert [(s, r) for s, r, *_ in killed["log"]] == [(s, r) for s in range(20) for r in range(2)]  # each (step, rank) once
+    assert killed["log"] == straight["log"]  # the same route and the same adaptive weights at every step
+    assert len({w for *_, w in straight["log"]}) > 1  # the weights did move with the losses
+    assert killed["losses"] == straight["losses"] and sum(s["count"] for s in killed["losses"].values()) == 20
+    assert killed["counts"] == straight["counts"] and sum(killed["counts"].values()) == 20 * 16
+    assert all(torch.equal(killed["weights"][n], w) for n, w in straight["weights"].items())
+    assert [h["step"] for h in killed["history"]] == [5, 10, 15, 20]  # every progress window once
 
 
 def test_a_killed_teacher_replica_is_retried_transparently(stack):
@@ -253,5 +265,5 @@ def test_the_job_attaches_only_to_services_that_serve_its_config(stack, tmp_path
         assert f"{app!r} differs in" in text
     cap = APPS[0].removeprefix("dist-")
     assert f"{cap}.field.tau (running 0.0, this job 0.05)" in text
-    assert "'dist-router' keeps runs in {'kind': 'memory'}, this job's router.redis_url is redis://localhost:6399/0" in text
+    assert "'dist-router' keeps runs in {'kind': 'ray'}, this job's router.redis_url is redis://localhost:6399/0" in text
     assert "secret" not in text and "serve delete" in text

@@ -125,6 +125,8 @@ def test_ray_job_submit_runs_the_demo_config(head_node, tmp_path):
     assert report["training"]["steps"] == 12 and report["training"]["workers"] == 2
     assert report["before"] is not None and (out / "demo" / "grid.png").exists() and (out / "demo" / "grid-before.png").exists()
     assert (out / "demo" / "student" / "transformer" / "config.json").exists()  # save_pretrained layout
+    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/router/v1/runs", timeout=30) as resp:  # the run left 'running'
+        assert [r["status"] for r in json.loads(resp.read())["runs"]] == ["finished"]
 
 
 def test_an_experiment_arm_runs_on_the_distributed_stack(head_node, tmp_path):

@@ -287,9 +287,9 @@ def test_router_on_serve_with_redis_and_rest(ray_cluster, redis_server):
 
 
 def test_a_restarted_in_memory_router_gets_the_run_registered_again(ray_cluster, monkeypatch):
-    """The default router keeps its store in memory: a new replica has forgotten every run. Before, every worker
-    then met "unknown run" (a 404, never retried) and the run was lost; a client that knows its run re-registers
-    it, and hard routes, a pure function of the seed and step, come back unchanged."""
+    """A router with `store: memory` (the default before the Ray key-value store): a new replica has forgotten every
+    run. Before, every worker then met "unknown run" (a 404, never retried) and the run was lost; a client that knows
+    its run re-registers it, and hard routes, a pure function of the seed and step, come back unchanged."""
     import ray
     from ray import serve
 
@@ -297,7 +297,7 @@ def test_a_restarted_in_memory_router_gets_the_run_registered_again(ray_cluster,
     from router.deployment import router_app
 
     monkeypatch.delenv("DANCEOPD_REDIS_URL", raising=False)
-    serve.run(router_app({}), name="router-mem", route_prefix="/router-mem")
+    serve.run(router_app({"store": "memory"}), name="router-mem", route_prefix="/router-mem")
     rid, c = run_id(), cfg(policy="hard")
     client = RouterClient("router-mem", retries=8, backoff_s=0.5, run=(rid, c))
     client.register_run(rid, c)
@@ -314,6 +314,43 @@ def test_a_restarted_in_memory_router_gets_the_run_registered_again(ray_cluster,
     assert [client.assign(rid, s, 1, 0) for s in range(6)] == before + [grid_at(rid, c, s) for s in (4, 5)]
     assert forgetful.assign(rid, 6, 1, 0)["route"] in ROUTES  # registered again, for every client
     serve.delete("router-mem")
+
+
+def test_the_default_router_store_survives_a_router_restart(ray_cluster, monkeypatch):
+    """Without Redis the router keeps its runs in the cluster's key-value store (no setup): a killed replica's
+    successor answers every run as before, with nothing re-registered: the registration, the assignment log (the
+    answers of adaptive steps, whose weights depend on the reports), the loss statistics and the frozen weights."""
+    import ray
+    from ray import serve
+
+    from router.client import RouterClient
+    from router.deployment import router_app
+
+    monkeypatch.delenv("DANCEOPD_REDIS_URL", raising=False)
+    serve.run(router_app({}), name="router-kv", route_prefix="/router-kv")
+    rid, c = run_id(), cfg(policy="adaptive")
+    client = RouterClient("router-kv", retries=8, backoff_s=0.5)  # knows no run: only the store can keep it
+    client.register_run(rid, c)
+    before = []
+    for s in range(8):
+        a = client.assign(rid, s, 0, 0)
+        client.report_loss(rid, s, a["route"], 1.0 / (1 + s) if a["route"] == "t2i" else 1.0)
+        before.append(a)
+    summary = client.summary(rid, recent=100)
+    assert client.send("store").result() == {"kind": "ray"}
+
+    names = [x["name"] for x in ray.util.list_named_actors(all_namespaces=True) if "router-kv" in x["name"] and "RouterServer" in x["name"]]
+    ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
+    assert [client.assign(rid, s, 0, 0) for s in range(8)] == before  # answered from the log, not recomputed
+    assert client.summary(rid, recent=100) == summary  # counts, weights, loss statistics, log: all kept
+    nxt = client.assign(rid, 8, 0, 0)
+    direct = Router(MemoryStore())  # what a router that never restarted answers for step 8
+    direct.register_run(rid, c)
+    for s, a in enumerate(before):
+        assert direct.assign(rid, s, 0, 0) == a
+        direct.report_loss(rid, s, a["route"], 1.0 / (1 + s) if a["route"] == "t2i" else 1.0)
+    assert nxt == direct.assign(rid, 8, 0, 0)
+    serve.delete("router-kv")
 
 
 def grid_at(rid: str, c: dict, step: int) -> dict:
@@ -342,7 +379,7 @@ def test_the_router_api_requires_a_token_beyond_loopback(ray_cluster, tmp_path):
             urllib.request.urlopen(req, timeout=30)
         assert e.value.code == 401 and json.loads(e.value.read())["error"]["field"] == "authorization"
     with urllib.request.urlopen(urllib.request.Request(url, headers={"Authorization": "Bearer s3cret-token"}), timeout=30) as resp:
-        assert json.loads(resp.read())["backend"] == "memory"
+        assert json.loads(resp.read())["backend"] == "ray"  # the default store
     serve.delete("router-auth")
     with pytest.raises(ValueError, match=r"requires a bearer token \(it listens on 0.0.0.0\) but \$DANCEOPD_API_TOKEN is unset"):
         resolve_token(AuthOptions(), "0.0.0.0", "router API", "router")
@@ -385,3 +422,34 @@ def test_auth_is_on_beyond_loopback_unless_turned_off(opts, host, env, want, mon
     token = resolve_token(AuthOptions(**opts), host, "REST gateway", "gateway")
     assert token == want
     assert authorized(token, f"Bearer {want}") and authorized(token, None) == (want is None)
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+def test_a_finished_run_expires_from_the_store_and_a_resumed_one_is_kept(redis_server, backend):
+    """Runs leave 'running': finish_run marks them and sets TTLs on every key of the run (Redis), so the store does not
+    grow forever; the listing drops them once expired; re-registering (a resume) makes the run 'running' and durable."""
+    import redis as redis_lib
+
+    store = RedisStore(redis_server.url, prefix=f"ttl-{uuid.uuid4().hex[:6]}") if backend == "redis" else MemoryStore()
+    router = Router(store)
+    rid, other = run_id(), run_id()
+    for r in (rid, other):
+        router.register_run(r, cfg(policy="adaptive"))
+        router.assign(r, 0, 0, 0)
+        router.report_loss(r, 0, router.assign(r, 0, 0, 0)["route"], 0.5)
+    with pytest.raises(RouterError) as e:
+        router.finish_run(rid, "done", 60)
+    assert e.value.field == "status"
+    assert router.finish_run(rid, "finished", 60)["status"] == "finished"
+    assert {x: store.get_run(x)["status"] for x in (rid, other)} == {rid: "finished", other: "running"}
+    if backend == "redis":
+        r = redis_lib.Redis.from_url(redis_server.url)
+        ttls = {what: r.ttl(store._k(rid, what)) for what in store.RUN_KEYS}
+        assert all(0 < t <= 60 for t in ttls.values()), ttls  # every key of the run expires
+        assert r.ttl(store._k(other, "assign")) == -1  # a running run's keys never do
+        router.register_run(rid, cfg(policy="adaptive"))  # resumed
+        assert store.get_run(rid)["status"] == "running" and "expires" not in store.get_run(rid)
+        assert r.ttl(store._k(rid, "assign")) == -1
+    router.finish_run(other, "failed", 1e-3)
+    time.sleep(0.01)
+    assert other not in store.list_runs() and rid in store.list_runs()  # the expired one is gone from the listing

@@ -71,7 +71,8 @@ def worker_loop(config: dict) -> None:
                           run=(run_id, job_routing_config(job)))
     # Hard routes are a pure function of the step: ask ahead. Adaptive weights follow the reported losses: there
     # each report is delivered before the next step's assignment is asked.
-    ahead = ex.prefetch_routing and job.method.routing != "adaptive"
+    adaptive = job.method.routing == "adaptive"
+    ahead = ex.prefetch_routing and not adaptive
     assignments = Assignments(router, run_id, rank, job.steps, ahead)
     reports = LossReports(router, run_id, wait=not ahead)
     sigmas = run_sigmas(job, student).to(device)
@@ -105,7 +106,7 @@ def worker_loop(config: dict) -> None:
             say(f"[{run_id}] resumed from the checkpoint at step {start}")
 
     metrics = TrainerMetrics(run_id, {r: c.capability for r, c in job.routes.items()}) if rank == 0 else None
-    window = Window(job, rank, world, start, metrics, record_step_losses=config.get("record_step_losses", False))
+    window = Window(job, rank, world, start, device, metrics, record_step_losses=config.get("record_step_losses", False))
     window.history = history
     prepared: dict[int, list[MicroBatch]] = {}
     nonfinite = NonFiniteSteps(job.optim.max_nonfinite_steps)
@@ -138,14 +139,14 @@ def worker_loop(config: dict) -> None:
                 if ema is not None:
                     ema.update(inner, step)
         route = batches[-1].route
-        if applied:
-            with times.time("router"):
-                reports.add(step, route, step_loss)
+        if applied and (adaptive or rank == 0):  # hard routing: the statistics feed dashboards, rank 0's loss will do
+            with times.time("router"):  # adaptive: every rank reports the update's loss, the same value (the first counts)
+                reports.add(step, route, mean_over_ranks(step_loss, device) if adaptive else step_loss)
         elif rank == 0:
             say(nonfinite.skipped(step, route, step_loss, grad_norm))
             metrics.skipped(route)
         window.add(route, step_loss if applied else None, times)
-        _maybe_crash(config.get("crash_once"), rank, step)
+        inject_faults(config.get("faults") or [], rank, step)
         if nonfinite.exhausted:  # every rank stops here; no checkpoint: a restart must not begin from this state
             if rank == 0:  # Ray Train keeps only checkpointed metrics: the driver reads the reason from the run's storage
                 stop_marker(job, run_id).parent.mkdir(parents=True, exist_ok=True)
@@ -233,6 +234,18 @@ class LossReports:
         self._wait()
 
 
+def mean_over_ranks(value: float, device: torch.device) -> float:
+    """The mean of a per-rank number over all ranks (one all-reduce; every rank gets the same float). On `device`:
+    nccl reduces CUDA tensors only."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t[0] / dist.get_world_size())
+
+
 def ddp_options(find_unused_parameters: bool) -> dict:
     """DDP without the buffer broadcast before every forward: an extra collective (a sync point) per step, and the
     students' only buffers (positional embeddings) never change in training."""
@@ -264,8 +277,9 @@ def unused_parameters(student, probes: dict[str, Conditions]) -> list[str]:
 class Window:
     """Per-route losses and step times since the last log line, reduced over all workers."""
 
-    def __init__(self, job: JobConfig, rank: int, world: int, start: int, metrics=None, record_step_losses: bool = False):
-        self.job, self.rank, self.world, self.start = job, rank, world, start
+    def __init__(self, job: JobConfig, rank: int, world: int, start: int, device: torch.device, metrics=None,
+                 record_step_losses: bool = False):
+        self.job, self.rank, self.world, self.start, self.device = job, rank, world, start, device
         self.metrics = metrics  # TrainerMetrics on rank 0 (Prometheus), else None
         self.record_step_losses = record_step_losses
         self.routes = list(job.routes)
@@ -296,9 +310,10 @@ class Window:
         elapsed = time.perf_counter() - self.t0
         over = self.job.max_minutes is not None and elapsed > self.job.max_minutes * 60 and done < self.job.steps
         buf = torch.tensor([sum(self.sums.get(r, [])) for r in self.routes] + [len(self.sums.get(r, [])) for r in self.routes]
-                           + [float(over)], dtype=torch.float64)
+                           + [float(over)], dtype=torch.float64, device=self.device)  # nccl: CUDA tensors only
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(buf)
+        buf = buf.cpu()
         n = len(self.routes)
         losses = {r: float(buf[i] / buf[n + i]) for i, r in enumerate(self.routes) if buf[n + i] > 0}
         steps_done = done - self.start
@@ -335,11 +350,28 @@ def say(line: str) -> None:
     print(line, file=sys.__stdout__, flush=True)
 
 
-def _maybe_crash(spec: dict | None, rank: int, step: int) -> None:
-    """Failure injection for tests: the worker process of `rank` dies at `step`, once (a marker file)."""
-    if spec and rank == spec["rank"] and step == spec["step"] and not Path(spec["marker"]).exists():
-        Path(spec["marker"]).write_text(str(step))
-        os._exit(1)
+def inject_faults(faults: list[dict], rank: int, step: int) -> None:
+    """Failure injection for tests and `make chaos`. Each fault happens once (its marker file records the step), on
+    `rank`, after the update of `step`:
+      exit         the worker process dies (Ray Train restarts the group from the latest checkpoint);
+      kill_actor   the named actor `actor` (a Serve replica: a teacher or the router) is killed, not restarted;
+      marker       only the marker is written: the test acts on it (e.g. restarts Redis);
+      trace        every step, not once: `step` is appended to the file `path` (counts the steps redone)."""
+    for f in faults:
+        if f["action"] == "trace":
+            if rank == f.get("rank", 0):
+                with open(f["path"], "a") as trace:
+                    trace.write(f"{step}\n")
+            continue
+        if rank != f.get("rank", 0) or step != f["step"] or Path(f["marker"]).exists():
+            continue
+        Path(f["marker"]).write_text(str(step))
+        if f["action"] == "exit":
+            os._exit(1)
+        if f["action"] == "kill_actor":
+            import ray
+
+            ray.kill(ray.get_actor(f["actor"], namespace=f.get("namespace", "serve")), no_restart=True)
 
 
 def use_gpu(job: JobConfig) -> bool:
@@ -361,15 +393,18 @@ def job_routing_config(job: JobConfig) -> dict:
     return routing_config(job, job.cluster.num_workers, job.worker_batch_size, job.teacher_app)
 
 
-def run_distributed(job: JobConfig, run_id: str, crash_once: dict | None = None, record_step_losses: bool = False):
+def run_distributed(job: JobConfig, run_id: str, crash_once: dict | None = None, record_step_losses: bool = False,
+                    faults: list[dict] | None = None):
     """Register the run with the router and train on Ray Train; returns the Ray Train Result.
 
-    Re-running with the same run id and storage path resumes from the run's latest checkpoint."""
+    Re-running with the same run id and storage path resumes from the run's latest checkpoint. `crash_once`
+    ({rank, step, marker}: that worker dies after that step) and `faults` inject failures (see inject_faults)."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from router.client import RouterClient
 
+    faults = [*(faults or []), *([{**crash_once, "action": "exit"}] if crash_once else [])]
     c = job.cluster
     RouterClient(job.services.router_app, timeout_s=job.cluster.timeout_s).register_run(run_id, job_routing_config(job))
     stop_marker(job, run_id).unlink(missing_ok=True)  # a resumed run's earlier stop
@@ -377,7 +412,7 @@ def run_distributed(job: JobConfig, run_id: str, crash_once: dict | None = None,
     resources = {"CPU": c.cpus_per_worker, **({"GPU": c.gpus_per_worker} if gpu else {})}
     trainer = TorchTrainer(
         worker_loop,
-        train_loop_config={"job": json.loads(job.model_dump_json()), "run_id": run_id, "crash_once": crash_once,
+        train_loop_config={"job": json.loads(job.model_dump_json()), "run_id": run_id, "faults": faults,
                            "record_step_losses": record_step_losses},
         scaling_config=ScalingConfig(num_workers=c.num_workers, use_gpu=gpu, resources_per_worker=resources),
         run_config=RunConfig(name=run_id, storage_path=str(job.storage_path), failure_config=FailureConfig(max_failures=c.max_failures)),

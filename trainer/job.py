@@ -63,6 +63,8 @@ class ServicesConfig(_Strict):
     teachers: dict[str, TeacherDeployOptions] = Field(default_factory=dict, description="per-route overrides of teacher_defaults")
     router_app: str = "router"
     router_redis_url: str | None = Field(None, description="router state in Redis; default $DANCEOPD_REDIS_URL, else in memory")
+    router_keep_finished_days: float = Field(7.0, gt=0, description="a finished or failed run's routing log and statistics "
+                                                                      "expire from the router's store after this long")
     gateway: bool = Field(True, description="also deploy the REST gateway (velocity queries for debugging)")
     shared_base: bool = Field(False, description="serve the model teachers that share a base (same base, family and checkpoint, "
                                                  "no CFG) from one deployment holding the base once, with each route's LoRAs "

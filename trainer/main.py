@@ -88,7 +88,7 @@ def ensure_services(job: JobConfig, log=print) -> None:
         log(f"deployed teachers {missing}{' + REST gateway' if s.gateway else ''} in {time.perf_counter() - t0:.0f} s")
     if router_missing:
         serve.run(router_app(router_args(tcfg, s.http_host)), name=s.router_app, route_prefix=tcfg.router.route_prefix)
-        log(f"deployed router ({'redis' if tcfg.router.redis_url else 'in-memory store'})")
+        log(f"deployed router (store: {'redis' if tcfg.router.redis_url else tcfg.router.store})")
     attached = list(dict.fromkeys(job.teacher_app(r) for r in job.routes if job.teacher_name(r) not in missing))
     check_attached(job, attached, router=not router_missing)
     if attached:
@@ -193,6 +193,17 @@ def training_failed(job: JobConfig, run_id: str, failure) -> str:
                       f"  {resume}; the workers' full tracebacks are in Ray's logs (ray logs, or the dashboard)"])
 
 
+def mark_run(job: JobConfig, run_id: str, status: str) -> None:
+    """Tell the router the run ended: its status changes, and its keys expire after services.router_keep_finished_days."""
+    from router.client import RouterClient
+
+    try:
+        RouterClient(job.services.router_app, timeout_s=job.cluster.timeout_s).send(
+            "finish_run", run_id, status, job.services.router_keep_finished_days * 86400).result()
+    except Exception as e:  # the run's outcome does not depend on it
+        print(f"warning: could not mark run {run_id} {status} on the router: {last_line(e)}", file=sys.stderr)
+
+
 def last_line(error) -> str:
     """The informative line of an error: for a worker's error the text ends with its exception's own line."""
     lines = [ln.strip() for ln in str(error).strip().splitlines() if ln.strip()]
@@ -234,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # Ray Train raises once cluster.max_failures restarts are spent
         failure = e
     train_s = time.perf_counter() - t0
+    mark_run(job, run_id, "failed" if failure is not None else "finished")
     if failure is not None:
         print(training_failed(job, run_id, failure), file=sys.stderr)
         return 1

@@ -74,7 +74,7 @@ def serve_config(cfg: TeachersConfig, host: str = "0.0.0.0", port: int = 8000) -
 
 def router_args(cfg: TeachersConfig, listen_host: str | None) -> dict:
     """The router application's args: its store, its REST API's auth, and where Serve listens."""
-    return {**cfg.router.model_dump(mode="json", include={"redis_url", "auth", "auth_token_env", "auth_token_file"}),
+    return {**cfg.router.model_dump(mode="json", include={"redis_url", "store", "auth", "auth_token_env", "auth_token_file"}),
             "listen_host": listen_host}
 
 

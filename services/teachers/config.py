@@ -183,7 +183,9 @@ class RouterServiceConfig(AuthOptions, _Strict):
 
     enabled: bool = True
     route_prefix: str = "/router"
-    redis_url: str | None = Field(None, description="state in Redis; default $DANCEOPD_REDIS_URL on the cluster, else in memory")
+    redis_url: str | None = Field(None, description="state in Redis; default $DANCEOPD_REDIS_URL on the cluster, else `store`")
+    store: Literal["ray", "memory"] = Field("ray", description="without Redis: ray = the cluster's own key-value store (survives "
+                                                               "router restarts, no setup); memory = the replica's memory (lost with it)")
 
 
 class TeachersConfig(_Strict):
