@@ -4,6 +4,7 @@ process boundaries intact, and a bounded retry with exponential back-off that ne
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeVar
@@ -94,8 +95,9 @@ class PendingCall(Generic[T]):
     `send()` makes a Serve handle call (a DeploymentResponse); the first one goes out at construction."""
 
     def __init__(self, send: Callable[[], Any], what: str, timeout_s: float, retries: int, backoff_s: float,
-                 convert: Callable[[Any], T] = lambda r: r, recover: Callable[[RequestError], bool] | None = None):
-        self._send, self.what, self.convert, self.recover = send, what, convert, recover
+                 convert: Callable[[Any], T] = lambda r: r, recover: Callable[[RequestError], bool] | None = None,
+                 breaker: "CircuitBreaker | None" = None):
+        self._send, self.what, self.convert, self.recover, self.breaker = send, what, convert, recover, breaker
         self.timeout_s, self.retries, self.backoff_s = timeout_s, retries, backoff_s
         self._inflight = send()
         self._value: T | None = None
@@ -115,12 +117,24 @@ class PendingCall(Generic[T]):
         return self._value
 
     def _attempt(self):
+        if self.breaker is not None:
+            self.breaker.before()  # an open circuit: fail at once, do not send
         response, self._inflight = self._inflight or self._send(), None
         try:
-            return response.result(timeout_s=self.timeout_s)
-        except TimeoutError:
-            response.cancel()
+            value = response.result(timeout_s=self.timeout_s)
+        except RequestError:  # the service answered (it refused the input): it is healthy
+            if self.breaker is not None:
+                self.breaker.succeeded()
             raise
+        except Exception as e:
+            if isinstance(e, TimeoutError):
+                response.cancel()
+            if self.breaker is not None:
+                self.breaker.failed(e)
+            raise
+        if self.breaker is not None:
+            self.breaker.succeeded()
+        return value
 
 
 class Resolved(Generic[T]):
@@ -131,3 +145,47 @@ class Resolved(Generic[T]):
 
     def result(self) -> T:
         return self.value
+
+
+class CircuitBreaker:
+    """One service's health as its callers see it. `threshold` failed attempts in a row (timeouts, dead replicas,
+    transport errors; never refused input) open the circuit: for `cooldown_s` every call fails at once with a
+    ServiceUnavailable that names the service and its last error, instead of piling requests on a failing
+    replica; the first call after the cooldown tries again (half-open) and a success closes it.
+    `on_change(name, is_open, message)` hears every opening and closing (the console line and the metric)."""
+
+    def __init__(self, name: str, threshold: int = 3, cooldown_s: float = 10.0,
+                 on_change: Callable[[str, bool, str], None] | None = None):
+        self.name, self.threshold, self.cooldown_s, self.on_change = name, threshold, cooldown_s, on_change
+        self.failures, self.open_until, self.last_error = 0, 0.0, ""
+        self._lock = threading.Lock()
+
+    @property
+    def is_open(self) -> bool:
+        return self.failures >= self.threshold
+
+    def wait_s(self) -> float:
+        """Seconds until an open circuit lets a call through again (0 when closed or half-open)."""
+        return max(0.0, self.open_until - time.monotonic()) if self.is_open else 0.0
+
+    def before(self) -> None:
+        if (left := self.wait_s()) > 0:
+            raise ServiceUnavailable(f"{self.name} is failing ({self.failures} failed attempts in a row, last: {self.last_error}); "
+                                     f"not called for another {left:.0f} s")
+
+    def succeeded(self) -> None:
+        with self._lock:
+            was_open, self.failures = self.is_open, 0
+        if was_open and self.on_change:
+            self.on_change(self.name, False, f"{self.name} answers again")
+
+    def failed(self, error: Exception) -> None:
+        with self._lock:
+            self.failures += 1
+            self.last_error = f"{type(error).__name__}: {str(error).strip().splitlines()[-1][:200] if str(error).strip() else ''}"
+            opened = self.failures == self.threshold
+            if self.is_open:
+                self.open_until = time.monotonic() + self.cooldown_s
+        if opened and self.on_change:
+            self.on_change(self.name, True, f"{self.name} is failing: {self.failures} failed attempts in a row "
+                                            f"(last: {self.last_error}); calls pause for {self.cooldown_s:.0f} s at a time")

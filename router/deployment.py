@@ -31,6 +31,8 @@ def redis_location(url: str) -> str:
 
 
 # No access log: trainers call the router every step or few; the metrics count the assignments.
+# The methods that touch the store are plain `def`s: Serve runs them on its thread pool, so a slow or restarting
+# Redis never blocks the replica's event loop (health checks, other callers, the store's identity).
 @serve.deployment(name="RouterServer", num_replicas=1, ray_actor_options={"num_cpus": 0.1}, logging_config={"enable_access_log": False})
 @serve.ingress(app)
 class RouterServer:
@@ -53,10 +55,10 @@ class RouterServer:
         return {"run": run_id, "route": route, "capability": self.router.config(run_id).routes[route].bucket}
 
     # ------------------------------------------------------------------ handle API (trainers)
-    async def register_run(self, run_id: str, config: dict) -> dict:
+    def register_run(self, run_id: str, config: dict) -> dict:
         return self.router.register_run(run_id, config)
 
-    async def assign(self, run_id: str, step: int, rank: int = 0, micro: int = 0) -> dict:
+    def assign(self, run_id: str, step: int, rank: int = 0, micro: int = 0) -> dict:
         out = self.router.assign(run_id, step, rank, micro)
         self._count(run_id, out)
         return out
@@ -67,26 +69,26 @@ class RouterServer:
         for route, w in a["weights"].items():
             self.m_weight.set(w, tags=self._tags(run_id, route))
 
-    async def assign_steps(self, run_id: str, first_step: int, count: int, rank: int = 0) -> list[list[dict]]:
+    def assign_steps(self, run_id: str, first_step: int, count: int, rank: int = 0) -> list[list[dict]]:
         steps = self.router.assign_steps(run_id, first_step, count, rank)
         for micro_batches in steps:
             for a in micro_batches:
                 self._count(run_id, a)
         return steps
 
-    async def report_loss(self, run_id: str, step: int, route: str, loss: float) -> dict:
-        return await self.report_losses(run_id, [(step, route, loss)])
+    def report_loss(self, run_id: str, step: int, route: str, loss: float) -> dict:
+        return self.report_losses(run_id, [(step, route, loss)])
 
-    async def report_losses(self, run_id: str, reports: list) -> dict:
+    def report_losses(self, run_id: str, reports: list) -> dict:
         stats = self.router.report_losses(run_id, reports)
         for _, route, loss in reports[-1:]:
             self.m_loss.set(loss, tags=self._tags(run_id, route))
         return stats
 
-    async def set_status(self, run_id: str, status: str) -> None:
+    def set_status(self, run_id: str, status: str) -> None:
         self.router.set_status(run_id, status)
 
-    async def finish_run(self, run_id: str, status: str, keep_s: float) -> dict:
+    def finish_run(self, run_id: str, status: str, keep_s: float) -> dict:
         return self.router.finish_run(run_id, status, keep_s)
 
     async def backend_name(self) -> str:
@@ -97,7 +99,7 @@ class RouterServer:
         checks before it attaches."""
         return self.store_spec
 
-    async def summary(self, run_id: str, recent: int = 20) -> dict:
+    def summary(self, run_id: str, recent: int = 20) -> dict:
         return self.router.summary(run_id, recent=recent)
 
     # ------------------------------------------------------------------ REST (people)
@@ -108,7 +110,7 @@ class RouterServer:
             "authorization", "missing or wrong bearer token: send 'Authorization: Bearer <token>'").body())
 
     @app.get("/v1/runs", responses=error_responses(s401="missing or wrong bearer token"))
-    async def runs(self, request: Request):
+    def runs(self, request: Request):
         if (denied := self._unauthorized(request)) is not None:
             return denied
         out = []
@@ -120,7 +122,7 @@ class RouterServer:
 
     @app.get("/v1/runs/{run_id}/routing", responses=error_responses(s401="missing or wrong bearer token",
                                                                     s404="no run with this id is registered"))
-    async def routing(self, run_id: str, request: Request, recent: int = 20):
+    def routing(self, run_id: str, request: Request, recent: int = 20):
         if (denied := self._unauthorized(request)) is not None:
             return denied
         try:

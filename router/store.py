@@ -197,6 +197,7 @@ class RayKVStore(MemoryStore):
         super().__init__()
         self.prefix = prefix
         self.loaded: set[str] = set()
+        self._load_lock = threading.Lock()  # Serve calls the store from several threads
 
     # GCS key-value calls (Ray's internal KV: what Serve's controller keeps its own state in)
     def _put(self, key: str, value, overwrite: bool = True) -> bool:
@@ -220,7 +221,12 @@ class RayKVStore(MemoryStore):
         """A run this replica has not seen yet: its state from the GCS (once)."""
         if run_id in self.loaded:
             return
-        self.loaded.add(run_id)
+        with self._load_lock:
+            if run_id not in self.loaded:
+                self._load_from_gcs(run_id)
+                self.loaded.add(run_id)
+
+    def _load_from_gcs(self, run_id: str) -> None:
         record = self._get(f"runs/{run_id}")
         if record is None:
             return

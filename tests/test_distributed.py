@@ -267,3 +267,46 @@ def test_the_job_attaches_only_to_services_that_serve_its_config(stack, tmp_path
     assert f"{cap}.field.tau (running 0.0, this job 0.05)" in text
     assert "'dist-router' keeps runs in {'kind': 'ray'}, this job's router.redis_url is redis://localhost:6399/0" in text
     assert "secret" not in text and "serve delete" in text
+
+
+def test_a_failing_teacher_is_named_in_metrics_and_in_the_failure_after_bounded_step_retries(stack, ray_cluster, tmp_path):
+    """One teacher answers slower than cluster.timeout_s: each attempt times out and is cancelled; the worker's circuit
+    to it opens (the metric says which teacher, while the others stay healthy), the query is sent again after each
+    pause (cluster.step_retries), and then the run fails naming that teacher, instead of hanging or failing anonymously."""
+    import urllib.request
+
+    import ray.train
+    from ray import serve
+
+    from trainer.distributed import run_distributed
+    from trainer.main import ensure_services, training_failed
+
+    cfg = job(tmp_path, steps=12, log_every=4, checkpoint_every=100,
+              **{"services.app_prefix": "sickjob-", "services.teachers.t2i.simulated_call_s": 5.0, "cluster.timeout_s": 0.5,
+                 "cluster.teacher_failures_to_open": 2, "cluster.teacher_pause_s": 4.0, "cluster.step_retries": 2,
+                 "cluster.max_failures": 0})
+    ensure_services(cfg, log=lambda m: None)
+    seen, stop = set(), threading.Event()
+
+    def watch():  # the circuit gauge, as Prometheus scrapes it, while the run goes on
+        while not stop.is_set():
+            with urllib.request.urlopen(f"http://127.0.0.1:{ray_cluster.metrics_port}/metrics", timeout=10) as resp:
+                for ln in resp.read().decode().splitlines():
+                    if ln.startswith("ray_danceopd_trainer_teacher_circuit_open{") and ln.endswith(" 1.0"):
+                        seen.add(ln.split('teacher="')[1].split('"')[0])
+            time.sleep(0.5)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    run_id = f"sick-{uuid.uuid4().hex[:6]}"
+    try:
+        with pytest.raises(ray.train.TrainingFailedError) as err:
+            run_distributed(cfg, run_id)
+    finally:
+        stop.set()
+        watcher.join(30)
+        for app in ("sickjob-t2i", "sickjob-local_edit", "sickjob-global_edit"):
+            serve.delete(app)
+    text = training_failed(cfg, run_id, err.value)
+    assert "teacher 'sickjob-t2i'" in text and "Traceback" not in text, text
+    assert seen == {"sickjob-t2i"}, seen

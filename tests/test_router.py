@@ -453,3 +453,33 @@ def test_a_finished_run_expires_from_the_store_and_a_resumed_one_is_kept(redis_s
     router.finish_run(other, "failed", 1e-3)
     time.sleep(0.01)
     assert other not in store.list_runs() and rid in store.list_runs()  # the expired one is gone from the listing
+
+
+def test_a_stalled_redis_does_not_block_the_router_replica(ray_cluster, redis_server):
+    """Redis stops answering (SIGSTOP) while a trainer's call waits on it: the replica still answers other calls at
+    once (before, its async handlers called Redis on the event loop, so every caller waited); when Redis comes back
+    the waiting call completes."""
+    import os
+    import signal
+
+    from ray import serve
+
+    from router.client import RouterClient
+    from router.deployment import router_app
+
+    serve.run(router_app({"redis_url": redis_server.url}), name="router-stall", route_prefix="/router-stall")
+    client = RouterClient("router-stall", timeout_s=60, retries=0)
+    rid = run_id()
+    client.register_run(rid, cfg(policy="hard"))
+    os.kill(redis_server.proc.pid, signal.SIGSTOP)
+    try:
+        stalled = client.send("assign", rid, 0, 0, 0)  # waits on Redis
+        time.sleep(0.5)
+        t0 = time.perf_counter()
+        assert client.send("store").result() == {"kind": "redis", "url": f"redis://127.0.0.1:{redis_server.port}/0"}
+        answered_in = time.perf_counter() - t0
+    finally:
+        os.kill(redis_server.proc.pid, signal.SIGCONT)
+    assert answered_in < 1.0, answered_in
+    assert stalled.result()["step"] == 0  # Redis is back: the waiting call went through (redis-py retried it)
+    serve.delete("router-stall")

@@ -138,6 +138,38 @@ def test_submit_sends_now_and_waits_later_and_a_simulated_device_teacher_sleeps_
     assert pending.result() is v  # answered once, kept
 
 
+def test_a_failing_teacher_opens_its_circuit_and_a_good_answer_closes_it(served):
+    """A teacher slower than the caller's timeout: each attempt times out (and is cancelled); after 2 failed attempts
+    the circuit opens, naming the teacher; calls then fail at once without being sent, for the pause; once the pause
+    is over a call is let through, and its answer (a caller with time to wait) closes the circuit."""
+    from ray import serve
+
+    from danceopd.remote import CircuitBreaker, ServiceUnavailable
+
+    cfg = load_teachers_config({"app_prefix": "sick-", "teachers": [
+        {"name": "global_edit", "field": {"kind": "suite", "capability": "global_edit"}, "ray_actor_options": {"num_cpus": 0.1},
+         "simulated_call_s": 1.0}]})
+    deploy_teachers(cfg, gateway=False)
+    events = []
+    breaker = CircuitBreaker("teacher 'sick-global_edit'", threshold=2, cooldown_s=2.0, on_change=lambda *e: events.append(e))
+    impatient = TeacherClient("global_edit", app_prefix="sick-", timeout_s=0.3, retries=1, backoff_s=0.05, breaker=breaker)
+    x, sigma, cond = sample_inputs("global_edit", 2)
+    with pytest.raises(ServiceUnavailable, match="failed after 2 attempts"):
+        impatient.velocity(x, sigma, cond)
+    assert breaker.is_open and len(events) == 1 and events[0][1] is True
+    assert "teacher 'sick-global_edit' is failing: 2 failed attempts in a row (last: TimeoutError" in events[0][2]
+    t0 = time.perf_counter()
+    with pytest.raises(ServiceUnavailable, match="is failing .* not called for another"):
+        impatient.velocity(x, sigma, cond)  # not sent: fails at once
+    assert time.perf_counter() - t0 < 0.5
+    time.sleep(breaker.wait_s())
+    patient = TeacherClient("global_edit", app_prefix="sick-", timeout_s=10.0, retries=0, breaker=breaker)
+    v = patient.velocity(x, sigma, cond)  # let through after the pause; it answers
+    torch.testing.assert_close(v, served["local"]["global_edit"].velocity(x, sigma, cond))
+    assert not breaker.is_open and events[-1] == ("teacher 'sick-global_edit'", False, "teacher 'sick-global_edit' answers again")
+    serve.delete("sick-global_edit")
+
+
 def test_handle_path_rejects_bad_input_without_retrying(served):
     client = TeacherClient("t2i", retries=3, backoff_s=2.0)
     q = VelocityQuery(np.zeros((2, 3, 16, 16), np.float32), np.array([0.5, 1.5], np.float32), ["a red circle"] * 2)

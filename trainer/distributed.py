@@ -27,7 +27,9 @@ import torch
 
 from danceopd.data.routes import build_route_data
 from danceopd.fields.base import Conditions
-from danceopd.remote import Resolved
+import danceopd.telemetry as T
+from danceopd.remote import CircuitBreaker, Resolved, ServiceUnavailable
+from danceopd.telemetry import make
 from danceopd.student import build_student, load_student
 from danceopd.suite import CapabilitySuite
 from trainer.checkpoint import restore_checkpoint, save_checkpoint
@@ -64,7 +66,16 @@ def worker_loop(config: dict) -> None:
     roll_field = student.field  # no-grad rollouts skip DDP's hooks
     optimizer = torch.optim.AdamW(params, lr=job.optim.lr, betas=job.optim.betas, weight_decay=job.optim.weight_decay)
     ema = EMA(inner, job.optim.ema_decay) if job.optim.ema_decay > 0 else None
-    teachers = {r: job.teacher_client(r) for r in job.routes}
+    circuit = make(T.TRAINER_TEACHER_CIRCUIT)
+
+    def circuit_changed(app: str, is_open: bool, message: str) -> None:
+        say(f"[rank {rank}] {message}")
+        circuit.set(float(is_open), tags={"run": run_id, "teacher": app, "rank": str(rank)})
+
+    breakers = {app: CircuitBreaker(f"teacher {app!r}", job.cluster.teacher_failures_to_open, job.cluster.teacher_pause_s,
+                                    lambda name, is_open, msg, app=app: circuit_changed(app, is_open, msg))
+                for app in {job.teacher_app(r) for r in job.routes}}
+    teachers = {r: job.teacher_client(r, breakers[job.teacher_app(r)]) for r in job.routes}
     # A restarted in-memory router forgets the run: the client registers it again (hard routes are a pure
     # function of the seed and step, so the answers do not change).
     router = RouterClient(job.services.router_app, timeout_s=job.cluster.timeout_s,
@@ -122,8 +133,8 @@ def worker_loop(config: dict) -> None:
             with sync:  # the last micro-batch all-reduces the gradients across workers
                 with times.time("forward_backward"):
                     pred = train_field.velocity(mb.q.x, mb.q.sigma, mb.q.conditions)
-                with times.time("teacher"):
-                    target = mb.target.result()  # in flight since its states existed: waits only for a slower teacher
+                with times.time("teacher"):  # in flight since its states existed: waits only for a slower teacher
+                    target = teacher_target(mb, teachers[mb.route], job.cluster.step_retries, rank)
                 with times.time("forward_backward"):
                     loss = distillation_loss(job, pred, target, mb.q, num_steps) / accum
                     loss.backward()
@@ -232,6 +243,23 @@ class LossReports:
     def flush(self) -> None:
         self.send()
         self._wait()
+
+
+def teacher_target(mb: MicroBatch, teacher, retries: int, rank: int) -> torch.Tensor:
+    """The teacher's velocity for a micro-batch. A query that failed after its own retries is sent again, once the
+    teacher's circuit lets calls through, up to `retries` times; then the worker gives up (Ray Train restarts the
+    group from the latest checkpoint)."""
+    for attempt in range(retries + 1):
+        try:
+            return mb.target.result()
+        except ServiceUnavailable as e:
+            if attempt == retries:
+                raise
+            wait = teacher.breaker.wait_s() if teacher.breaker is not None else 0.0
+            say(f"[rank {rank}] teacher query failed ({str(e).splitlines()[0][:200]}); sending it again"
+                f"{f' in {wait:.0f} s' if wait else ''} ({attempt + 1}/{retries})")
+            time.sleep(wait)
+            mb.target = teacher.submit(mb.q.x, mb.q.sigma, mb.q.conditions)
 
 
 def mean_over_ranks(value: float, device: torch.device) -> float:

@@ -37,6 +37,12 @@ class ClusterConfig(_Strict):
     storage_path: Path | None = Field(None, description="Ray Train storage (checkpoints); default <output_dir>/<run_name>/ray. "
                                                         "Must be shared storage on a multi-node cluster")
     timeout_s: float = Field(60.0, gt=0, description="timeout of every teacher / router call from a worker")
+    step_retries: int = Field(2, ge=0, description="a teacher query that failed after its own retries is sent again this many "
+                                                  "times (once the teacher's circuit lets calls through) before the worker gives "
+                                                  "up and Ray Train restarts the group")
+    teacher_failures_to_open: int = Field(3, ge=1, description="failed attempts in a row that open a worker's circuit to a teacher: "
+                                                              "calls then pause, and the console and metrics name the teacher")
+    teacher_pause_s: float = Field(10.0, gt=0, description="how long an open circuit holds calls to the teacher back")
     dashboard: bool = Field(True, description="Ray dashboard (and state API) of a local Ray started by the job, on :8265")
     metrics_export_port: int | None = Field(None, ge=1, le=65535, description="Prometheus port of a local Ray started by the job")
 
@@ -118,10 +124,11 @@ class JobConfig(TrainConfig):
         """The adapter a route's queries name on its bank; None for a teacher of its own."""
         return route if self.teacher_name(route) != route else None
 
-    def teacher_client(self, route: str):
+    def teacher_client(self, route: str, breaker=None):
         from services.teachers.client import TeacherClient
 
-        return TeacherClient(self.teacher_app(route), app_prefix="", timeout_s=self.cluster.timeout_s, adapter=self.teacher_adapter(route))
+        return TeacherClient(self.teacher_app(route), app_prefix="", timeout_s=self.cluster.timeout_s, adapter=self.teacher_adapter(route),
+                             breaker=breaker)
 
     def _deploy_options(self, route: str) -> dict:
         default = self.services.teacher_defaults.model_dump(exclude_none=True)

@@ -73,6 +73,8 @@ def training() -> dict:
         panel("Step", [(f"max by (run) ({sel(T.TRAINER_STEP, **run)})", "{{run}}")], "short"),
         panel("Skipped updates (non-finite loss or gradient)",
               [(f"sum by (route) (increase({sel(T.TRAINER_NONFINITE, **run)}[{RATE}]))", "{{route}}")], "short"),
+        panel("Failing teachers (workers with an open circuit)",
+              [(f"sum by (teacher) ({sel(T.TRAINER_TEACHER_CIRCUIT, **run)})", "{{teacher}}")], "short"),
         panel("Checkpoint age", [(f"time() - max by (run) ({sel(T.TRAINER_CHECKPOINT_TIME, **run)})", "{{run}}")], "s"),
         panel("Router: samples assigned per route",
               [(f"sum by (route, capability) (rate({sel(T.ROUTER_ASSIGNMENTS, **run)}[{RATE}]))", "{{route}}")], "short", stack=True),

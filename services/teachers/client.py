@@ -14,18 +14,19 @@ import torch
 
 from danceopd.contracts import VelocityQuery, info_from_dict
 from danceopd.fields.base import Conditions, FieldInfo
-from danceopd.remote import PendingCall, acall_with_retry
+from danceopd.remote import CircuitBreaker, PendingCall, acall_with_retry
 
 APP_PREFIX = "teacher-"
 
 
 class TeacherClient:
     def __init__(self, teacher: str, app_prefix: str = APP_PREFIX, timeout_s: float = 30.0, retries: int = 2,
-                 backoff_s: float = 0.5, by_value: bool = True, adapter: str | None = None):
+                 backoff_s: float = 0.5, by_value: bool = True, adapter: str | None = None, breaker: CircuitBreaker | None = None):
         from ray import serve
 
         self.teacher, self.timeout_s, self.retries, self.backoff_s = teacher, timeout_s, retries, backoff_s
         self.adapter = adapter  # the teacher to ask for on a shared-base (adapter bank) deployment
+        self.breaker = breaker  # shared by the clients of one teacher application
         handle = serve.get_deployment_handle("TeacherServer", app_name=f"{app_prefix}{teacher}")
         # Small numpy payloads are cheapest by value over gRPC (no object-store round trip); large ones by
         # reference. The cut-off follows ../shared/docs/ray-on-this-machine.md (gRPC path slow above ~4 MiB).
@@ -57,7 +58,7 @@ class TeacherClient:
     def _send(self, make, nbytes: int, convert=lambda r: r) -> PendingCall:
         handle = self._handle(nbytes)
         return PendingCall(lambda: make(handle), f"teacher {self.teacher!r}", self.timeout_s, self.retries, self.backoff_s,
-                           convert=convert)
+                           convert=convert, breaker=self.breaker)
 
     def _call(self, make, nbytes: int):
         return self._send(make, nbytes).result()
