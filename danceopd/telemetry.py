@@ -47,8 +47,8 @@ TRAINER_ROUTE_STEPS = MetricSpec("danceopd_trainer_route_steps", "counter", RUN_
 TRAINER_SAMPLES_PER_S = MetricSpec("danceopd_trainer_samples_per_second", "gauge", ("run",), "Training throughput (all workers)")
 TRAINER_STEP_TIME = MetricSpec("danceopd_trainer_step_time_seconds", "gauge", ("run", "part"),
                                "Seconds per step by part (rollout, teacher, forward_backward, optimizer, router), last log window")
-TRAINER_NONFINITE = MetricSpec("danceopd_trainer_nonfinite_steps", "counter", RUN_ROUTE,
-                              "Updates skipped because the loss or gradient was not finite")
+TRAINER_NONFINITE = MetricSpec("danceopd_trainer_skipped_updates", "gauge", RUN_ROUTE,
+                              "Updates skipped since the workers (re)started because the loss or gradient was not finite")
 TRAINER_TEACHER_CIRCUIT = MetricSpec("danceopd_trainer_teacher_circuit_open", "gauge", ("run", "teacher", "rank"),
                                      "1 while a worker's circuit to a teacher application is open (the teacher is failing)")
 TRAINER_CHECKPOINT_TIME = MetricSpec("danceopd_trainer_checkpoint_timestamp_seconds", "gauge", ("run",),

@@ -90,12 +90,12 @@ def faults_for(failures: dict[str, int], tmp_path: Path) -> list[dict]:
         elif failure == "router replica":
             out.append({"action": "kill_actor", "step": step, "rank": 0, "marker": marker,
                         "actor": replica_actor("chaos-router", "RouterServer")})
-        else:  # redis: the worker only marks the step; the test kills Redis and restarts it 3 s later
+        else:  # redis: the worker only marks the step; the test kills Redis and restarts it 15 s later
             out.append({"action": "marker", "step": step, "rank": 0, "marker": marker})
     return out
 
 
-def restart_redis_on_marker(redis: RedisProcess, marker: Path, stop: threading.Event, down_s: float = 3.0) -> None:
+def restart_redis_on_marker(redis: RedisProcess, marker: Path, stop: threading.Event, down_s: float = 15.0) -> None:
     while not stop.is_set():
         if marker.exists():
             redis.kill()

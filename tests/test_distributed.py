@@ -90,8 +90,10 @@ def test_two_workers_train_through_router_and_teachers_and_survive_a_teacher_kil
     # Every (step, rank) was assigned exactly once: 48 steps x 2 ranks x 8 samples, no step lost or repeated.
     assert sum(stats["counts"].values()) == 48 * 16
     assert sorted((a["step"], a["rank"]) for a in stats["recent"]) == [(s, r) for s in range(48) for r in range(2)]
-    for route, st in stats["losses"].items():  # each route's loss fell well below its own starting level
-        assert st["count"] >= 4 and st["ema"] < 0.5 * st["scale"], (route, st)
+    # The router counted each step's loss once (rank 0's, hard routing), and saw every route's loss fall.
+    assert sum(st["count"] for st in stats["losses"].values()) == 48
+    for route, st in stats["losses"].items():
+        assert st["count"] >= 4 and st["ema"] < 0.8 * st["scale"], (route, st)
     # The checkpoint holds the student the standard way (save_pretrained), plus optimizer, step and routing cursor.
     with result.checkpoint.as_directory() as d:
         from danceopd.student import load_student
@@ -101,6 +103,8 @@ def test_two_workers_train_through_router_and_teachers_and_survive_a_teacher_kil
         assert state["step"] == 48 and state["routing_cursor"] == 48 and state["run"] == run_id
         assert (Path(d) / "optimizer.pt").exists()
         assert student.transformer.config.num_layers == 2
+    first, last = state["history"][0]["loss"], state["history"][-1]["loss"]  # all workers, per log window
+    assert all(last[r] < 0.5 * first[r] for r in first), (first, last)  # each route's loss fell well below its start
 
 
 def step_losses(result, route_log: list[str]) -> list[float]:

@@ -75,10 +75,13 @@ def worker_loop(config: dict) -> None:
     breakers = {app: CircuitBreaker(f"teacher {app!r}", job.cluster.teacher_failures_to_open, job.cluster.teacher_pause_s,
                                     lambda name, is_open, msg, app=app: circuit_changed(app, is_open, msg))
                 for app in {job.teacher_app(r) for r in job.routes}}
+    for app in breakers:  # every teacher healthy to begin with: the dashboard shows 0, not "no data"
+        circuit.set(0.0, tags={"run": run_id, "teacher": app, "rank": str(rank)})
     teachers = {r: job.teacher_client(r, breakers[job.teacher_app(r)]) for r in job.routes}
     # A restarted in-memory router forgets the run: the client registers it again (hard routes are a pure
-    # function of the seed and step, so the answers do not change).
-    router = RouterClient(job.services.router_app, timeout_s=job.cluster.timeout_s,
+    # function of the seed and step, so the answers do not change). Six retries back off for 31.5 s in all: a
+    # router restart or a Redis outage of that length is ridden out without restarting the worker group.
+    router = RouterClient(job.services.router_app, timeout_s=job.cluster.timeout_s, retries=6,
                           run=(run_id, job_routing_config(job)))
     # Hard routes are a pure function of the step: ask ahead. Adaptive weights follow the reported losses: there
     # each report is delivered before the next step's assignment is asked.
@@ -155,7 +158,8 @@ def worker_loop(config: dict) -> None:
                 reports.add(step, route, mean_over_ranks(step_loss, device) if adaptive else step_loss)
         elif rank == 0:
             say(nonfinite.skipped(step, route, step_loss, grad_norm))
-            metrics.skipped(route)
+        if not applied:
+            window.skipped[route] += 1
         window.add(route, step_loss if applied else None, times)
         inject_faults(config.get("faults") or [], rank, step)
         if nonfinite.exhausted:  # every rank stops here; no checkpoint: a restart must not begin from this state
@@ -318,6 +322,7 @@ class Window:
         self.total_times = StepTimes()
         self.history: list[dict] = []
         self.last: dict = {}
+        self.skipped: dict[str, int] = defaultdict(int)  # updates skipped (non-finite) since this start
 
     def add(self, route: str, loss: float | None, times: StepTimes) -> None:
         """A step's loss (None: the update was skipped) and times."""
@@ -354,7 +359,7 @@ class Window:
         if self.metrics is not None:
             window_steps = max(1, sum(len(v) for v in self.sums.values()))
             self.metrics.window(done, losses, {r: int(buf[n + i]) // self.world for i, r in enumerate(self.routes)}, rate,
-                                {k: v / window_steps for k, v in asdict(self.times).items()})
+                                {k: v / window_steps for k, v in asdict(self.times).items()}, self.skipped)
         self.history.append(self.last)
         if self.rank == 0:
             say(format_progress(done, self.job.steps, losses, rate, self.last["time_share"], eta))

@@ -26,8 +26,10 @@ class TrainerMetrics:
         return {"run": self.run, "route": route, "capability": self.capability[route]}
 
     def window(self, step: int, losses: dict[str, float], route_steps: dict[str, int], samples_per_s: float,
-               seconds_per_step: dict[str, float]) -> None:
+               seconds_per_step: dict[str, float], skipped: dict[str, int]) -> None:
         self.step.set(step, tags={"run": self.run})
+        for route in self.capability:  # 0 for every route until one is skipped: the dashboard shows 0, not "no data"
+            self.nonfinite.set(skipped.get(route, 0), tags=self._route(route))
         for route, value in losses.items():
             self.loss.set(value, tags=self._route(route))
         for route, n in route_steps.items():
@@ -36,9 +38,6 @@ class TrainerMetrics:
         self.samples_per_s.set(samples_per_s, tags={"run": self.run})
         for part, seconds in seconds_per_step.items():
             self.step_time.set(seconds, tags={"run": self.run, "part": part})
-
-    def skipped(self, route: str) -> None:
-        self.nonfinite.inc(1, tags=self._route(route))
 
     def checkpointed(self) -> None:
         self.checkpoint_time.set(time.time(), tags={"run": self.run})

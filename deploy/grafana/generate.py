@@ -72,7 +72,7 @@ def training() -> dict:
               [(f"sum by (part) ({sel(T.TRAINER_STEP_TIME, **run)})", "{{part}}")], "s", stack=True),
         panel("Step", [(f"max by (run) ({sel(T.TRAINER_STEP, **run)})", "{{run}}")], "short"),
         panel("Skipped updates (non-finite loss or gradient)",
-              [(f"sum by (route) (increase({sel(T.TRAINER_NONFINITE, **run)}[{RATE}]))", "{{route}}")], "short"),
+              [(f"max by (route) ({sel(T.TRAINER_NONFINITE, **run)})", "{{route}}")], "short"),
         panel("Failing teachers (workers with an open circuit)",
               [(f"sum by (teacher) ({sel(T.TRAINER_TEACHER_CIRCUIT, **run)})", "{{teacher}}")], "short"),
         panel("Checkpoint age", [(f"time() - max by (run) ({sel(T.TRAINER_CHECKPOINT_TIME, **run)})", "{{run}}")], "s"),
