@@ -6,6 +6,7 @@ import io
 import json
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -168,6 +169,36 @@ def test_a_failing_teacher_opens_its_circuit_and_a_good_answer_closes_it(served)
     torch.testing.assert_close(v, served["local"]["global_edit"].velocity(x, sigma, cond))
     assert not breaker.is_open and events[-1] == ("teacher 'sick-global_edit'", False, "teacher 'sick-global_edit' answers again")
     serve.delete("sick-global_edit")
+
+
+def test_rest_a_teacher_replica_that_dies_mid_request_is_a_503_with_the_json_body(served, ray_cluster):
+    """The replica computing a REST query dies (killed here; out of memory or a node loss alike): the gateway answers
+    503 naming the teacher, with the documented JSON error body (before: a bare 500), and a retry succeeds once Serve
+    has replaced the replica."""
+    import ray
+    from ray import serve
+
+    cfg = load_teachers_config({"app_prefix": "dying-", "gateway": {"request_timeout_s": 30, "num_cpus": 0.1}, "teachers": [
+        {"name": "global_edit", "field": {"kind": "suite", "capability": "global_edit"}, "ray_actor_options": {"num_cpus": 0.1},
+         "simulated_call_s": 3.0}]})
+    deploy_teachers(cfg, gateway_app_name="dying-gateway", gateway_route_prefix="/dying")
+    x, sigma, cond = sample_inputs("global_edit", 1)
+    body = {"x": b64(x.numpy()), "sigma": float(sigma[0]), "prompt": cond.prompts[0], "source": b64(cond.source.numpy())}
+    url = ray_cluster.http + "/dying/v1/fields/global_edit/velocity"
+    replica = next(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                   if a["name"].startswith("SERVE_REPLICA::dying-global_edit#TeacherServer#"))
+    killer = threading.Timer(1.0, lambda: ray.kill(ray.get_actor(replica, namespace="serve"), no_restart=True))
+    killer.start()
+    status, reply = post(url, body, timeout=60)
+    killer.join()
+    assert status == 503 and reply["error"]["field"] == "teacher", (status, reply)
+    assert "'global_edit' is unavailable" in reply["error"]["message"]
+    deadline = time.time() + 120
+    while (answer := post(url, body, timeout=60))[0] != 200:  # Serve replaces the replica; then it answers again
+        assert answer[0] == 503 and time.time() < deadline, answer
+        time.sleep(1)
+    serve.delete("dying-global_edit")
+    serve.delete("dying-gateway")
 
 
 def test_handle_path_rejects_bad_input_without_retrying(served):
