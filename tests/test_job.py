@@ -120,6 +120,14 @@ def test_ray_job_submit_runs_the_demo_config(head_node, tmp_path):
     assert "attached to" in logs and "started a local Ray" not in logs  # the driver joined the head's cluster
     assert "deployed teachers ['t2i', 'local_edit', 'global_edit']" in logs
     assert "step    12/12" in logs and "samples/s" in logs and "ETA" in logs  # progress from rank 0
+    # A quiet console: what Ray, Serve, Ray Train and torch say stays in the log files the job names.
+    # (The lines before "Running entrypoint" and those from cli.py are the `ray job submit` CLI's own.)
+    job_out = [ln for ln in logs.split("Running entrypoint for job", 1)[1].splitlines()[1:] if ln.strip() and "cli.py:" not in ln]
+    for noise in ("Traceback", "Reporting training result", " INFO ", "find_unused_parameters", "Writing model shards",
+                  "Loading weights", "PlacementGroupCleaner"):
+        assert not [ln for ln in job_out if noise in ln], (noise, "\n".join(job_out))
+    assert len([ln for ln in job_out if not ln.startswith("step ")]) <= 40, "\n".join(job_out)
+    assert f"framework logs: {out / 'demo' / 'logs'}/driver.log" in logs
     report = json.loads((out / "demo" / "report.json").read_text())
     assert set(report["routes"]) == {"t2i", "local_edit", "global_edit"}
     assert report["training"]["steps"] == 12 and report["training"]["workers"] == 2

@@ -17,6 +17,8 @@ def parse_args(prog: str, description: str, argv: list[str] | None) -> argparse.
     p.add_argument("--eval", action="store_true", help="evaluate after training; write report.json + grid.png")
     p.add_argument("--allow-config-change", action="store_true",
                    help="resume even though settings that change what is trained differ from the run's (named on refusal)")
+    p.add_argument("--verbose", action="store_true",
+                   help="also show what Ray, Serve, Ray Train and the model libraries say (by default: <run_dir>/logs)")
     p.add_argument("overrides", nargs="*", help="key.path=value settings, e.g. steps=100 optim.lr=3e-4 cluster.num_workers=4")
     return p.parse_intermixed_args(argv)
 

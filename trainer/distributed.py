@@ -48,6 +48,7 @@ def worker_loop(config: dict) -> None:
 
     job = JobConfig.model_validate(config["job"])
     run_id = config["run_id"]
+    PROGRESS["queue"] = config.get("console")
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(job.torch_threads or 1)
@@ -377,9 +378,20 @@ class Window:
         return metrics
 
 
+PROGRESS = {"queue": None}  # the driver's console, when it does not take the workers' output (see trainer.main)
+
+
 def say(line: str) -> None:
-    """A progress line, once: Ray Train routes print() through its logger (which echoes it twice); the process's
-    own stdout is what Ray forwards to the driver and the job log."""
+    """A console line from a worker (progress, skips, a failing teacher), once. Without the workers' output on the
+    driver's console (the quiet default), it goes through the driver's queue; otherwise to the process's own stdout,
+    which Ray forwards to the driver and the job log (Ray Train routes print() through its logger, which echoes it
+    twice)."""
+    if PROGRESS["queue"] is not None:
+        try:
+            PROGRESS["queue"].put(line, timeout=10)
+            return
+        except Exception:  # the driver is gone or slow: the worker log still has it
+            pass
     print(line, file=sys.__stdout__, flush=True)
 
 
@@ -427,11 +439,12 @@ def job_routing_config(job: JobConfig) -> dict:
 
 
 def run_distributed(job: JobConfig, run_id: str, crash_once: dict | None = None, record_step_losses: bool = False,
-                    faults: list[dict] | None = None):
+                    faults: list[dict] | None = None, console=None):
     """Register the run with the router and train on Ray Train; returns the Ray Train Result.
 
     Re-running with the same run id and storage path resumes from the run's latest checkpoint. `crash_once`
-    ({rank, step, marker}: that worker dies after that step) and `faults` inject failures (see inject_faults)."""
+    ({rank, step, marker}: that worker dies after that step) and `faults` inject failures (see inject_faults).
+    `console`: a ray.util.queue.Queue the workers' console lines go to (the driver prints them)."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -445,7 +458,7 @@ def run_distributed(job: JobConfig, run_id: str, crash_once: dict | None = None,
     resources = {"CPU": c.cpus_per_worker, **({"GPU": c.gpus_per_worker} if gpu else {})}
     trainer = TorchTrainer(
         worker_loop,
-        train_loop_config={"job": json.loads(job.model_dump_json()), "run_id": run_id, "faults": faults,
+        train_loop_config={"job": json.loads(job.model_dump_json()), "run_id": run_id, "faults": faults, "console": console,
                            "record_step_losses": record_step_losses},
         scaling_config=ScalingConfig(num_workers=c.num_workers, use_gpu=gpu, resources_per_worker=resources),
         run_config=RunConfig(name=run_id, storage_path=str(job.storage_path), failure_config=FailureConfig(max_failures=c.max_failures)),

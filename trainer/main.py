@@ -14,6 +14,7 @@ Re-running the same config continues the run from its latest checkpoint (the run
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -39,12 +40,71 @@ class ServiceError(RuntimeError):
     """A service the job needs is missing or does not match the config."""
 
 
-def connect(job: JobConfig) -> str:
-    """Attach to the configured / job's Ray cluster, or start a local one sized for the job."""
+def quiet_console(job: JobConfig, verbose: bool) -> Path:
+    """The console keeps what the job says (progress, results, paths); what Ray, Serve, Ray Train and the model
+    libraries say in this process goes to <run_dir>/logs/driver.log (all of it, with --verbose on the console too).
+    The workers' and services' own output stays in Ray's session logs (`ray logs`, /tmp/ray/session_latest/logs)."""
+    import logging
+
+    logs = job.run_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(logs / "driver.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    for name in ("ray", "ray.serve", "ray.train", "ray.tune", "ray.data", "diffusers", "transformers", "filelock", "urllib3"):
+        logger = logging.getLogger(name)
+        logger.addHandler(handler)
+        if not verbose:
+            for h in [h for h in logger.handlers if h is not handler]:
+                logger.removeHandler(h)
+            logger.propagate = False
+    if not verbose:  # "Loading weights" / "Writing model shards" bars of the evaluation's student loads
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        try:
+            from diffusers.utils import logging as diffusers_logging
+
+            diffusers_logging.disable_progress_bar()
+        except ImportError:
+            pass
+    return logs
+
+
+class ConsoleRelay:
+    """Prints the workers' console lines (sent through a Ray queue) on the driver's console, in order, while the
+    workers' own output stays in Ray's logs."""
+
+    def __init__(self):
+        import threading
+
+        from ray.util.queue import Queue
+
+        self.queue = Queue(actor_options={"num_cpus": 0})
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._relay, daemon=True)
+        self.thread.start()
+
+    def _relay(self) -> None:
+        from ray.util.queue import Empty
+
+        while not self.stop.is_set() or not self.queue.empty():
+            try:
+                print(self.queue.get(timeout=0.5), flush=True)
+            except Empty:
+                continue
+            except Exception:  # the queue's actor is gone with the cluster
+                return
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(10)
+
+
+def connect(job: JobConfig, verbose: bool = True) -> str:
+    """Attach to the configured / job's Ray cluster, or start a local one sized for the job. Without `verbose`, the
+    workers' and services' output is not sent to this console (it stays in Ray's logs)."""
     import ray
 
     if job.cluster.address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=job.cluster.address, logging_level="WARNING")
+        ray.init(address=job.cluster.address, logging_level="WARNING", log_to_driver=verbose)
         return "attached to " + (job.cluster.address or os.environ["RAY_ADDRESS"])
     for key, value in LOCAL_RAY_ENV.items():  # inherited by every process of the local Ray; a user's setting wins
         os.environ.setdefault(key, value)
@@ -54,7 +114,7 @@ def connect(job: JobConfig) -> str:
     cpus = c.local_num_cpus or int(c.num_workers * c.cpus_per_worker + teacher_cpus + 2.0 + 0.999)  # + router, gateway, headroom
     # The dashboard also serves Ray's state API, which Ray Train's placement-group cleaner polls.
     ray.init(address="local", num_cpus=cpus, include_dashboard=c.dashboard, logging_level="WARNING", configure_logging=False,
-             **({"_metrics_export_port": c.metrics_export_port} if c.metrics_export_port else {}))
+             log_to_driver=verbose, **({"_metrics_export_port": c.metrics_export_port} if c.metrics_export_port else {}))
     return f"started a local Ray ({cpus} logical CPUs)"
 
 
@@ -219,11 +279,23 @@ def main(argv: list[str] | None = None) -> int:
     if not resume_config_or_report(job, args):  # before Ray starts: a resumed run must train what it trained
         return 2
     t_job = time.perf_counter()
-    print(connect(job), flush=True)
-    try:
-        ensure_services(job, log=lambda m: print(m, flush=True))
-    except (ServiceError, RequestError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    logs = quiet_console(job, args.verbose)
+    # Ray and Serve set up their console loggers while they start (on stderr): started with stderr pointing at the
+    # log file, they keep writing there.
+    framework = contextlib.nullcontext() if args.verbose else contextlib.redirect_stderr(open(logs / "driver.log", "a"))
+    error = None
+    with framework:
+        started = connect(job, args.verbose)
+        print(started, flush=True)
+        if not args.verbose:
+            print(f"framework logs: {logs.resolve()}/driver.log, and Ray's session logs (ray logs; /tmp/ray/session_latest/logs); "
+                  "--verbose shows them here", flush=True)
+        try:
+            ensure_services(job, log=lambda m: print(m, flush=True))
+        except (ServiceError, RequestError) as e:
+            error = e
+    if error is not None:
+        print(f"error: {error}", file=sys.stderr)
         return 2
     run_id, resuming = resolve_run_id(job, fresh=args.no_resume)
     print(f"run {run_id} ({'resuming' if resuming else 'new'}): {job.cluster.num_workers} workers x {job.worker_batch_size} samples, "
@@ -238,12 +310,16 @@ def main(argv: list[str] | None = None) -> int:
         before = evaluate_student(job, initial, job.run_dir / "grid-before.png")  # the same grid before training
         del initial
     t0 = time.perf_counter()
+    relay = None if args.verbose else ConsoleRelay()
     try:
-        result = run_distributed(job, run_id)
+        result = run_distributed(job, run_id, console=relay.queue if relay else None)
         stopped = stop_marker(job, run_id)
         failure = (stopped.read_text() if stopped.exists() else result.error) or (None if result.checkpoint else "no checkpoint was written")
     except Exception as e:  # Ray Train raises once cluster.max_failures restarts are spent
         failure = e
+    finally:
+        if relay is not None:
+            relay.close()
     train_s = time.perf_counter() - t0
     mark_run(job, run_id, "failed" if failure is not None else "finished")
     if failure is not None:
