@@ -147,6 +147,13 @@ class Resolved(Generic[T]):
         return self.value
 
 
+def last_line(error, limit: int = 300) -> str:
+    """The informative line of an error: a worker's or replica's error text ends with its exception's own line."""
+    lines = [ln.strip() for ln in str(error).strip().splitlines() if ln.strip()]
+    text = lines[-1] if lines else type(error).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 class CircuitBreaker:
     """One service's health as its callers see it. `threshold` failed attempts in a row (timeouts, dead replicas,
     transport errors; never refused input) open the circuit: for `cooldown_s` every call fails at once with a
@@ -182,7 +189,7 @@ class CircuitBreaker:
     def failed(self, error: Exception) -> None:
         with self._lock:
             self.failures += 1
-            self.last_error = f"{type(error).__name__}: {str(error).strip().splitlines()[-1][:200] if str(error).strip() else ''}"
+            self.last_error = f"{type(error).__name__}: {last_line(error, 200)}"
             opened = self.failures == self.threshold
             if self.is_open:
                 self.open_until = time.monotonic() + self.cooldown_s

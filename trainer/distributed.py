@@ -154,19 +154,20 @@ def worker_loop(config: dict) -> None:
                 if ema is not None:
                     ema.update(inner, step)
         route = batches[-1].route
-        if applied and (adaptive or rank == 0):  # hard routing: the statistics feed dashboards, rank 0's loss will do
-            with times.time("router"):  # adaptive: every rank reports the update's loss, the same value (the first counts)
-                reports.add(step, route, mean_over_ranks(step_loss, device) if adaptive else step_loss)
-        elif rank == 0:
-            say(nonfinite.skipped(step, route, step_loss, grad_norm))
         if not applied:
             window.skipped[route] += 1
+            if rank == 0:
+                say(nonfinite.skipped(step, route, step_loss, grad_norm))
+        elif adaptive or rank == 0:  # hard routing: the statistics feed dashboards, rank 0's loss will do
+            with times.time("router"):  # adaptive: every rank reports the update's loss, the same value (the first counts)
+                reports.add(step, route, mean_over_ranks(step_loss, device) if adaptive else step_loss)
         window.add(route, step_loss if applied else None, times)
         inject_faults(config.get("faults") or [], rank, step)
         if nonfinite.exhausted:  # every rank stops here; no checkpoint: a restart must not begin from this state
             if rank == 0:  # Ray Train keeps only checkpointed metrics: the driver reads the reason from the run's storage
-                stop_marker(job, run_id).parent.mkdir(parents=True, exist_ok=True)
-                stop_marker(job, run_id).write_text(nonfinite.stop_message(step))
+                marker = stop_marker(job, run_id)
+                marker.parent.mkdir(parents=True, exist_ok=True)
+                marker.write_text(nonfinite.stop_message(step))
             break
 
         done = step + 1

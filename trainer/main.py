@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from danceopd.config import differences
-from danceopd.remote import RequestError
+from danceopd.remote import RequestError, last_line
 from trainer.cli import load_or_report, parse_args, resume_config_or_report
 from trainer.job import JobConfig, load_job_config
 
@@ -262,13 +262,6 @@ def mark_run(job: JobConfig, run_id: str, status: str) -> None:
             "finish_run", run_id, status, job.services.router_keep_finished_days * 86400).result()
     except Exception as e:  # the run's outcome does not depend on it
         print(f"warning: could not mark run {run_id} {status} on the router: {last_line(e)}", file=sys.stderr)
-
-
-def last_line(error) -> str:
-    """The informative line of an error: for a worker's error the text ends with its exception's own line."""
-    lines = [ln.strip() for ln in str(error).strip().splitlines() if ln.strip()]
-    text = lines[-1] if lines else type(error).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def main(argv: list[str] | None = None) -> int:
