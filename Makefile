@@ -28,11 +28,11 @@ os-deps:
 
 ## demo: the distributed job on a local Ray: suite teachers on Serve, router, 2 Ray Train workers; eval: report.json + grid.png
 demo: install
-	$(BIN)/python -m trainer.main --config configs/demo.yaml --no-resume --eval
+	$(BIN)/danceopd train --config configs/demo.yaml --no-resume --eval
 
 ## demo-reference: the same run config on the single-process reference trainer (2 torch threads)
 demo-reference: install
-	$(BIN)/python -m trainer.reference --config configs/demo.yaml --no-resume --eval torch_threads=2
+	$(BIN)/danceopd train --reference --config configs/demo.yaml --no-resume --eval torch_threads=2
 
 ## tiny-models: random tiny FLUX / FLUX Kontext pipelines and LoRA "capabilities" (offline), for demo-diffusers
 TINY := runs/tiny-models

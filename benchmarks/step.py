@@ -145,11 +145,12 @@ def main(argv=None) -> int:
 
             from trainer.main import connect, ensure_services
 
-            connect(base)
+            connect(base, verbose=False)  # as `make demo`: the workers' output stays in Ray's logs
             sim = {"services.app_prefix": "sim-", "services.teacher_defaults.simulated_call_s": round(sim_s, 4)}
             ensure_services(base, log=lambda m: None)
-            ensure_services(load_config(a.config, {**over, **sim}, model=JobConfig), log=lambda m: None)
-            for name, trainer, case in chosen:
+            for name, trainer, case in chosen:  # the simulated teachers come up after the real cases: idle replicas cost a share of a core
+                if trainer == "sim":
+                    ensure_services(load_config(a.config, {**over, **sim}, model=JobConfig), log=lambda m: None)
                 if trainer != "reference":
                     job = load_config(a.config, {**over, **case, **(sim if trainer == "sim" else {})}, model=JobConfig)
                     results[name].append(run_job(job))

@@ -167,6 +167,50 @@ class EvalConfig(_Strict):
         return v
 
 
+def _installed(module: str, key: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise ValueError(f"the {module} package is not installed: pip install {module} (or pip install 'danceopd-serve[tracking]'), "
+                         f"or remove {key}")
+
+
+class WandbOptions(_Strict):
+    project: str = "danceopd"
+    entity: str | None = None
+    mode: Literal["offline", "online"] = Field("offline", description="offline: written under <run_dir>/wandb, no network "
+                                                                      "(`wandb sync` uploads it later)")
+
+    @model_validator(mode="after")
+    def _available(self) -> "WandbOptions":
+        _installed("wandb", "tracking.wandb")
+        return self
+
+
+class MlflowOptions(_Strict):
+    tracking_uri: str | None = Field(None, description="default: a local file store, <run_dir>/mlruns")
+    experiment: str = "danceopd"
+
+    @model_validator(mode="after")
+    def _available(self) -> "MlflowOptions":
+        _installed("mlflow", "tracking.mlflow")
+        return self
+
+
+class TrackingConfig(_Strict):
+    """Where a run's curves and sample grids go (rank 0 writes). TensorBoard always unless turned off; W&B and MLflow
+    are added through their own libraries."""
+
+    tensorboard: bool = Field(True, description="event files under <run_dir>/tensorboard (train/ and eval/)")
+    wandb: WandbOptions | None = None
+    mlflow: MlflowOptions | None = None
+
+    @field_validator("wandb", "mlflow", mode="before")
+    @classmethod
+    def _on(cls, v):  # `tracking.wandb=true` on the command line: the defaults
+        return {} if v is True else (None if v is False else v)
+
+
 class TrainConfig(_Strict):
     run_name: str = Field("run", pattern=r"^[A-Za-z0-9_.-]+$")
     output_dir: Path = Path("runs")
@@ -189,6 +233,7 @@ class TrainConfig(_Strict):
     execution: ExecutionConfig = ExecutionConfig()
     optim: OptimConfig = OptimConfig()
     eval: EvalConfig = EvalConfig()
+    tracking: TrackingConfig = TrackingConfig()
     log_every: int = Field(10, ge=1)
     checkpoint_every: int = Field(100, ge=1)
     keep_checkpoints: int = Field(2, ge=1)

@@ -1,21 +1,37 @@
 """`danceopd` command line.
 
-    danceopd eval --student runs/demo/student --config configs/demo.yaml
+    danceopd train --config configs/demo.yaml --eval [--reference] [key.path=value ...]
+    danceopd serve configs/teachers.yaml [--address ADDR] [--host H] [--port P]
     danceopd query t2i --prompt "a red circle" --sigma 0.5 --url http://127.0.0.1:8000
-    danceopd serve-config configs/teachers.yaml > deploy/serve-teachers.yaml
+    danceopd eval --student runs/demo/student --config configs/demo.yaml
     danceopd experiment experiments/specs/*.yaml --report docs/results.md [--smoke]
+    danceopd bench step|teachers|learning|families|shared-base|sd35-step [its arguments]
+    danceopd serve-config configs/teachers.yaml > deploy/serve-teachers.yaml
     danceopd tiny-pipeline --family sd3|flux|flux-kontext --out DIR [--seed N] [--sample-size PX]
     danceopd tiny-lora --base DIR --out DIR [--rank R] [--std S] [--seed N]
 
-Exit codes: 0 ok, 2 bad input (config, paths), 1 unexpected failure.
+Exit codes: 0 ok, 2 bad input (config, paths), 1 unexpected failure. `python -m trainer.main` stays the entry point
+of `ray job submit` (it is what `danceopd train` runs).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BENCHMARKS = {  # name -> (script, what it measures); the scripts live in the repository's benchmarks/
+    "step": ("step.py", "training samples/s: the reference trainer and the distributed job, one speed-up at a time"),
+    "teachers": ("teacher_query.py", "teacher query cost: in-process vs Serve handle vs REST, and batched throughput"),
+    "learning": ("learning.py", "train from scratch for --minutes; per-capability scores against the teachers"),
+    "families": ("families.py", "per model family: LoRA distillation of a tiny base + LoRA teacher on the distributed job"),
+    "shared-base": ("shared_base.py", "adapter teachers on one shared base vs merged copies: memory and per-query cost"),
+    "sd35-step": ("sd35_step.py", "one step on a full-size SD3.5-Medium transformer (random weights): LoRA student, bf16"),
+}
 
 from danceopd.config import ConfigError, load_config, parse_override
 
@@ -140,11 +156,100 @@ def _tiny_lora(args) -> int:
     return 0
 
 
+def _train(args) -> int:
+    if args.reference:
+        from trainer.reference import run
+    else:
+        from trainer.main import run
+    return run(args)
+
+
+def _serve(args) -> int:
+    """Deploy the teachers file's teacher applications, REST gateway and router on a Ray cluster."""
+    import signal
+
+    from router.deployment import router_app
+    from services.teachers.app import GATEWAY_APP, deploy_teachers, router_args
+    from services.teachers.config import load_teachers_config
+
+    cfg = load_teachers_config(args.config)  # every key validated before Ray starts
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    from trainer.main import quiet_console
+
+    log_file = quiet_console(args.logs, args.verbose, "serve.log")
+    import contextlib
+
+    import ray
+    from ray import serve
+
+    with contextlib.nullcontext() if args.verbose else contextlib.redirect_stderr(open(log_file, "a")):
+        if address:
+            ray.init(address=address, logging_level="WARNING", log_to_driver=args.verbose)
+        else:
+            ray.init(address="local", include_dashboard=False, logging_level="WARNING", configure_logging=False, log_to_driver=args.verbose)
+        print(f"{'attached to ' + address if address else 'started a local Ray'}; framework logs: {log_file.resolve()}", flush=True)
+        serve.start(http_options={"host": args.host, "port": args.port}, logging_config={"enable_access_log": False})
+        t0 = time.perf_counter()
+        deploy_teachers(cfg, listen_host=args.host)
+        if cfg.router.enabled:
+            serve.run(router_app(router_args(cfg, args.host)), name="router", route_prefix=cfg.router.route_prefix)
+    names = [cfg.app_name(t.name) for t in cfg.teachers if t.deploy]
+    url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
+    print(f"deployed {len(names)} teachers {names}, {GATEWAY_APP}{' and router' if cfg.router.enabled else ''} in {time.perf_counter() - t0:.0f} s")
+    print(f"REST: {url}{cfg.gateway.route_prefix.rstrip('/')}/v1/teachers (danceopd query <teacher> --sigma 0.5 --url {url})")
+    if cfg.router.enabled:
+        print(f"router: {url}{cfg.router.route_prefix}/v1/runs")
+    if address:
+        print("the applications keep running on the cluster (serve status; serve delete <name>)")
+        return 0
+    print("serving on this machine's own Ray until Ctrl-C", flush=True)
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    try:
+        while not stop:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    serve.shutdown()
+    ray.shutdown()
+    return 0
+
+
+def _bench(args) -> int:
+    script = REPO / "benchmarks" / BENCHMARKS[args.name][0]
+    if not script.exists():
+        raise ConfigError(f"{script} does not exist: benchmarks run from a clone of the repository (pip install -e .)")
+    return subprocess.run([sys.executable, str(script), *args.args], cwd=REPO).returncode
+
+
 def main(argv: list[str] | None = None) -> int:
     from services.teachers.query_cli import CliError, add_parser as add_query
+    from trainer.cli import add_train_arguments
 
-    parser = argparse.ArgumentParser(prog="danceopd", description="DanceOPD tools")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="danceopd", description="DanceOPD: distil several flow-matching teachers (capabilities) "
+                                     "into one student, with teachers served on Ray Serve and training on Ray Train.",
+                                     epilog="Each command's --help says more. Exit codes: 0 ok, 2 bad input (naming the key), 1 failure.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    tr = sub.add_parser("train", help="train a student: the distributed job (default) or the single-process reference trainer",
+                        description="Train a student. By default the distributed job: teachers on Ray Serve, the router, Ray Train "
+                                    "workers (a local Ray unless RAY_ADDRESS or cluster.address names one); with --reference, the "
+                                    "single-process reference trainer. For `ray job submit`, the entrypoint is `python -m trainer.main` "
+                                    "with the same arguments. Re-running resumes the run from its latest checkpoint.")
+    tr.add_argument("--reference", action="store_true", help="the single-process reference trainer (no Ray)")
+    add_train_arguments(tr)
+    tr.set_defaults(run=_train)
+    sv = sub.add_parser("serve", help="deploy the teachers, REST gateway and router of a teachers file on Ray Serve",
+                        description="Deploy every teacher of a teachers file (one Serve application each), the REST gateway and the "
+                                    "router. On a cluster (--address or RAY_ADDRESS) it deploys and returns; otherwise it starts a "
+                                    "local Ray and serves until Ctrl-C. `serve deploy` of the file rendered by `danceopd serve-config` "
+                                    "does the same with Ray's own CLI.")
+    sv.add_argument("config", type=Path, help="teachers file, e.g. configs/teachers.yaml")
+    sv.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    sv.add_argument("--host", default="127.0.0.1", help="Serve's HTTP host (beyond loopback the REST APIs need a token)")
+    sv.add_argument("--port", type=int, default=8000, help="Serve's HTTP port")
+    sv.add_argument("--logs", type=Path, default=Path("runs/serve/logs"), help="folder for the framework logs (serve.log)")
+    sv.add_argument("--verbose", action="store_true", help="show what Ray and Serve say on the console")
+    sv.set_defaults(run=_serve)
     add_query(sub)
     sc = sub.add_parser("serve-config", help="render the `serve deploy` config for a teachers config")
     sc.add_argument("config", type=Path)
@@ -176,12 +281,24 @@ def main(argv: list[str] | None = None) -> int:
     tl.add_argument("--std", type=float, default=0.1, help="std of both LoRA matrices' random entries")
     tl.add_argument("--seed", type=int, default=1)
     tl.set_defaults(run=_tiny_lora)
-    args, extra = parser.parse_known_args(argv)
-    unknown = [e for e in extra if e.startswith("-") or "=" not in e or args.command != "eval"]
-    if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")  # exits 2
-    if args.command == "eval":
-        args.overrides = list(args.overrides) + extra
+    bn = sub.add_parser("bench", help="run a benchmark (prints a table, writes benchmarks/results/<name>.json)",
+                        description="Run one of the repository's benchmarks; arguments after the name go to it (see "
+                                    "`danceopd bench NAME --help`). " + " ".join(f"{k}: {v[1]}." for k, v in BENCHMARKS.items()),
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    bn.add_argument("name", choices=list(BENCHMARKS), help="which benchmark")
+    bn.add_argument("args", nargs=argparse.REMAINDER, help="its own arguments, e.g. --repeats 3 or key.path=value")
+    bn.set_defaults(run=_bench)
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["train"]:  # options and key=value overrides in any order, as the trainers take them
+        args = tr.parse_intermixed_args(argv[1:])
+    else:
+        args, extra = parser.parse_known_args(argv)
+        unknown = [e for e in extra if e.startswith("-") or "=" not in e or args.command != "eval"]
+        if unknown:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")  # exits 2
+        if args.command == "eval":
+            args.overrides = list(args.overrides) + extra
     try:
         return args.run(args)
     except (ConfigError, CliError) as e:

@@ -1,8 +1,10 @@
-"""`danceopd eval`: report and grid from a saved student; bad input exits 2 with a message."""
+"""The `danceopd` command: help for every subcommand, bad input exits 2 naming the key, `eval` and `train --reference` for real."""
 
 import json
 import subprocess
 import sys
+
+import pytest
 
 from PIL import Image
 
@@ -37,3 +39,47 @@ def test_eval_bad_input_exits_2(tmp_path):
     assert proc.returncode == 2 and "suite.tier" in proc.stderr
     proc = run_cli("eval", "--student", str(tmp_path / "s"), "eval.sampling_steps=0")
     assert proc.returncode == 2 and "eval.sampling_steps" in proc.stderr
+
+
+def test_danceopd_help_names_every_command_and_each_says_what_it_does():
+    proc = run_cli("--help")
+    assert proc.returncode == 0
+    for command in ("train", "serve", "query", "eval", "experiment", "bench"):
+        assert f"    {command} " in proc.stdout, command
+    says = {"train": "--reference", "serve": "teachers file", "query": "--wait", "eval": "--student", "experiment": "--smoke",
+            "bench": "samples/s"}
+    for command, needle in says.items():
+        sub = run_cli(command, "--help")
+        assert sub.returncode == 0 and needle in sub.stdout, (command, sub.stdout)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["train", "--reference", "optim.lrr=1"], "optim.lrr: Extra inputs are not permitted"),
+    (["train", "--config", "configs/demo.yaml", "cluster.num_workrs=4"], "cluster.num_workrs: Extra inputs are not permitted"),
+    (["train", "tracking.wandb.mode=sometimes"], "tracking.wandb"),
+    (["bench", "step", "optim.lrr=1"], "optim.lrr: Extra inputs are not permitted"),
+    (["bench", "nope"], "invalid choice: 'nope'"),
+    (["query", "t2i", "--sigma", "2"], "--sigma 2.0 must lie in [0, 1]"),
+])
+def test_a_bad_key_exits_2_naming_it(args, needle):
+    proc = run_cli(*args)
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert needle in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert "started a local Ray" not in proc.stdout
+
+
+def test_serve_refuses_a_bad_teachers_file_naming_the_key(tmp_path):
+    bad = tmp_path / "teachers.yaml"
+    bad.write_text("teachers:\n  - name: t2i\n    field: {kind: suite, capability: t2i}\n    replicas: 2\n")
+    proc = run_cli("serve", str(bad), "--logs", str(tmp_path / "logs"))
+    assert proc.returncode == 2 and "teachers.0.replicas: Extra inputs are not permitted" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "logs").exists()  # refused before Ray started
+
+
+def test_train_reference_trains_and_tracks(tmp_path):
+    proc = run_cli("train", "--reference", f"output_dir={tmp_path}", "steps=4", "log_every=2", "student.num_layers=1",
+                   "optim.batch_size=8", "method.rollout_steps=4")
+    assert proc.returncode == 0, proc.stderr
+    assert "step     4/4" in proc.stdout and f"checkpoint: {tmp_path}/run/checkpoints/step-00000004" in proc.stdout
+    assert f"tensorboard: {tmp_path}/run/tensorboard" in proc.stdout
+    assert list((tmp_path / "run" / "tensorboard" / "train").glob("events.out.tfevents.*"))

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tensorboard_files import read_scalars
+
 
 SMALL = {"student.num_layers": 2, "student.attention_head_dim": 16, "optim.batch_size": 16, "method.rollout_steps": 4,
          "optim.warmup_steps": 0, "optim.lr": 2e-3, "torch_threads": 1, "eval.samples_per_capability": 8,
@@ -186,6 +188,13 @@ def test_a_killed_worker_changes_nothing_even_under_adaptive_routing(stack, tmp_
     assert killed["counts"] == straight["counts"] and sum(killed["counts"].values()) == 20 * 16
     assert all(torch.equal(killed["weights"][n], w) for n, w in straight["weights"].items())
     assert [h["step"] for h in killed["history"]] == [5, 10, 15, 20]  # every progress window once
+    # Rank 0's TensorBoard curves: the resumed attempt continues them, each window once (TensorBoard's reader), with
+    # the uninterrupted run's losses and learning rates.
+    curves = {name: read_scalars(tmp_path / name / "run" / "tensorboard" / "train") for name in runs}
+    assert {"loss/t2i", "optim/lr", "optim/grad_norm", "route_mix/t2i", "time_share/rollout"} <= set(curves["straight"])
+    assert [s for s, _ in curves["killed"]["throughput/samples_per_s"]] == [5, 10, 15, 20]
+    for tag in [t for t in curves["straight"] if t.startswith(("loss/", "optim/lr", "route_mix/"))]:
+        assert dict(curves["killed"][tag]) == pytest.approx(dict(curves["straight"][tag]), rel=1e-6), tag
 
 
 def test_a_killed_teacher_replica_is_retried_transparently(stack):

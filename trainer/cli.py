@@ -12,6 +12,12 @@ from danceopd.config import ConfigError, differences, parse_override
 
 def parse_args(prog: str, description: str, argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=prog, description=description)
+    add_train_arguments(p)
+    return p.parse_intermixed_args(argv)
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """The trainers' arguments (also those of `danceopd train`)."""
     p.add_argument("--config", type=Path, help="YAML run or job config (default: embedded defaults)")
     p.add_argument("--no-resume", action="store_true", help="start a new run even if this run has checkpoints")
     p.add_argument("--eval", action="store_true", help="evaluate after training; write report.json + grid.png")
@@ -20,7 +26,6 @@ def parse_args(prog: str, description: str, argv: list[str] | None) -> argparse.
     p.add_argument("--verbose", action="store_true",
                    help="also show what Ray, Serve, Ray Train and the model libraries say (by default: <run_dir>/logs)")
     p.add_argument("overrides", nargs="*", help="key.path=value settings, e.g. steps=100 optim.lr=3e-4 cluster.num_workers=4")
-    return p.parse_intermixed_args(argv)
 
 
 def load_or_report(loader, args: argparse.Namespace):
@@ -34,7 +39,7 @@ def load_or_report(loader, args: argparse.Namespace):
 
 # Settings that change how a run executes or how far it goes, never what an update computes: a resumed run may
 # change them freely (more steps, another time budget, more logging, other services or cluster knobs).
-FREE_ON_RESUME = ("steps", "max_minutes", "log_every", "keep_checkpoints", "eval.", "execution.", "device", "torch_threads",
+FREE_ON_RESUME = ("steps", "max_minutes", "log_every", "keep_checkpoints", "eval.", "execution.", "tracking.", "device", "torch_threads",
                   "output_dir", "run_name", "services.", "cluster.")
 FIXED_ON_RESUME = ("cluster.num_workers",)  # the per-worker batch and the router's registration follow from it
 

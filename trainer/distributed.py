@@ -121,7 +121,13 @@ def worker_loop(config: dict) -> None:
             say(f"[{run_id}] resumed from the checkpoint at step {start}")
 
     metrics = TrainerMetrics(run_id, {r: c.capability for r, c in job.routes.items()}) if rank == 0 else None
-    window = Window(job, rank, world, start, device, metrics, record_step_losses=config.get("record_step_losses", False))
+    tracker = None
+    if rank == 0 and config.get("run_dir"):  # TensorBoard (+ W&B / MLflow): one writer; a resume continues the curves
+        from danceopd.tracking import RunTracker
+
+        tracker = RunTracker(job.tracking, Path(config["run_dir"]), job.run_name, replace_from=start + 1, config=config["job"])
+    window = Window(job, rank, world, start, device, metrics, record_step_losses=config.get("record_step_losses", False),
+                    tracker=tracker)
     window.history = history
     prepared: dict[int, list[MicroBatch]] = {}
     nonfinite = NonFiniteSteps(job.optim.max_nonfinite_steps)
@@ -161,7 +167,7 @@ def worker_loop(config: dict) -> None:
         elif adaptive or rank == 0:  # hard routing: the statistics feed dashboards, rank 0's loss will do
             with times.time("router"):  # adaptive: every rank reports the update's loss, the same value (the first counts)
                 reports.add(step, route, mean_over_ranks(step_loss, device) if adaptive else step_loss)
-        window.add(route, step_loss if applied else None, times)
+        window.add(route, step_loss if applied else None, times, grad_norm)
         inject_faults(config.get("faults") or [], rank, step)
         if nonfinite.exhausted:  # every rank stops here; no checkpoint: a restart must not begin from this state
             if rank == 0:  # Ray Train keeps only checkpointed metrics: the driver reads the reason from the run's storage
@@ -184,11 +190,14 @@ def worker_loop(config: dict) -> None:
                     path = save_checkpoint(Path(d), done, student, ema, optimizer, state, keep=1)
                     ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(str(path)))
                 metrics.checkpointed()
+                say(f"checkpoint: step {done} ({job.storage_path / run_id})")
             else:
                 ray.train.report(report)
         if stop:
             break
     reports.flush()
+    if tracker is not None:
+        tracker.close()
 
 
 class Assignments:
@@ -312,9 +321,11 @@ class Window:
     """Per-route losses and step times since the last log line, reduced over all workers."""
 
     def __init__(self, job: JobConfig, rank: int, world: int, start: int, device: torch.device, metrics=None,
-                 record_step_losses: bool = False):
+                 record_step_losses: bool = False, tracker=None):
         self.job, self.rank, self.world, self.start, self.device = job, rank, world, start, device
         self.metrics = metrics  # TrainerMetrics on rank 0 (Prometheus), else None
+        self.tracker = tracker  # RunTracker on rank 0 (TensorBoard, ...), else None
+        self.grad_norms: list[float] = []  # of the window's applied updates (all-reduced gradients: alike on every rank)
         self.record_step_losses = record_step_losses
         self.routes = list(job.routes)
         self.t0 = time.perf_counter()
@@ -326,11 +337,12 @@ class Window:
         self.last: dict = {}
         self.skipped: dict[str, int] = defaultdict(int)  # updates skipped (non-finite) since this start
 
-    def add(self, route: str, loss: float | None, times: StepTimes) -> None:
-        """A step's loss (None: the update was skipped) and times."""
+    def add(self, route: str, loss: float | None, times: StepTimes, grad_norm: float) -> None:
+        """A step's loss (None: the update was skipped), times and gradient norm."""
         if loss is not None:
             self.sums[route].append(loss)
             self.since_report[route].append(loss)
+            self.grad_norms.append(grad_norm)
         self.times.add(times)
         self.total_times.add(times)
 
@@ -356,18 +368,24 @@ class Window:
         eta = elapsed / max(steps_done, 1) * (self.job.steps - done)
         if self.job.max_minutes is not None:
             eta = min(eta, max(0.0, self.job.max_minutes * 60 - elapsed))
+        updates = float(buf[n:2 * n].sum())
         self.last = {"step": done, "loss": losses, "samples_per_s": rate, "elapsed_s": elapsed,
-                     "time_share": self.times.shares(), "eta_s": eta}
+                     "time_share": self.times.shares(), "eta_s": eta, "lr": lr_at(self.job, done - 1),
+                     "grad_norm": sum(self.grad_norms) / len(self.grad_norms) if self.grad_norms else None,
+                     "route_mix": {r: float(buf[n + i]) / updates for i, r in enumerate(self.routes)} if updates else {}}
         if self.metrics is not None:
             window_steps = max(1, sum(len(v) for v in self.sums.values()))
             self.metrics.window(done, losses, {r: int(buf[n + i]) // self.world for i, r in enumerate(self.routes)}, rate,
                                 {k: v / window_steps for k, v in asdict(self.times).items()}, self.skipped)
         self.history.append(self.last)
+        if self.tracker is not None:
+            self.tracker.window(self.last)
         if self.rank == 0:
             say(format_progress(done, self.job.steps, losses, rate, self.last["time_share"], eta))
             if buf[-1] > 0:
                 say(f"stopping at step {done}: max_minutes={self.job.max_minutes} reached (a checkpoint follows)")
         self.sums.clear()
+        self.grad_norms.clear()
         self.times = StepTimes()
         return bool(buf[-1] > 0)
 
@@ -460,7 +478,7 @@ def run_distributed(job: JobConfig, run_id: str, crash_once: dict | None = None,
     trainer = TorchTrainer(
         worker_loop,
         train_loop_config={"job": json.loads(job.model_dump_json()), "run_id": run_id, "faults": faults, "console": console,
-                           "record_step_losses": record_step_losses},
+                           "record_step_losses": record_step_losses, "run_dir": str(job.run_dir.resolve())},
         scaling_config=ScalingConfig(num_workers=c.num_workers, use_gpu=gpu, resources_per_worker=resources),
         run_config=RunConfig(name=run_id, storage_path=str(job.storage_path), failure_config=FailureConfig(max_failures=c.max_failures)),
     )

@@ -25,6 +25,7 @@ from pathlib import Path
 from danceopd.config import differences
 from danceopd.remote import RequestError, last_line
 from trainer.cli import load_or_report, parse_args, resume_config_or_report
+from trainer.console import log_warnings
 from trainer.job import JobConfig, load_job_config
 
 
@@ -40,23 +41,25 @@ class ServiceError(RuntimeError):
     """A service the job needs is missing or does not match the config."""
 
 
-def quiet_console(job: JobConfig, verbose: bool) -> Path:
-    """The console keeps what the job says (progress, results, paths); what Ray, Serve, Ray Train and the model
-    libraries say in this process goes to <run_dir>/logs/driver.log (all of it, with --verbose on the console too).
-    The workers' and services' own output stays in Ray's session logs (`ray logs`, /tmp/ray/session_latest/logs)."""
+def quiet_console(logs: Path, verbose: bool, name: str = "driver.log") -> Path:
+    """The console keeps what the command says (progress, results, paths); what Ray, Serve, Ray Train and the model
+    libraries say in this process goes to <logs>/<name> (<run_dir>/logs/driver.log for a job; all of it, with
+    --verbose on the console too). The workers' and services' own output stays in Ray's session logs (`ray logs`,
+    /tmp/ray/session_latest/logs). Returns the log file."""
     import logging
 
-    logs = job.run_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(logs / "driver.log")
+    handler = logging.FileHandler(logs / name)
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
-    for name in ("ray", "ray.serve", "ray.train", "ray.tune", "ray.data", "diffusers", "transformers", "filelock", "urllib3"):
-        logger = logging.getLogger(name)
+    for library in ("ray", "ray.serve", "ray.train", "ray.tune", "ray.data", "diffusers", "transformers", "filelock", "urllib3"):
+        logger = logging.getLogger(library)
         logger.addHandler(handler)
         if not verbose:
             for h in [h for h in logger.handlers if h is not handler]:
                 logger.removeHandler(h)
             logger.propagate = False
+    if not verbose:
+        relay_ray_messages(logs / name)
     if not verbose:  # "Loading weights" / "Writing model shards" bars of the evaluation's student loads
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         try:
@@ -65,7 +68,25 @@ def quiet_console(job: JobConfig, verbose: bool) -> Path:
             diffusers_logging.disable_progress_bar()
         except ImportError:
             pass
-    return logs
+    return logs / name
+
+
+def relay_ray_messages(log_file: Path) -> None:
+    """Ray prints the messages the cluster sends a driver (e.g. the raylet's "N PYTHON worker processes have been
+    started" warning) on the driver's stdout, among the job's progress lines: write them to the log file instead.
+    (ray._private.worker looks the printer up at each message; without it, they stay on the console.)"""
+    try:
+        from ray._private import worker as ray_worker
+    except ImportError:
+        return
+    if not hasattr(ray_worker, "print_to_stdstream"):
+        return
+
+    def to_log(data, ignore_prefix: bool) -> None:
+        with open(log_file, "a") as f:
+            ray_worker.print_worker_logs(data, f, ignore_prefix)
+
+    ray_worker.print_to_stdstream = to_log
 
 
 class ConsoleRelay:
@@ -77,6 +98,9 @@ class ConsoleRelay:
 
         from ray.util.queue import Queue
 
+        from trainer.console import ConsolePrinter
+
+        self.printer = ConsolePrinter()
         self.queue = Queue(actor_options={"num_cpus": 0})
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._relay, daemon=True)
@@ -87,7 +111,7 @@ class ConsoleRelay:
 
         while not self.stop.is_set() or not self.queue.empty():
             try:
-                print(self.queue.get(timeout=0.5), flush=True)
+                self.printer(self.queue.get(timeout=0.5))
             except Empty:
                 continue
             except Exception:  # the queue's actor is gone with the cluster
@@ -96,6 +120,7 @@ class ConsoleRelay:
     def close(self) -> None:
         self.stop.set()
         self.thread.join(10)
+        self.printer.end()
 
 
 def connect(job: JobConfig, verbose: bool = True) -> str:
@@ -264,43 +289,55 @@ def mark_run(job: JobConfig, run_id: str, status: str) -> None:
         print(f"warning: could not mark run {run_id} {status} on the router: {last_line(e)}", file=sys.stderr)
 
 
+DESCRIPTION = "Distributed DanceOPD training (Ray Train + Serve teachers + router)."
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args("python -m trainer.main", "Distributed DanceOPD training (Ray Train + Serve teachers + router).", argv)
+    return run(parse_args("python -m trainer.main", DESCRIPTION, argv))
+
+
+def run(args) -> int:
+    """The command, from parsed arguments (trainer.cli.add_train_arguments; also `danceopd train`)."""
     job = load_or_report(load_job_config, args)
     if job is None:
         return 2
     if not resume_config_or_report(job, args):  # before Ray starts: a resumed run must train what it trained
         return 2
     t_job = time.perf_counter()
-    logs = quiet_console(job, args.verbose)
-    # Ray and Serve set up their console loggers while they start (on stderr): started with stderr pointing at the
-    # log file, they keep writing there.
-    framework = contextlib.nullcontext() if args.verbose else contextlib.redirect_stderr(open(logs / "driver.log", "a"))
-    error = None
-    with framework:
-        started = connect(job, args.verbose)
-        print(started, flush=True)
-        if not args.verbose:
-            print(f"framework logs: {logs.resolve()}/driver.log, and Ray's session logs (ray logs; /tmp/ray/session_latest/logs); "
-                  "--verbose shows them here", flush=True)
-        try:
-            ensure_services(job, log=lambda m: print(m, flush=True))
-        except (ServiceError, RequestError) as e:
-            error = e
-    if error is not None:
-        print(f"error: {error}", file=sys.stderr)
+    log_file = quiet_console(job.run_dir / "logs", args.verbose)
+    log_start = log_file.stat().st_size  # this command's part of the log
+    # Until training ends, stderr is the log file: Ray and Serve set up their console loggers on stderr while they
+    # start, and the raylet's warnings reach the driver there. The job's own errors go to the console (`err`).
+    err, quiet = sys.stderr, contextlib.ExitStack()
+    if not args.verbose:
+        quiet.enter_context(contextlib.redirect_stderr(open(log_file, "a")))
+    started = connect(job, args.verbose)
+    print(started, flush=True)
+    if not args.verbose:
+        print(f"framework logs: {log_file.resolve()}, and Ray's session logs (ray logs; /tmp/ray/session_latest/logs); "
+              "--verbose shows them here", flush=True)
+    try:
+        ensure_services(job, log=lambda m: print(m, flush=True))
+    except (ServiceError, RequestError) as e:
+        quiet.close()
+        print(f"error: {e}", file=err)
         return 2
     run_id, resuming = resolve_run_id(job, fresh=args.no_resume)
     print(f"run {run_id} ({'resuming' if resuming else 'new'}): {job.cluster.num_workers} workers x {job.worker_batch_size} samples, "
-          f"{job.steps} steps; checkpoints in {job.storage_path / run_id}", flush=True)
+          f"{job.steps} steps; outputs in {job.run_dir.resolve()}, checkpoints in {job.storage_path / run_id}", flush=True)
 
     from danceopd.student import build_student, load_student
+    from danceopd.tracking import log_evaluation, start_new_run, tensorboard_dir
     from trainer.distributed import run_distributed, stop_marker
+
+    if not resuming:  # W&B / MLflow: a new tracked run (TensorBoard: the curves start over at step 1)
+        start_new_run(job.run_dir)
 
     before = None
     if args.eval and not resuming:
         initial = load_student(job.init_from, job.device, job.dtype) if job.init_from else build_student(job.student, job.device, job.dtype)
         before = evaluate_student(job, initial, job.run_dir / "grid-before.png")  # the same grid before training
+        log_evaluation(job.tracking, job.run_dir, job.run_name, 0, before)
         del initial
     t0 = time.perf_counter()
     relay = None if args.verbose else ConsoleRelay()
@@ -313,8 +350,11 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if relay is not None:
             relay.close()
+        quiet.close()
     train_s = time.perf_counter() - t0
     mark_run(job, run_id, "failed" if failure is not None else "finished")
+    if not args.verbose and (note := log_warnings(log_file, log_start)):
+        print(note, flush=True)
     if failure is not None:
         print(training_failed(job, run_id, failure), file=sys.stderr)
         return 1
@@ -326,6 +366,8 @@ def main(argv: list[str] | None = None) -> int:
     m = result.metrics
     weights = "EMA weights" if job.optim.ema_decay > 0 else "final weights"
     print(f"trained to step {m['step']} in {train_s / 60:.1f} min; student ({weights}) saved to {final_dir}", flush=True)
+    if job.tracking.tensorboard:
+        print(f"tensorboard: {tensorboard_dir(job.run_dir).resolve()} (tensorboard --logdir {job.run_dir})", flush=True)
     if args.eval:
         from danceopd.evaluation import write_report
 
@@ -338,6 +380,7 @@ def main(argv: list[str] | None = None) -> int:
                                "time_share": m.get("time_share_total"), "checkpoint": result.checkpoint.path,
                                "history": [{"step": h["step"], "loss": h["loss"], "samples_per_s": h["samples_per_s"]} for h in history]}
         path = write_report(report, job.run_dir / "report.json")
+        log_evaluation(job.tracking, job.run_dir, job.run_name, m["step"], report)
         print(before_after_table(before, report))
         grids = Path(report["grid"]).resolve()
         if before is not None and before.get("grid"):

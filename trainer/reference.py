@@ -24,11 +24,13 @@ from danceopd.routing import HardRouter
 from danceopd.seeding import derive_seed
 from danceopd.student import build_student, load_student
 from danceopd.suite import CapabilitySuite
+from danceopd.tracking import log_evaluation, start_new_run, tensorboard_dir
 from trainer.checkpoint import latest_checkpoint, restore_checkpoint, save_checkpoint
 from danceopd.remote import Resolved
 from trainer.steps import (MicroBatch, NonFiniteSteps, QueryBatch, StepTimes, distillation_loss, format_progress, lr_at, query_batch,
                            refills, routing_config, run_sigmas)
 from trainer.cli import load_or_report, parse_args, resume_config_or_report
+from trainer.console import ConsolePrinter
 from trainer.ema import EMA
 from trainer.job import JobConfig
 
@@ -170,50 +172,84 @@ class ReferenceTrainer:
         cfg = self.cfg
         end = steps if steps is not None else cfg.steps
         start_step, start = self.step, time.perf_counter()
-        window: dict[str, list[float]] = defaultdict(list)
+        window: dict[str, list[float]] = defaultdict(list)  # this log window's losses per route
+        grad_norms: list[float] = []
         acc = StepTimes()
-        while self.step < end:
-            out = self.train_step()
-            if out["applied"]:
-                window[out["route"]].append(out["loss"])
-            elif self.nonfinite.exhausted:  # no checkpoint: a resume must not start from this state
-                return {"steps": self.step - start_step, "seconds": time.perf_counter() - start,
-                        "stopped": self.nonfinite.stop_message(out["step"])}
-            acc.add(out["times"])
-            elapsed = time.perf_counter() - start
-            done = self.step - start_step
-            if self.step % cfg.log_every == 0 or self.step == end:
-                rate = done * cfg.optim.batch_size * cfg.optim.grad_accum / elapsed
-                eta = elapsed / done * (end - self.step)
-                if cfg.max_minutes is not None:
-                    eta = min(eta, max(0.0, cfg.max_minutes * 60 - elapsed))
-                losses = {r: sum(v) / len(v) for r, v in window.items()}
-                rec = {"step": self.step, "loss": losses, "samples_per_s": rate, "elapsed_s": elapsed, "time_share": acc.shares()}
-                self.history.append(rec)
-                self.log(format_progress(self.step, end, losses, rate, rec["time_share"], eta))
-                window.clear()
-            if self.step % cfg.checkpoint_every == 0:
-                self.save()
-            if cfg.max_minutes is not None and elapsed > cfg.max_minutes * 60:
-                self.log(f"stopping at step {self.step}: max_minutes={cfg.max_minutes} reached")
-                break
+        tracker = self.tracker()
+        try:
+            while self.step < end:
+                out = self.train_step()
+                if out["applied"]:
+                    window[out["route"]].append(out["loss"])
+                    grad_norms.append(out["grad_norm"])
+                elif self.nonfinite.exhausted:  # no checkpoint: a resume must not start from this state
+                    return {"steps": self.step - start_step, "seconds": time.perf_counter() - start,
+                            "stopped": self.nonfinite.stop_message(out["step"])}
+                acc.add(out["times"])
+                elapsed = time.perf_counter() - start
+                if self.step % cfg.log_every == 0 or self.step == end:
+                    rec = self.window_record(window, grad_norms, acc, self.step - start_step, elapsed, end)
+                    self.history.append(rec)
+                    if tracker is not None:
+                        tracker.window(rec)
+                    self.log(format_progress(self.step, end, rec["loss"], rec["samples_per_s"], rec["time_share"], rec["eta_s"]))
+                    window.clear()
+                    grad_norms.clear()
+                if self.step % cfg.checkpoint_every == 0:
+                    self.log(f"checkpoint: {self.save()}")
+                if cfg.max_minutes is not None and elapsed > cfg.max_minutes * 60:
+                    self.log(f"stopping at step {self.step}: max_minutes={cfg.max_minutes} reached")
+                    break
+        finally:
+            tracker.close()
         if self.step % cfg.checkpoint_every != 0:
-            self.save()
+            self.log(f"checkpoint: {self.save()}")
         return {"steps": self.step - start_step, "seconds": time.perf_counter() - start}
+
+    def window_record(self, window: dict, grad_norms: list, acc: StepTimes, done: int, elapsed: float, end: int) -> dict:
+        """One progress window: what the log line shows and the run's tracking gets."""
+        cfg = self.cfg
+        eta = elapsed / done * (end - self.step)
+        if cfg.max_minutes is not None:
+            eta = min(eta, max(0.0, cfg.max_minutes * 60 - elapsed))
+        updates = sum(len(v) for v in window.values())
+        return {"step": self.step, "loss": {r: sum(v) / len(v) for r, v in window.items()},
+                "samples_per_s": done * cfg.optim.batch_size * cfg.optim.grad_accum / elapsed, "elapsed_s": elapsed, "eta_s": eta,
+                "time_share": acc.shares(), "lr": self.lr_at(self.step - 1),
+                "grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else None,
+                "route_mix": {r: len(window.get(r, [])) / updates for r in cfg.routes} if updates else {}}
+
+    def tracker(self):
+        """The run's TensorBoard (+ W&B / MLflow) writer; a resumed run continues its curves from this step."""
+        from danceopd.tracking import RunTracker
+
+        cfg = self.cfg
+        return RunTracker(cfg.tracking, cfg.run_dir, cfg.run_name, replace_from=self.step + 1, config=json.loads(cfg.model_dump_json()))
+
+
+DESCRIPTION = "Reference (single-process) DanceOPD training."
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args("python -m trainer.reference", "Reference (single-process) DanceOPD training.", argv)
+    return run(parse_args("python -m trainer.reference", DESCRIPTION, argv))
+
+
+def run(args) -> int:
+    """The command, from parsed arguments (trainer.cli.add_train_arguments; also `danceopd train`)."""
     cfg = load_or_report(lambda path, over: load_config(path, over, model=JobConfig), args)  # a job file works too
     if cfg is None:
         return 2
     if not resume_config_or_report(cfg, args):  # before the model loads: a resumed run must train what it trained
         return 2
-    trainer = ReferenceTrainer(cfg, log=lambda m: print(m, flush=True))
-    if not args.no_resume:
-        trainer.resume()
+    console = ConsolePrinter()
+    trainer = ReferenceTrainer(cfg, log=console)
+    if args.no_resume or not trainer.resume():
+        start_new_run(cfg.run_dir)  # W&B / MLflow: a new tracked run (TensorBoard: the curves start over at step 1)
     before = trainer.evaluate(grid_path=cfg.run_dir / "grid-before.png") if args.eval and trainer.step == 0 else None
+    if before is not None:
+        log_evaluation(cfg.tracking, cfg.run_dir, cfg.run_name, 0, before)
     stopped = trainer.fit().get("stopped")
+    console.end()
     if stopped:
         print(f"error: training failed: {stopped}", file=sys.stderr)
         return 1
@@ -221,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     with trainer.final_weights():
         trainer.student.save_pretrained(final)
     print(f"student: {final}")
+    if cfg.tracking.tensorboard:
+        print(f"tensorboard: {tensorboard_dir(cfg.run_dir)} (tensorboard --logdir {cfg.run_dir})")
     if args.eval:
         from danceopd.evaluation import summary_table, write_report
 
@@ -229,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         report["before"] = before
         report["training"] = {"steps": trainer.step, "history": trainer.history[-1:] if trainer.history else []}
         path = write_report(report, cfg.run_dir / "report.json")
+        log_evaluation(cfg.tracking, cfg.run_dir, cfg.run_name, trainer.step, report)
         print(summary_table(report))
         print(f"report: {path}\ngrid:   {report['grid']}")
     return 0

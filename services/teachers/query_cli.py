@@ -18,6 +18,14 @@ class CliError(Exception):
     """Bad input on the command line or from the server (exit 2)."""
 
 
+class ServerSaid(CliError):
+    """An HTTP error answer (its status in `code`)."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
 def http_json(method: str, url: str, body: dict | None, token: str | None, timeout: float) -> dict:
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, method=method, headers={"content-type": "application/json"})
@@ -29,9 +37,10 @@ def http_json(method: str, url: str, body: dict | None, token: str | None, timeo
     except urllib.error.HTTPError as e:
         try:
             err = json.loads(e.read()).get("error", {})
-            raise CliError(f"server said {e.code}: {err.get('field', '?')}: {err.get('message', e.reason)}") from None
+            message = f"server said {e.code}: {err.get('field', '?')}: {err.get('message', e.reason)}"
         except (ValueError, AttributeError):
-            raise CliError(f"server said {e.code}: {e.reason}") from None
+            message = f"server said {e.code}: {e.reason}"
+        raise ServerSaid(message, e.code) from None
 
 
 def load_png(path: Path, shape: tuple[int, int, int]) -> np.ndarray:
@@ -56,20 +65,35 @@ def add_parser(sub) -> None:
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--url", default=os.environ.get("DANCEOPD_URL", "http://127.0.0.1:8000"))
     q.add_argument("--token", default=os.environ.get("DANCEOPD_API_TOKEN"), help="bearer token (default: $DANCEOPD_API_TOKEN)")
-    q.add_argument("--timeout", type=float, default=30.0)
+    q.add_argument("--timeout", type=float, default=30.0, help="seconds per HTTP request")
+    q.add_argument("--wait", type=float, default=0.0, help="seconds to wait for the teacher to come up (just deployed: "
+                   "unreachable, or 404/503 while Serve starts it) before giving up")
     q.add_argument("--out", type=Path, default=Path("query-out"))
     q.set_defaults(run=run_query)
 
 
 def run_query(args) -> int:
+    import time
+
     if not 0.0 <= args.sigma <= 1.0:
         raise CliError(f"--sigma {args.sigma} must lie in [0, 1]")
+    deadline = time.monotonic() + args.wait
+    while True:
+        try:
+            return query_once(args)
+        except (urllib.error.URLError, ConnectionError, ServerSaid) as e:
+            coming_up = not isinstance(e, ServerSaid) or e.code in (404, 502, 503, 504)
+            if not coming_up or time.monotonic() > deadline:
+                if isinstance(e, ServerSaid):
+                    raise
+                print(f"error: cannot reach {args.url}: {getattr(e, 'reason', e)}", file=sys.stderr)
+                return 1
+            time.sleep(2)
+
+
+def query_once(args) -> int:
     base = args.url.rstrip("/")
-    try:
-        fields = {f["name"]: f for f in http_json("GET", f"{base}/v1/fields", None, args.token, args.timeout)["fields"]}
-    except urllib.error.URLError as e:
-        print(f"error: cannot reach {base}: {e.reason}", file=sys.stderr)
-        return 1
+    fields = {f["name"]: f for f in http_json("GET", f"{base}/v1/fields", None, args.token, args.timeout)["fields"]}
     if args.teacher not in fields:
         raise CliError(f"unknown teacher {args.teacher!r}; available: {sorted(fields)}")
     shape = tuple(fields[args.teacher]["sample_shape"])
