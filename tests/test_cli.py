@@ -83,3 +83,43 @@ def test_train_reference_trains_and_tracks(tmp_path):
     assert "step     4/4" in proc.stdout and f"checkpoint: {tmp_path}/run/checkpoints/step-00000004" in proc.stdout
     assert f"tensorboard: {tmp_path}/run/tensorboard" in proc.stdout
     assert list((tmp_path / "run" / "tensorboard" / "train").glob("events.out.tfevents.*"))
+
+
+def test_serve_deploys_a_teachers_file_that_answers_queries_until_stopped(tmp_path):
+    """`danceopd serve` on its own local Ray: the teacher answers `danceopd query` over REST; SIGTERM stops it."""
+    import os
+    import signal
+    import time
+
+    from conftest import free_port
+
+    teachers = tmp_path / "teachers.yaml"
+    teachers.write_text("teachers:\n  - name: t2i\n    field: {kind: suite, capability: t2i, tier: basic}\n"
+                        "    ray_actor_options: {num_cpus: 0.25}\n")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "danceopd_cli", "serve", str(teachers), "--port", str(port), "--logs",
+                             str(tmp_path / "logs")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+    try:
+        lines = []
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if "until Ctrl-C" in line:
+                break
+        assert lines and "until Ctrl-C" in lines[-1], "".join(lines) + proc.stderr.read() if proc.poll() is not None else "".join(lines)
+        assert any("deployed 1 teachers ['teacher-t2i'], teacher-gateway and router" in ln for ln in lines), "".join(lines)
+        q = run_cli("query", "t2i", "--sigma", "0.5", "--prompt", "a red circle", "--url", f"http://127.0.0.1:{port}",
+                    "--wait", "60", "--out", str(tmp_path / "q"))
+        assert q.returncode == 0, q.stderr
+        assert (tmp_path / "q" / "velocity.npy").exists() and "velocity [1, 3, 16, 16]" in q.stdout
+        assert len(lines) <= 6 and not any("INFO" in ln for ln in lines)  # Ray and Serve went to the log file
+        assert (tmp_path / "logs" / "serve.log").stat().st_size > 0
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -470,6 +470,10 @@ def run_distributed(job: JobConfig, run_id: str, crash_once: dict | None = None,
     from router.client import RouterClient
 
     faults = [*(faults or []), *([{**crash_once, "action": "exit"}] if crash_once else [])]
+    # The workers run in Ray Train's own working directory: relative paths would name other folders there (the
+    # checkpoint notices, the early-stop marker the driver reads).
+    job = job.model_copy(update={"output_dir": Path(job.output_dir).expanduser().resolve(),
+                                 "cluster": job.cluster.model_copy(update={"storage_path": job.storage_path})})
     c = job.cluster
     RouterClient(job.services.router_app, timeout_s=job.cluster.timeout_s).register_run(run_id, job_routing_config(job))
     stop_marker(job, run_id).unlink(missing_ok=True)  # a resumed run's earlier stop
