@@ -6,7 +6,8 @@ evaluation grids as images). `tracking.wandb` / `tracking.mlflow` send the same 
 libraries (W&B offline by default: no network; MLflow: a local file store by default). Only one process writes
 (the reference trainer, or rank 0 of the distributed job; the driver for evaluations).
 
-A resumed run continues the same curves: its writer starts with TensorBoard's purge marker at the resumed step, so
+A resumed run continues the same curves: its writer starts with TensorBoard's purge marker at the step after the
+checkpoint it resumed from, so
 the points a crashed attempt logged after its last checkpoint are dropped by every TensorBoard reader instead of
 being shown twice (the resumed run logs those steps again).
 """

@@ -166,19 +166,17 @@ def _train(args) -> int:
 
 def _serve(args) -> int:
     """Deploy the teachers file's teacher applications, REST gateway and router on a Ray cluster."""
+    import contextlib
     import signal
 
     from router.deployment import router_app
     from services.teachers.app import GATEWAY_APP, deploy_teachers, router_args
     from services.teachers.config import load_teachers_config
+    from trainer.main import quiet_console
 
     cfg = load_teachers_config(args.config)  # every key validated before Ray starts
     address = args.address or os.environ.get("RAY_ADDRESS")
-    from trainer.main import quiet_console
-
     log_file = quiet_console(args.logs, args.verbose, "serve.log")
-    import contextlib
-
     import ray
     from ray import serve
 
@@ -196,7 +194,7 @@ def _serve(args) -> int:
     names = [cfg.app_name(t.name) for t in cfg.teachers if t.deploy]
     url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
     print(f"deployed {len(names)} teachers {names}, {GATEWAY_APP}{' and router' if cfg.router.enabled else ''} in {time.perf_counter() - t0:.0f} s")
-    print(f"REST: {url}{cfg.gateway.route_prefix.rstrip('/')}/v1/teachers (danceopd query <teacher> --sigma 0.5 --url {url})")
+    print(f"REST: {url}{cfg.gateway.route_prefix.rstrip('/')}/v1/fields (danceopd query <teacher> --sigma 0.5 --url {url})")
     if cfg.router.enabled:
         print(f"router: {url}{cfg.router.route_prefix}/v1/runs")
     if address:

@@ -112,6 +112,10 @@ def test_serve_deploys_a_teachers_file_that_answers_queries_until_stopped(tmp_pa
                 break
         assert lines and "until Ctrl-C" in lines[-1], "".join(lines) + proc.stderr.read() if proc.poll() is not None else "".join(lines)
         assert any("deployed 1 teachers ['teacher-t2i'], teacher-gateway and router" in ln for ln in lines), "".join(lines)
+        import urllib.request
+
+        rest = next(ln for ln in lines if ln.startswith("REST: ")).split()[1]  # the URL it prints answers
+        assert [f["name"] for f in json.loads(urllib.request.urlopen(rest, timeout=30).read())["fields"]] == ["t2i"]
         q = run_cli("query", "t2i", "--sigma", "0.5", "--prompt", "a red circle", "--url", f"http://127.0.0.1:{port}",
                     "--wait", "60", "--out", str(tmp_path / "q"))
         assert q.returncode == 0, q.stderr

@@ -37,7 +37,7 @@ from trainer.ema import EMA
 from trainer.job import JobConfig
 from trainer.metrics import TrainerMetrics
 from trainer.steps import (MicroBatch, NonFiniteSteps, StepTimes, distillation_loss, format_progress, lr_at, query_batch, refills,
-                           routing_config, run_sigmas)
+                           routing_config, run_sigmas, window_stats)
 
 
 def worker_loop(config: dict) -> None:
@@ -122,10 +122,10 @@ def worker_loop(config: dict) -> None:
 
     metrics = TrainerMetrics(run_id, {r: c.capability for r, c in job.routes.items()}) if rank == 0 else None
     tracker = None
-    if rank == 0 and config.get("run_dir"):  # TensorBoard (+ W&B / MLflow): one writer; a resume continues the curves
+    if rank == 0:  # TensorBoard (+ W&B / MLflow): one writer; a resume continues the curves
         from danceopd.tracking import RunTracker
 
-        tracker = RunTracker(job.tracking, Path(config["run_dir"]), job.run_name, replace_from=start + 1, config=config["job"])
+        tracker = RunTracker(job.tracking, job.run_dir, job.run_name, replace_from=start + 1, config=config["job"])
     window = Window(job, rank, world, start, device, metrics, record_step_losses=config.get("record_step_losses", False),
                     tracker=tracker)
     window.history = history
@@ -363,16 +363,10 @@ class Window:
         buf = buf.cpu()
         n = len(self.routes)
         losses = {r: float(buf[i] / buf[n + i]) for i, r in enumerate(self.routes) if buf[n + i] > 0}
-        steps_done = done - self.start
-        rate = steps_done * self.job.optim.batch_size * self.job.optim.grad_accum / max(elapsed, 1e-9)
-        eta = elapsed / max(steps_done, 1) * (self.job.steps - done)
-        if self.job.max_minutes is not None:
-            eta = min(eta, max(0.0, self.job.max_minutes * 60 - elapsed))
-        updates = float(buf[n:2 * n].sum())
-        self.last = {"step": done, "loss": losses, "samples_per_s": rate, "elapsed_s": elapsed,
-                     "time_share": self.times.shares(), "eta_s": eta, "lr": lr_at(self.job, done - 1),
-                     "grad_norm": sum(self.grad_norms) / len(self.grad_norms) if self.grad_norms else None,
-                     "route_mix": {r: float(buf[n + i]) / updates for i, r in enumerate(self.routes)} if updates else {}}
+        counts = {r: float(buf[n + i]) for i, r in enumerate(self.routes)}  # over all ranks: the mix is the same
+        self.last = {"step": done, "loss": losses, "elapsed_s": elapsed, "time_share": self.times.shares(),
+                     **window_stats(self.job, done, done - self.start, elapsed, self.job.steps, counts, self.grad_norms)}
+        rate, eta = self.last["samples_per_s"], self.last["eta_s"]
         if self.metrics is not None:
             window_steps = max(1, sum(len(v) for v in self.sums.values()))
             self.metrics.window(done, losses, {r: int(buf[n + i]) // self.world for i, r in enumerate(self.routes)}, rate,
@@ -482,7 +476,7 @@ def run_distributed(job: JobConfig, run_id: str, crash_once: dict | None = None,
     trainer = TorchTrainer(
         worker_loop,
         train_loop_config={"job": json.loads(job.model_dump_json()), "run_id": run_id, "faults": faults, "console": console,
-                           "record_step_losses": record_step_losses, "run_dir": str(job.run_dir.resolve())},
+                           "record_step_losses": record_step_losses},
         scaling_config=ScalingConfig(num_workers=c.num_workers, use_gpu=gpu, resources_per_worker=resources),
         run_config=RunConfig(name=run_id, storage_path=str(job.storage_path), failure_config=FailureConfig(max_failures=c.max_failures)),
     )

@@ -60,7 +60,7 @@ def quiet_console(logs: Path, verbose: bool, name: str = "driver.log") -> Path:
             logger.propagate = False
     if not verbose:
         relay_ray_messages(logs / name)
-    if not verbose:  # "Loading weights" / "Writing model shards" bars of the evaluation's student loads
+        # "Loading weights" / "Writing model shards" bars of the evaluation's student loads
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         try:
             from diffusers.utils import logging as diffusers_logging

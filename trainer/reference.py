@@ -24,11 +24,11 @@ from danceopd.routing import HardRouter
 from danceopd.seeding import derive_seed
 from danceopd.student import build_student, load_student
 from danceopd.suite import CapabilitySuite
-from danceopd.tracking import log_evaluation, start_new_run, tensorboard_dir
+from danceopd.tracking import RunTracker, log_evaluation, start_new_run, tensorboard_dir
 from trainer.checkpoint import latest_checkpoint, restore_checkpoint, save_checkpoint
 from danceopd.remote import Resolved
 from trainer.steps import (MicroBatch, NonFiniteSteps, QueryBatch, StepTimes, distillation_loss, format_progress, lr_at, query_batch,
-                           refills, routing_config, run_sigmas)
+                           refills, routing_config, run_sigmas, window_stats)
 from trainer.cli import load_or_report, parse_args, resume_config_or_report
 from trainer.console import ConsolePrinter
 from trainer.ema import EMA
@@ -188,10 +188,11 @@ class ReferenceTrainer:
                 acc.add(out["times"])
                 elapsed = time.perf_counter() - start
                 if self.step % cfg.log_every == 0 or self.step == end:
-                    rec = self.window_record(window, grad_norms, acc, self.step - start_step, elapsed, end)
+                    rec = {"step": self.step, "loss": {r: sum(v) / len(v) for r, v in window.items()}, "elapsed_s": elapsed,
+                           "time_share": acc.shares(), **window_stats(cfg, self.step, self.step - start_step, elapsed, end,
+                                                                       {r: len(v) for r, v in window.items()}, grad_norms)}
                     self.history.append(rec)
-                    if tracker is not None:
-                        tracker.window(rec)
+                    tracker.window(rec)
                     self.log(format_progress(self.step, end, rec["loss"], rec["samples_per_s"], rec["time_share"], rec["eta_s"]))
                     window.clear()
                     grad_norms.clear()
@@ -206,23 +207,8 @@ class ReferenceTrainer:
             self.log(f"checkpoint: {self.save()}")
         return {"steps": self.step - start_step, "seconds": time.perf_counter() - start}
 
-    def window_record(self, window: dict, grad_norms: list, acc: StepTimes, done: int, elapsed: float, end: int) -> dict:
-        """One progress window: what the log line shows and the run's tracking gets."""
-        cfg = self.cfg
-        eta = elapsed / done * (end - self.step)
-        if cfg.max_minutes is not None:
-            eta = min(eta, max(0.0, cfg.max_minutes * 60 - elapsed))
-        updates = sum(len(v) for v in window.values())
-        return {"step": self.step, "loss": {r: sum(v) / len(v) for r, v in window.items()},
-                "samples_per_s": done * cfg.optim.batch_size * cfg.optim.grad_accum / elapsed, "elapsed_s": elapsed, "eta_s": eta,
-                "time_share": acc.shares(), "lr": self.lr_at(self.step - 1),
-                "grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else None,
-                "route_mix": {r: len(window.get(r, [])) / updates for r in cfg.routes} if updates else {}}
-
-    def tracker(self):
+    def tracker(self) -> RunTracker:
         """The run's TensorBoard (+ W&B / MLflow) writer; a resumed run continues its curves from this step."""
-        from danceopd.tracking import RunTracker
-
         cfg = self.cfg
         return RunTracker(cfg.tracking, cfg.run_dir, cfg.run_name, replace_from=self.step + 1, config=json.loads(cfg.model_dump_json()))
 

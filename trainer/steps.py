@@ -178,6 +178,20 @@ class NonFiniteSteps:
                 "check the teachers' answers, or resume from an earlier checkpoint")
 
 
+def window_stats(cfg: TrainConfig, step: int, steps_done: int, elapsed: float, end: int, counts: dict[str, float],
+                 grad_norms: list[float]) -> dict:
+    """What a progress window records besides its losses and time shares (both trainers): samples/s and ETA since
+    this start, the learning rate of its last update, the mean gradient norm of its applied updates and each route's
+    share of them (`counts`: applied updates per route)."""
+    eta = elapsed / max(steps_done, 1) * (end - step)
+    if cfg.max_minutes is not None:
+        eta = min(eta, max(0.0, cfg.max_minutes * 60 - elapsed))
+    updates = sum(counts.values())
+    return {"samples_per_s": steps_done * cfg.optim.batch_size * cfg.optim.grad_accum / max(elapsed, 1e-9), "eta_s": eta,
+            "lr": lr_at(cfg, step - 1), "grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else None,
+            "route_mix": {r: counts.get(r, 0) / updates for r in cfg.routes} if updates else {}}
+
+
 def format_progress(step: int, end: int, losses: dict[str, float], samples_per_s: float, shares: dict[str, float], eta_s: float) -> str:
     loss_txt = " ".join(f"{r}={v:.4f}" for r, v in sorted(losses.items()))
     parts = " ".join(f"{k.replace('forward_backward', 'fwd/bwd')} {v:.0%}" for k, v in shares.items() if v > 0.005)
