@@ -3,7 +3,9 @@
 FROM python:3.11-slim
 ARG TORCH_SPEC="torch==2.13.0"
 ARG TORCH_INDEX="https://download.pytorch.org/whl/cu128"
-ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
+# HF_HOME: the Hugging Face cache every container shares (a volume in docker-compose.yml, a PVC in KubeRay), filled once
+# by `danceopd prefetch`; HF_TOKEN (gated models) comes from the environment at run time, never baked into the image.
+ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 HF_HOME=/cache/huggingface
 RUN apt-get update && apt-get install -y --no-install-recommends curl ca-certificates && rm -rf /var/lib/apt/lists/*
 WORKDIR /app
 RUN pip install --index-url "$TORCH_INDEX" "$TORCH_SPEC"

@@ -59,8 +59,12 @@ class DataConfig(_Strict):
     manifest: Path | None = Field(None, description="JSONL / Parquet rows (uid, route, prompt, source_image, target_image) "
                                                     "feeding each route's bucket; default: the capability suite")
     latent_cache: Path | None = Field(None, description="folder for VAE latents of manifest images (default: none, in memory)")
+    eval_manifest: Path | None = Field(None, description="held-out rows to evaluate on (same columns; no uid of data.manifest); "
+                                                         "default: data.eval_fraction of data.manifest's rows, never trained on")
+    eval_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="without data.eval_manifest: this share of each route's "
+                                 "manifest rows (at least one) is held out of training for evaluation, chosen by uid")
 
-    @field_validator("manifest", "latent_cache")
+    @field_validator("manifest", "latent_cache", "eval_manifest")
     @classmethod
     def _absolute(cls, v: Path | None) -> Path | None:
         return None if v is None else v.expanduser().resolve()  # Ray workers run in other working directories
@@ -218,7 +222,8 @@ class TrainConfig(_Strict):
     steps: int = Field(600, ge=1)
     max_minutes: float | None = Field(None, gt=0, description="stop early (after a checkpoint) past this wall time")
     device: str = "auto"
-    dtype: str = "float32"
+    dtype: str = Field("float32", description="the frozen base's dtype and the autocast dtype: bfloat16 (GPUs), float32, or "
+                                             "auto; trainable weights, optimizer and EMA are float32 whatever it is")
     torch_threads: int | None = Field(None, ge=1)
     suite: SuiteConfig = SuiteConfig()
     data: DataConfig = DataConfig()
@@ -237,7 +242,8 @@ class TrainConfig(_Strict):
     log_every: int = Field(10, ge=1)
     checkpoint_every: int = Field(100, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
-    _manifest = PrivateAttr(None)  # the validated data.manifest (loaded once, at validation)
+    _manifest = PrivateAttr(None)  # the validated data.manifest's training rows (loaded once, at validation)
+    _eval_manifest = PrivateAttr(None)  # its held-out rows, or data.eval_manifest
 
     @model_validator(mode="after")
     def _consistent(self) -> "TrainConfig":
@@ -249,8 +255,13 @@ class TrainConfig(_Strict):
             raise ValueError("routes is empty: name at least one capability route")
         if sum(r.weight for r in self.routes.values()) <= 0:
             raise ValueError("routes: at least one route needs weight > 0")
-        if self.dtype not in ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16", "auto"):
-            raise ValueError(f"dtype {self.dtype!r}: use float32, bfloat16, float16 or auto")
+        if self.dtype in ("float16", "fp16"):
+            raise ValueError(f"dtype {self.dtype!r}: training in float16 needs loss scaling, which the trainers do not do (small "
+                             "gradients underflow to zero, and FLUX's activations overflow float16); use bfloat16 (NVIDIA Ampere "
+                             "or newer: A100, H100, L40, RTX 30xx) or float32. Teachers may still serve in float16 "
+                             "(services.teacher_defaults.dtype): they compute no gradients")
+        if self.dtype not in ("float32", "fp32", "bfloat16", "bf16", "auto"):
+            raise ValueError(f"dtype {self.dtype!r}: use bfloat16, float32 or auto (bfloat16 on a GPU that has it, else float32)")
         for name, route in self.routes.items():
             if route.capability is None and self.data.manifest is None:
                 raise ValueError(f"routes.{name}.capability: required without data.manifest (the suite is the dataset)")
@@ -264,17 +275,32 @@ class TrainConfig(_Strict):
         return self
 
     def _check_manifest(self) -> None:
+        manifest = self._load_manifest("manifest")
+        if self.data.eval_manifest is None:
+            try:
+                self._manifest, self._eval_manifest = manifest.held_out(self.data.eval_fraction)
+            except ValueError as e:
+                raise ValueError(f"data.eval_fraction: {e}") from None
+            return
+        held = self._load_manifest("eval_manifest")
+        shared = sorted({r.uid for r in manifest.rows} & {r.uid for r in held.rows})
+        if shared:
+            raise ValueError(f"data.eval_manifest: uids {shared[:5]} are also in data.manifest: held-out rows must never be "
+                             "trained on; remove them from one of the files")
+        self._manifest, self._eval_manifest = manifest, held
+
+    def _load_manifest(self, key: str):
         from danceopd.data.manifest import ManifestError, load_manifest
 
         res = self.student.resolution
         try:
-            manifest = load_manifest(self.data.manifest, routes=list(self.routes), image_size=(res, res))
+            manifest = load_manifest(getattr(self.data, key), routes=list(self.routes), image_size=(res, res))
         except ManifestError as e:
-            raise ValueError(f"data.manifest: {e}") from None
+            raise ValueError(f"data.{key}: {e}") from None
         empty = sorted(set(self.routes) - set(manifest.routes()))
         if empty:
-            raise ValueError(f"data.manifest: no rows for routes {empty} (rows name their route in the 'route' column)")
-        self._manifest = manifest
+            raise ValueError(f"data.{key}: no rows for routes {empty} (rows name their route in the 'route' column)")
+        return manifest
 
     def _check_teachers(self, pixel: bool) -> None:
         student = self.student.model_family
@@ -311,8 +337,14 @@ class TrainConfig(_Strict):
 
     @property
     def manifest(self):
-        """The validated data.manifest (danceopd.data.Manifest), or None when the suite is the dataset."""
+        """The rows training draws from (danceopd.data.Manifest): data.manifest less its held-out rows; None when the
+        suite is the dataset."""
         return self._manifest
+
+    @property
+    def eval_manifest(self):
+        """The held-out rows evaluation draws from: data.eval_manifest, or data.manifest's held-out share."""
+        return self._eval_manifest
 
     def route_takes_source(self, name: str) -> bool:
         route = self.routes[name]

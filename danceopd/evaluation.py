@@ -36,8 +36,19 @@ def sample(field: VelocityField, conditions: Conditions, steps: int, seed: int, 
 
 def evaluate(student: VelocityField, teachers: dict[str, VelocityField], routes: dict[str, RouteConfig],
              suite: CapabilitySuite, cfg: EvalConfig, device="cpu", grid_path: Path | None = None) -> dict:
-    report: dict = {"tier": suite.tier.name, "sampling_steps": cfg.sampling_steps, "routes": {}}
-    grid_blocks = []
+    entries, blocks = judge_routes(student, teachers, routes, suite, cfg, device, grid=grid_path is not None)
+    report: dict = {"tier": suite.tier.name, "sampling_steps": cfg.sampling_steps, "routes": entries}
+    if grid_path is not None:
+        save_grid(blocks, grid_path)
+        report["grid"] = str(grid_path)
+    return report
+
+
+def judge_routes(student: VelocityField, teachers: dict[str, VelocityField], routes: dict[str, RouteConfig],
+                 suite: CapabilitySuite, cfg: EvalConfig, device="cpu", grid: bool = False) -> tuple[dict, list]:
+    """The suite's judges (and T2I diversity) on teacher and student samples of each route; with `grid`, also each
+    route's grid block. Returns ({route: entry}, [(route, rows)])."""
+    entries, blocks = {}, []
     for name, route in routes.items():
         cap = route.capability
         cond = suite.bucket(cap).evaluation_set(cfg.samples_per_capability, seed=cfg.seed)
@@ -52,13 +63,10 @@ def evaluate(student: VelocityField, teachers: dict[str, VelocityField], routes:
             td, sd = diversity(t_samples, cond.prompts, refs), diversity(s_samples, cond.prompts, refs)
             entry["diversity"] = {"teacher": td, "student": sd,
                                   "coverage_vs_teacher": sd["modes_hit"] / max(td["modes_hit"], 1)}
-        report["routes"][name] = entry
-        if grid_path is not None:
-            grid_blocks.append((name, _grid_block(student, teachers[name], suite, cap, cfg, device)))
-    if grid_path is not None:
-        save_grid(grid_blocks, grid_path)
-        report["grid"] = str(grid_path)
-    return report
+        entries[name] = entry
+        if grid:
+            blocks.append((name, _grid_block(student, teachers[name], suite, cap, cfg, device)))
+    return entries, blocks
 
 
 def _grid_block(student, teacher, suite, cap, cfg: EvalConfig, device, conditions_shown: int = 3):
@@ -84,6 +92,24 @@ def _grid_block(student, teacher, suite, cap, cfg: EvalConfig, device, condition
     return rows
 
 
+GRID_CELL = 64  # pixels per image in the grids
+
+
+def shrink_blocks(blocks: list, cell: int = GRID_CELL) -> list:
+    """Grid blocks with every image already at the grid's cell size (antialiased): what a worker sends to rank 0 is
+    a few KB per image instead of a decoded 1024 px one (12 MB in fp32)."""
+    import torch.nn.functional as F
+
+    def small(images):  # [C, H, W] or [N, C, H, W]
+        if images is None or images.shape[-1] <= cell:
+            return images
+        batch = images.unsqueeze(0) if images.dim() == 3 else images
+        out = F.interpolate(batch.float(), size=(cell, cell), mode="bilinear", antialias=True, align_corners=False)
+        return out[0] if images.dim() == 3 else out
+
+    return [(name, [(prompt, small(src), small(t), small(s)) for prompt, src, t, s in rows]) for name, rows in blocks]
+
+
 def _to_pil(img: torch.Tensor, cell: int) -> Image.Image:
     """A [-1, 1] image as a cell x cell tile: small suite images upscaled crisply, large decoded ones downscaled."""
     arr = ((img.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
@@ -91,7 +117,7 @@ def _to_pil(img: torch.Tensor, cell: int) -> Image.Image:
     return im.resize((cell, cell), Image.NEAREST if im.width <= cell else Image.BILINEAR)
 
 
-def save_grid(blocks, path: Path, cell: int = 64, pad: int = 4, text_w: int = 150) -> Path:
+def save_grid(blocks, path: Path, cell: int = GRID_CELL, pad: int = 4, text_w: int = 150) -> Path:
     """PNG: per route a titled block; each row = condition text (+ source) | teacher samples | student samples."""
     n = len(blocks[0][1][0][2]) if blocks else 1
     width = text_w + cell + pad + 2 * n * (cell + pad) + pad * 3
@@ -185,22 +211,42 @@ def evaluate_run(student, teachers: dict[str, VelocityField], cfg, suite: Capabi
     """The evaluation of any run: the suite's judges and diversity where the student is the suite's pixel model on
     suite data, and for every family each route's velocity error (held-out conditions, the training grid) and a
     grid of condition | teacher samples | student samples decoded through the VAE."""
+    entries, blocks = evaluate_routes(student, teachers, cfg, suite, data, sigmas, list(cfg.routes), device, grid=grid_path is not None)
+    return assemble_report(student, cfg, entries, blocks, grid_path)
+
+
+def evaluate_routes(student, teachers: dict[str, VelocityField], cfg, suite: CapabilitySuite | None, data: dict, sigmas: torch.Tensor,
+                    routes: list[str], device="cpu", grid: bool = False) -> tuple[dict, list]:
+    """Part of a run's evaluation: these routes only (the distributed job shares its routes among the workers).
+    Returns ({route: entry}, [(route, grid rows)]); `assemble_report` joins the parts."""
     e = cfg.eval
     judged = student.family.name == "pixel" and cfg.manifest is None
     if judged:
-        report = evaluate(student.field, teachers, cfg.routes, suite, e, device=device, grid_path=grid_path)
+        entries, blocks = judge_routes(student.field, teachers, {n: cfg.routes[n] for n in routes}, suite, e, device=device, grid=grid)
     else:
-        report = {"family": student.family.name, "sampling_steps": e.sampling_steps, "routes": {n: {} for n in cfg.routes}}
-    for name in cfg.routes:
+        entries, blocks = {n: {} for n in routes}, []
+    for name in routes:
         cond = data[name].evaluation_set(e.velocity_error_samples, e.seed + 101)
-        report["routes"][name]["velocity_error"] = velocity_error(student.field, teachers[name], cond, sigmas, e.seed, device)
+        entries[name]["velocity_error"] = velocity_error(student.field, teachers[name], cond, sigmas, e.seed, device)
+    if e.clip_model is not None:
+        for name in routes:
+            entries[name]["clip_score"] = clip_scores(student, teachers[name], data[name], e, device)
+    if not judged and grid:
+        blocks = [(name, _latent_grid_block(student, teachers[name], data[name], e, device)) for name in routes]
+    return entries, blocks
+
+
+def assemble_report(student, cfg, entries: dict, blocks: list, grid_path: Path | None = None) -> dict:
+    """One report from the routes' entries (and grid blocks), in the config's route order."""
+    e = cfg.eval
+    judged = student.family.name == "pixel" and cfg.manifest is None
+    head = {"tier": cfg.suite.tier} if judged else {"family": student.family.name}
+    report = {**head, "sampling_steps": e.sampling_steps, "routes": {n: entries[n] for n in cfg.routes if n in entries}}
     if e.clip_model is not None:
         report["clip_model"] = e.clip_model
-        for name in cfg.routes:
-            report["routes"][name]["clip_score"] = clip_scores(student, teachers[name], data[name], e, device)
-    if not judged and grid_path is not None:
-        blocks = [(name, _latent_grid_block(student, teachers[name], data[name], e, device)) for name in cfg.routes]
-        save_grid(blocks, grid_path)
+    if grid_path is not None:
+        order = {n: i for i, n in enumerate(cfg.routes)}
+        save_grid(sorted(blocks, key=lambda b: order[b[0]]), grid_path)
         report["grid"] = str(grid_path)
     return report
 
@@ -221,9 +267,18 @@ def _decoded_samples(student, teacher, cond: Conditions, e: EvalConfig, seed: in
     """Teacher and student samples from the same noise, decoded to [-1, 1] images through the student's VAE."""
     sigmas = eval_sigmas(e, student)
     with torch.no_grad():
-        t = student.decode_latents(sample(teacher, cond, e.sampling_steps, seed, sigmas=sigmas, device=device)).cpu()
-        s = student.decode_latents(sample(student.field, cond, e.sampling_steps, seed, sigmas=sigmas, device=device)).cpu()
+        t = decode(student, sample(teacher, cond, e.sampling_steps, seed, sigmas=sigmas, device=device))
+        s = decode(student, sample(student.field, cond, e.sampling_steps, seed, sigmas=sigmas, device=device))
     return t, s
+
+
+DECODE_CHUNK = 4  # images per VAE decode: at 1024 px the decoder's activations are ~1.5-2 GB per image (bf16)
+
+
+def decode(student, latents: torch.Tensor) -> torch.Tensor:
+    """Latents -> [-1, 1] images on the CPU, a few at a time (a whole evaluation batch at 1024 px would not fit
+    beside a training worker's state)."""
+    return torch.cat([student.decode_latents(latents[i:i + DECODE_CHUNK]).cpu() for i in range(0, len(latents), DECODE_CHUNK)])
 
 
 def _latent_grid_block(student, teacher, data, e: EvalConfig, device, conditions_shown: int = 3):
@@ -231,7 +286,7 @@ def _latent_grid_block(student, teacher, data, e: EvalConfig, device, conditions
     base = data.evaluation_set(conditions_shown, e.seed + 1)
     t, s = _decoded_samples(student, teacher, base.repeat(n), e, e.seed + 7, device)
     with torch.no_grad():
-        src = None if base.source is None else student.decode_latents(base.source.to(device)).cpu()
+        src = None if base.source is None else decode(student, base.source.to(device))
     return [(base.prompts[i], None if src is None else src[i], t[i * n:(i + 1) * n], s[i * n:(i + 1) * n]) for i in range(len(base))]
 
 
@@ -241,4 +296,4 @@ def eval_sigmas(e: EvalConfig, student) -> torch.Tensor:
     return sigma_schedule(e.sampling_steps, e.schedule, e.shift)
 
 
-__all__ = ["evaluate", "evaluate_run", "sample", "save_grid", "summary_table", "velocity_error", "write_report"]
+__all__ = ["GRID_CELL", "shrink_blocks", "assemble_report", "evaluate", "evaluate_routes", "evaluate_run", "judge_routes", "sample", "save_grid", "summary_table", "velocity_error", "write_report"]

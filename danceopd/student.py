@@ -27,6 +27,7 @@ from danceopd.models.base import resolve_device, resolve_dtype
 from danceopd.models.pixel import PixelModelConfig, build_pixel_pipeline, load_pixel_pipeline
 
 STUDENT_MARKER = "danceopd_student.json"
+LORA_FILE = "pytorch_lora_weights.safetensors"  # what save_lora_weights writes, load_lora_weights reads
 INPUT_LAYER_FILE = "input_layer.safetensors"  # a grown input layer (SD3 edits), saved beside the LoRA
 
 
@@ -53,7 +54,12 @@ class StudentConfig(PixelModelConfig):
     edit_input: bool = Field(False, description="grow the input layer for source latents (families without native image "
                                                 "input, SD3): zero-initialised, trained in full beside the LoRA; set "
                                                 "automatically when a route edits")
-    save_merged: bool = Field(False, description="also save the LoRA merged into a full transformer/ (a standalone model)")
+    save_merged: bool = Field(False, description="also export the final student merged into a full transformer/ (a standalone "
+                              "model that loads without peft): once, at the end of training, on the CPU (FLUX.1-dev: ~24 GB of "
+                              "host memory and disk in bf16), never inside a periodic checkpoint")
+    save_dtype: Literal["float32", "bfloat16"] = Field("float32", description="dtype of the exported LoRA (and grown input layer) "
+                                                     "in student/ folders: float32 is the trained weights exactly, bfloat16 "
+                                                     "halves the file; a resume always restores the fp32 training weights")
     max_sequence_length: int | None = Field(None, ge=1, description="prompt tokens; default the pipeline's (SD3 256, FLUX 512)")
     prompt_cache_size: int = Field(512, ge=0, description="prompt embeddings kept (LRU); 0 = no cache")
 
@@ -128,7 +134,8 @@ class Student:
         if cfg.trains_lora:
             from peft.utils import get_peft_model_state_dict
 
-            lora = get_peft_model_state_dict(model)
+            dtype = getattr(torch, cfg.save_dtype)
+            lora = {k: v.detach().to(dtype) for k, v in get_peft_model_state_dict(model).items()}
             self.family.pipeline_class().save_lora_weights(path, transformer_lora_layers=lora,
                                                            transformer_lora_adapter_metadata=model.peft_config["default"].to_dict())
             if cfg.edit_input:
@@ -137,14 +144,7 @@ class Student:
                 from danceopd.models.sd3 import INPUT_LAYER
 
                 layer = model.get_submodule(INPUT_LAYER)
-                save_file({k: v.detach().float().contiguous().cpu() for k, v in layer.state_dict().items()}, str(path / INPUT_LAYER_FILE))
-            if cfg.save_merged:  # a copy with the adapters fused in: transformer/ loads without peft
-                import copy
-
-                merged = copy.deepcopy(model)
-                merged.fuse_lora(adapter_names=["default"])
-                merged.unload_lora()
-                merged.save_pretrained(path / "transformer")
+                save_file({k: v.detach().to(dtype).contiguous().cpu() for k, v in layer.state_dict().items()}, str(path / INPUT_LAYER_FILE))
         elif self.family.name == "pixel":
             self.pipe.transformer = model
             self.pipe.save_pretrained(path)
@@ -184,11 +184,16 @@ def _assemble(cfg: StudentConfig, family: ModelFamily, pipe: Any, device: torch.
     for module in (getattr(pipe, k, None) for k in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae")):
         if isinstance(module, torch.nn.Module):
             module.requires_grad_(False).eval().to(device)
-            _cast_params(module, dtype)
+            if family.name == "pixel":  # built here in fp32; a diffusers pipeline was loaded in `dtype` by from_pretrained,
+                _cast_params(module, dtype)  # which keeps what its models must keep in fp32 (T5's `wo` under fp16)
     if cfg.trains_lora:
         transformer.requires_grad_(False).to(device)
         _cast_params(transformer, dtype)
-        transformer.add_adapter(_lora_config(cfg, family))
+        # peft draws the A matrices from the global RNG: seeded here (student.seed), a run starts from the same
+        # adapters every time, and the process's RNG is left as it was
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(cfg.seed)
+            transformer.add_adapter(_lora_config(cfg, family))
         if lora_weights is not None:
             from peft.utils import set_peft_model_state_dict
 
@@ -276,9 +281,9 @@ def _input_layer(path: Path, cfg: StudentConfig) -> dict | None:
 
 
 def load_student_pipeline(path: str | Path, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto"):
-    """A ready diffusers pipeline of a saved LoRA student: its base, the grown input layer where the student has
-    one (SD3 edits: the transformer then takes [x, source latents] on its channels), and the adapters loaded with
-    the standard `pipe.load_lora_weights`. A student without a grown layer needs nothing but that last call."""
+    """A ready diffusers pipeline of a saved LoRA student: its base with the adapters loaded by the standard
+    `pipe.load_lora_weights`. A student without a grown layer needs nothing but that last call. An SD3 edit student
+    (grown input layer) comes as `StableDiffusion3EditPipeline`, whose `__call__` takes `image=` and edits it."""
     path = Path(path)
     cfg = read_student_config(path)
     family = cfg.model_family
@@ -290,10 +295,46 @@ def load_student_pipeline(path: str | Path, device: str | torch.device = "auto",
     if cfg.edit_input:
         from danceopd.models.sd3 import INPUT_LAYER, grow_input_for_source
 
+        from danceopd.models.sd3_edit import StableDiffusion3EditPipeline
+
         grow_input_for_source(pipe.transformer).get_submodule(INPUT_LAYER).load_state_dict(_input_layer(path, cfg))
         _cast_params(pipe.transformer.get_submodule(INPUT_LAYER), dt)
+        pipe = StableDiffusion3EditPipeline(**pipe.components)
     pipe.load_lora_weights(str(path))
     return pipe
+
+
+MERGED_DIR = "transformer"
+
+
+def save_merged_transformer(path: str | Path, dtype: str | torch.dtype = "auto") -> Path:
+    """Fuse a saved LoRA student into its base transformer and save it as <path>/transformer: a standalone model that
+    loads with `from_pretrained` and no peft. Runs on the CPU from the files (base + student folder), so it never
+    takes GPU memory from a training worker; its cost is the base transformer once in host memory and on disk
+    (FLUX.1-dev: ~24 GB in bf16, SD3.5-Medium: ~5 GB), a few minutes at full size."""
+    import diffusers
+
+    from danceopd.models.base import model_index
+
+    path = Path(path)
+    cfg = read_student_config(path)
+    if not cfg.trains_lora:
+        raise ValueError(f"{path}: only a LoRA student has a base to merge into")
+    dt = resolve_dtype(dtype, torch.device("cpu")) if dtype != "auto" else torch.bfloat16
+    index = model_index(cfg.base) or diffusers.DiffusionPipeline.load_config(cfg.base)
+    transformer_class = getattr(diffusers, index["transformer"][1])
+    transformer = transformer_class.from_pretrained(cfg.base, subfolder="transformer", torch_dtype=dt)
+    if cfg.edit_input:
+        from danceopd.models.sd3 import INPUT_LAYER, grow_input_for_source
+
+        grow_input_for_source(transformer).get_submodule(INPUT_LAYER).load_state_dict(_input_layer(path, cfg))
+        _cast_params(transformer.get_submodule(INPUT_LAYER), dt)
+    transformer.load_lora_adapter(str(path), prefix="transformer", adapter_name="default", weight_name=LORA_FILE)
+    transformer.fuse_lora(adapter_names=["default"])
+    transformer.unload_lora()
+    out = path / MERGED_DIR
+    transformer.save_pretrained(out)
+    return out
 
 
 def count_parameters(module: torch.nn.Module, trainable_only: bool = False) -> int:

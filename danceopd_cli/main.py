@@ -7,6 +7,7 @@
     danceopd experiment experiments/specs/*.yaml --report docs/results.md [--smoke]
     danceopd bench step|teachers|learning|families|shared-base|sd35-step [its arguments]
     danceopd serve-config configs/teachers.yaml > deploy/serve-teachers.yaml
+    danceopd prefetch --config configs/gpu-cluster.yaml   (HF_HOME: the shared cache; HF_TOKEN for gated models)
     danceopd tiny-pipeline --family sd3|flux|flux-kontext --out DIR [--seed N] [--sample-size PX]
     danceopd tiny-lora --base DIR --out DIR [--rank R] [--std S] [--seed N]
 
@@ -213,6 +214,17 @@ def _serve(args) -> int:
     return 0
 
 
+def _prefetch(args) -> int:
+    from danceopd.prefetch import prefetch, sources_of
+
+    sources = sources_of(args.config, dict(parse_override(o) for o in args.overrides))  # validated first (exit 2)
+    from huggingface_hub import constants
+
+    print(f"{len(sources)} models named by {args.config}; Hugging Face cache: {constants.HF_HUB_CACHE} "
+          f"(HF_HOME={os.environ.get('HF_HOME', '<unset>')}; token: {'HF_TOKEN' if os.environ.get('HF_TOKEN') else 'none'})", flush=True)
+    return 1 if prefetch(sources, say=lambda m: print(m, flush=True)) else 0
+
+
 def _bench(args) -> int:
     script = REPO / "benchmarks" / BENCHMARKS[args.name][0]
     if not script.exists():
@@ -249,6 +261,15 @@ def main(argv: list[str] | None = None) -> int:
     sv.add_argument("--verbose", action="store_true", help="show what Ray and Serve say on the console")
     sv.set_defaults(run=_serve)
     add_query(sub)
+    pf = sub.add_parser("prefetch", help="download every model a config names into the Hugging Face cache ($HF_HOME), once",
+                        description="Download every model a training config or teachers file names (student base, teachers' bases, "
+                                    "checkpoints and LoRAs, the CLIP model of eval.clip_model) into the Hugging Face cache, "
+                                    "$HF_HOME: the cache the cluster's nodes share, so that no worker or replica downloads at "
+                                    "start-up. Gated models need HF_TOKEN. Prints each model's size; exit 1 naming each model it "
+                                    "could not fetch.")
+    pf.add_argument("--config", type=Path, required=True, help="a training config (configs/gpu-cluster.yaml) or a teachers file")
+    pf.add_argument("overrides", nargs="*", help="key.path=value, as for train")
+    pf.set_defaults(run=_prefetch)
     sc = sub.add_parser("serve-config", help="render the `serve deploy` config for a teachers config")
     sc.add_argument("config", type=Path)
     sc.add_argument("--host", default="0.0.0.0")
@@ -292,10 +313,10 @@ def main(argv: list[str] | None = None) -> int:
         args = tr.parse_intermixed_args(argv[1:])
     else:
         args, extra = parser.parse_known_args(argv)
-        unknown = [e for e in extra if e.startswith("-") or "=" not in e or args.command != "eval"]
+        unknown = [e for e in extra if e.startswith("-") or "=" not in e or args.command not in ("eval", "prefetch")]
         if unknown:
             parser.error(f"unrecognized arguments: {' '.join(unknown)}")  # exits 2
-        if args.command == "eval":
+        if args.command in ("eval", "prefetch"):
             args.overrides = list(args.overrides) + extra
     try:
         return args.run(args)

@@ -11,7 +11,10 @@ torch.set_num_threads(int(os.environ.get("DANCEOPD_TEST_THREADS", "2")))
 
 def pytest_collection_modifyitems(config, items):
     # The README's cluster blocks end with `ray stop` (every Ray on the machine): they run before any test's cluster.
-    items.sort(key=lambda item: 0 if item.path.name == "test_readme.py" else 1)
+    # The multi-node cluster of test_cluster_shape.py comes and goes next, before this process joins the session's
+    # Ray (`ray_cluster`): Cluster.shutdown resets the calling process's connection state.
+    first = {"test_readme.py": 0, "test_cluster_shape.py": 1}
+    items.sort(key=lambda item: first.get(item.path.name, 2))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (run `make gpu-check` on a GPU machine)")

@@ -127,3 +127,45 @@ def test_serve_deploys_a_teachers_file_that_answers_queries_until_stopped(tmp_pa
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_prefetch_fetches_every_model_of_a_config_into_the_cache_and_names_what_it_cannot_reach(tmp_path):
+    """`danceopd prefetch`, offline (HF_HUB_OFFLINE): local folders are measured, a hub id already in the Hugging Face
+    cache (laid out as the hub writes it) is taken from there (exit 0, a size per model); a hub id that is not cached
+    is one line naming it and its key (exit 1, no traceback); a bad config exits 2 naming the key."""
+    import os
+    import shutil
+
+    from danceopd.models.tiny import build_random_lora, build_tiny_pipeline
+
+    flux = build_tiny_pipeline("flux", tmp_path / "flux", seed=0)
+    lora = build_random_lora(flux, tmp_path / "lora", rank=4, seed=1)
+    snapshot = tmp_path / "hf" / "hub" / "models--acme--tiny-flux" / "snapshots" / ("0" * 40)
+    shutil.copytree(flux, snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    config = tmp_path / "c.yaml"
+    config.write_text(json.dumps({"student": {"base": str(flux)}, "routes": {
+        "t2i": {"capability": "t2i", "teacher": {"loras": [{"path": str(lora)}]}},
+        "hub": {"capability": "t2i", "teacher": {"base": "acme/tiny-flux", "family": "flux"}}}}))
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+
+    def prefetch(*extra):
+        return subprocess.run([sys.executable, "-m", "danceopd_cli", "prefetch", "--config", str(config), *extra], capture_output=True,
+                              text=True, timeout=300, env=env)
+
+    proc = prefetch()
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith(f"3 models named by {config}; Hugging Face cache: {tmp_path / 'hf' / 'hub'}")
+    assert any(ln.split()[:2] == ["student.base", str(flux)] and ln.rstrip().endswith("local") for ln in lines)
+    assert any(ln.split()[:2] == ["routes.t2i.teacher.loras.0", str(lora)] for ln in lines)
+    assert any(ln.split()[:2] == ["routes.hub.teacher.base", "acme/tiny-flux"] and ln.rstrip().endswith(str(snapshot)) for ln in lines)
+    assert lines[-1].startswith("3 of 3 models ready, ") and proc.stderr == ""
+    proc = prefetch("routes.hub.teacher.base=acme/not-cached")
+    assert proc.returncode == 1 and "Traceback" not in proc.stdout + proc.stderr
+    assert proc.stderr.splitlines() == ["error: cannot fetch acme/not-cached (routes.hub.teacher.base): not in the cache, and "
+                                        "HF_HUB_OFFLINE forbids downloading it"]
+    assert proc.stdout.splitlines()[-1].startswith("2 of 3 models ready")
+    proc = prefetch("student.lora.rnk=2")
+    assert proc.returncode == 2 and "student.lora.rnk" in proc.stderr

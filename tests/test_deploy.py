@@ -208,8 +208,10 @@ def test_rayjob_validates_and_runs_the_training_entry_point():
     assert spec["ttlSecondsAfterFinished"] == 0 or spec["shutdownAfterJobFinishes"]
     operator_rules(spec["rayClusterSpec"])
     yaml.safe_load(spec["runtimeEnvYAML"])
-    entry = spec["entrypoint"].split()
-    assert entry[:3] == ["python", "-m", "trainer.main"] and (ROOT / entry[entry.index("--config") + 1]).exists()
+    prefetch, train = (part.split() for part in spec["entrypoint"].split(" && "))
+    assert prefetch[:2] == ["danceopd", "prefetch"] and train[:3] == ["python", "-m", "trainer.main"]
+    assert prefetch[prefetch.index("--config") + 1] == train[train.index("--config") + 1]  # the models of the config it trains
+    assert (ROOT / train[train.index("--config") + 1]).exists()
     train = next(g for g in spec["rayClusterSpec"]["workerGroupSpecs"] if g["groupName"] == "train-gpus")
     from trainer.job import JobConfig  # the job's worker count fits the training worker group
 
@@ -242,17 +244,43 @@ def test_compose_and_kuberay_pass_the_rest_api_token(compose):
     assert proc.returncode != 0 and "DANCEOPD_API_TOKEN" in proc.stderr
     for name in ("rayservice-teachers.yaml", "rayjob-train.yaml"):
         text = (ROOT / "deploy/kuberay" / name).read_text()
-        containers = [c for doc in yaml.safe_load_all(text) for c in _containers(doc)]
+        containers = [c for doc in yaml.safe_load_all(text) for c in _under(doc, "containers")]
         assert containers and all(any(e["name"] == "DANCEOPD_API_TOKEN" and e["valueFrom"]["secretKeyRef"]["name"] == "danceopd-api-token"
                                       for e in c["env"]) for c in containers), name
 
 
-def _containers(node):
+def _under(node, key: str):
+    """Every item of every list named `key`, anywhere in a manifest."""
     if isinstance(node, dict):
-        if "containers" in node:
-            yield from node["containers"]
+        if isinstance(node.get(key), list):
+            yield from node[key]
         for v in node.values():
-            yield from _containers(v)
+            yield from _under(v, key)
     elif isinstance(node, list):
         for v in node:
-            yield from _containers(v)
+            yield from _under(v, key)
+
+
+def test_every_node_shares_one_model_cache_and_gets_the_hub_token(compose):
+    """HF_HOME is the Dockerfile's in every Ray container, a writable shared volume / PVC is mounted there (what
+    `danceopd prefetch` fills once), and HF_TOKEN reaches them from .env or a Secret (optional: public models)."""
+    home = re.search(r"HF_HOME=(\S+)", (ROOT / "Dockerfile").read_text()).group(1)
+    s = compose["services"]
+    for name in ("ray-head", "ray-gpu-worker"):
+        env = s[name]["environment"]
+        assert env["HF_HOME"] == home and mounts(s[name])[home] == "hf-cache", name
+        assert not any(str(v).endswith(f"{home}:ro") for v in s[name].get("volumes", [])), name
+    assert "hf-cache" in compose["volumes"]
+    env = {**os.environ, **ENV, "HF_TOKEN": "hf_secret"}
+    proc = subprocess.run([shutil.which("docker-compose") or "docker-compose", "-f", str(COMPOSE), "config"], capture_output=True,
+                          text=True, cwd=ROOT, env=env, timeout=60)
+    assert yaml.safe_load(proc.stdout)["services"]["ray-gpu-worker"]["environment"]["HF_TOKEN"] == "hf_secret"
+    for name in ("rayservice-teachers.yaml", "rayjob-train.yaml"):
+        doc = kuberay(name)
+        claims = {v["name"]: v["persistentVolumeClaim"] for v in _under(doc, "volumes")}
+        assert claims["hf-cache"] == {"claimName": "danceopd-hf-cache"}  # writable: no readOnly
+        for c in _under(doc, "containers"):
+            env = {e["name"]: e for e in c["env"]}
+            assert env["HF_HOME"]["value"] == home
+            assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "danceopd-hf-token", "key": "token", "optional": True}
+            assert {"name": "hf-cache", "mountPath": home} in c["volumeMounts"]

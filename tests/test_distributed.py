@@ -66,10 +66,12 @@ def test_two_workers_train_through_router_and_teachers_and_survive_a_teacher_kil
     def kill_when_running():
         deadline = time.time() + 300
         while time.time() < deadline:
-            try:
-                if router.summary(run_id, recent=1)["recent"] and router.summary(run_id, recent=1)["recent"][-1]["step"] >= 10:
+            try:  # losses reach the router at each log window: 16 of them = the run is past step 16 (assignments
+                # come in blocks of 16 steps ahead, so they say nothing about how far it got)
+                done = sum(st["count"] for st in router.summary(run_id, recent=1)["losses"].values())
+                if done >= 16:
                     ray.kill(ray.get_actor(replica_actor("dist-t2i", victim), namespace="serve"), no_restart=True)
-                    killed["at"] = router.summary(run_id, recent=1)["recent"][-1]["step"]
+                    killed["at"] = done
                     return
             except Exception:  # the run is not registered yet
                 pass
@@ -80,7 +82,7 @@ def test_two_workers_train_through_router_and_teachers_and_survive_a_teacher_kil
     result = run_distributed(cfg, run_id)
     killer.join(timeout=5)
     assert result.error is None
-    assert 10 <= killed["at"] < 48, killed  # the t2i replica died mid-run ...
+    assert 16 <= killed["at"] < 48, killed  # the t2i replica died mid-run ...
     assert replica_id("dist-t2i") != victim  # ... and Serve replaced it
     assert result.checkpoint is not None and result.metrics["step"] == 48 and result.metrics["resumed_from"] == 0
     shares = result.metrics["time_share_total"]
@@ -259,6 +261,8 @@ def test_a_run_that_fails_for_good_ends_with_one_line_per_failed_worker_and_the_
     assert lines[0] == f"error: training failed (run {run_id}):" and "Traceback" not in text and 'File "' not in text
     assert any(ln.startswith("  rank 1: ") and "died" in ln for ln in lines), text  # the worker that died, named
     assert f"re-running the same command resumes from {cfg.storage_path / run_id}/checkpoint_" in lines[-1], text
+    named = Path(lines[-1].split("resumes from ")[1].split(";")[0])
+    assert named.is_dir() and (named / "state.json").exists(), named  # a checkpoint, not Ray Train's snapshot file beside them
     assert all(len(ln) < 420 for ln in lines)
 
 
@@ -323,3 +327,79 @@ def test_a_failing_teacher_is_named_in_metrics_and_in_the_failure_after_bounded_
     text = training_failed(cfg, run_id, err.value)
     assert "teacher 'sickjob-t2i'" in text and "Traceback" not in text, text
     assert seen == {"sickjob-t2i"}, seen
+
+
+def replica_counts(metrics_port: int) -> dict[str, float]:
+    """Healthy TeacherServer replicas per application, from Ray's metrics export as Prometheus scrapes it: the
+    teachers dashboard's "Healthy replicas" panel, sum by (application) of the same gauge."""
+    import re
+    import urllib.request
+
+    from danceopd.telemetry import SERVE_REPLICAS_HEALTHY
+
+    counts: dict[str, float] = {}
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as resp:
+        for line in resp.read().decode().splitlines():
+            if line.startswith(SERVE_REPLICAS_HEALTHY + "{") and 'deployment="TeacherServer"' in line:
+                app = re.search(r'application="([^"]+)"', line).group(1)
+                counts[app] = counts.get(app, 0.0) + float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+def test_a_teacher_scales_on_its_own_under_a_job_and_the_job_computes_the_same(stack, ray_cluster, tmp_path):
+    """The t2i teacher autoscales (1 to 3 replicas; each call made to last 0.25 s by the device-bound sleep option,
+    as a teacher on its own GPU would): it grows while the job queries it and shrinks after, the other teachers keep
+    one replica, the dashboard's replica gauge shows it all, and the job computes what the reference trainer
+    computes, bit for bit, with no restart (one worker, four micro-batches in flight per step: what the job computes
+    against a fixed single replica, test_one_worker_reproduces_the_reference_trainer). Batching is off: a batched
+    teacher's answer depends, in the last bit, on which other queries share its model call."""
+    from ray import serve
+
+    from trainer.distributed import run_distributed
+    from trainer.main import ensure_services
+    from trainer.reference import ReferenceTrainer
+
+    scaling = {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 0.5, "upscale_delay_s": 0.5, "downscale_delay_s": 2.0,
+               "metrics_interval_s": 0.5, "look_back_period_s": 2.0}
+    cfg = job(tmp_path, steps=24, log_every=8, checkpoint_every=24, **{
+        "cluster.num_workers": 1, "optim.batch_size": 8, "optim.grad_accum": 4, "services.app_prefix": "auto-",
+        "routes": {"t2i": {"capability": "t2i", "weight": 2.0}, "local_edit": {"capability": "local_edit"},
+                   "global_edit": {"capability": "global_edit"}},
+        "services.teacher_defaults": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25}, "batching": {"enabled": False}},
+        "services.teachers.t2i": {"autoscaling_config": scaling, "simulated_call_s": 0.25}})
+    apps = ["auto-t2i", "auto-local_edit", "auto-global_edit"]
+    ensure_services(cfg, log=lambda m: None)
+    seen: dict[str, list[float]] = {a: [] for a in apps}
+    stop = threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            counts = replica_counts(ray_cluster.metrics_port)
+            for a in apps:
+                if a in counts:
+                    seen[a].append(counts[a])
+            time.sleep(0.5)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        scaled = run_distributed(cfg, f"auto-{uuid.uuid4().hex[:6]}", record_step_losses=True)
+        during = {a: list(v) for a, v in seen.items()}
+        deadline = time.time() + 90  # idle now: back to min_replicas after downscale_delay_s
+        while time.time() < deadline and (not seen["auto-t2i"] or seen["auto-t2i"][-1] != 1
+                                          or serve.status().applications["auto-t2i"].deployments["TeacherServer"].replica_states.get("RUNNING") != 1):
+            time.sleep(0.5)
+        after = seen["auto-t2i"][-1]
+    finally:
+        stop.set()
+        watcher.join(30)
+        for a in apps:
+            serve.delete(a)
+    assert max(during["auto-t2i"]) >= 2, during["auto-t2i"]  # grew under the job's load ...
+    assert after == 1  # ... and shrank once the job was done
+    assert all(max(during[a]) == 1 for a in apps[1:]), during  # the others kept their single replica
+    assert scaled.error is None and scaled.metrics["resumed_from"] == 0 and scaled.metrics["step"] == 24
+    ref = ReferenceTrainer(cfg, log=lambda m: None)
+    torch.set_num_threads(1)
+    ref_losses = [ref.train_step()["loss"] for _ in range(24)]
+    assert step_losses(scaled, ref.route_log) == ref_losses  # bit for bit

@@ -123,3 +123,27 @@ def test_an_experiment_arm_runs_on_the_distributed_stack(head_node, tmp_path):
     assert [h["step"] for h in result["history"]] and all(set(h["loss"]) <= set(result["routes"]) for h in result["history"])
     report = json.loads((run_dir / "report.json").read_text())  # the job's own report: it ran on Ray Train workers
     assert report["training"]["workers"] == 2 and (run_dir / "student" / "transformer" / "config.json").exists()
+
+
+def test_the_job_driver_holds_no_model(tiny_sd3_path, monkeypatch):
+    """The driver (the `ray job submit` entry point, often on a GPU-less head) runs under a guard: building or loading
+    any model there raises, naming the parameter; shape-only models on the meta device stay allowed (config checks
+    build them); outside the guard nothing changes. (That a whole job passes under it: tests/test_cluster_shape.py.)"""
+    import torch
+    from diffusers import SD3Transformer2DModel
+
+    import trainer.main
+    from danceopd.placement import ModelInDriverError, no_model_weights
+    from danceopd.student import StudentConfig, build_student
+
+    with no_model_weights("the job driver"):
+        with pytest.raises(ModelInDriverError, match=r"was about to be loaded in the job driver, which holds no model"):
+            build_student(StudentConfig(num_layers=1))
+        with pytest.raises(ModelInDriverError, match=r"\.weight"):
+            SD3Transformer2DModel.from_pretrained(tiny_sd3_path, subfolder="transformer")
+        with torch.device("meta"):
+            assert torch.nn.Linear(4, 4).weight.is_meta
+    assert torch.nn.Linear(4, 4).weight.device.type == "cpu"
+    monkeypatch.setattr(trainer.main, "_run", lambda args: build_student(StudentConfig(num_layers=1)))
+    with pytest.raises(ModelInDriverError):  # the job's own entry point runs under the guard
+        trainer.main.run(None)

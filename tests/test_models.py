@@ -80,8 +80,7 @@ def test_kontext_field_appends_source_tokens_as_the_kontext_pipeline_does(tiny):
 def test_saved_lora_student_loads_with_load_lora_weights_and_generates(tiny, tmp_path, family):
     """A trained (here: randomised) LoRA student, saved, loaded the standard diffusers way into a fresh pipeline of its
     base: same velocity to 1e-5 in fp32, and the pipeline's own __call__ generates with it."""
-    student = build_student(StudentConfig(base=str(tiny[family]), lora={"rank": 4, "alpha": 8}, save_merged=family == "flux"),
-                            device="cpu", dtype="float32")
+    student = build_student(StudentConfig(base=str(tiny[family]), lora={"rank": 4, "alpha": 8}), device="cpu", dtype="float32")
     assert all(p.dtype == torch.float32 for p in student.trainable_parameters())
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
@@ -106,15 +105,35 @@ def test_saved_lora_student_loads_with_load_lora_weights_and_generates(tiny, tmp
     kwargs = {"max_area": 32 * 32, "_auto_resize": False, "image": torch.zeros(1, 3, 32, 32)} if family == "flux-kontext" else {}
     image = pipe(prompt=PROMPTS[0], num_inference_steps=2, height=32, width=32, output_type="np", **kwargs).images
     assert image.shape == (1, 32, 32, 3) and float(image.std()) > 0
-    if family == "flux":  # the merged full transformer, on request: a standalone model without peft
+    if family == "flux":  # the merged full transformer, made from the folder on the CPU: a standalone model without peft
         from diffusers import FluxTransformer2DModel
 
-        merged = FluxTransformer2DModel.from_pretrained(tmp_path / "student" / "transformer")
+        from danceopd.student import save_merged_transformer
+
+        assert not (tmp_path / "student" / "transformer").exists()  # never part of an ordinary save (a checkpoint)
+        merged = FluxTransformer2DModel.from_pretrained(save_merged_transformer(tmp_path / "student", "float32"))
         with torch.no_grad():
             assert (student.field.with_transformer(merged).velocity(x, s, Conditions(PROMPTS, src)) - ours).abs().max() < 1e-5
     again = load_student(tmp_path / "student", device="cpu", dtype="float32")  # and back into training
     with torch.no_grad():
         assert (again.field.velocity(x, s, Conditions(PROMPTS, src)) - ours).abs().max().item() < 1e-5
+
+
+def test_a_lora_students_adapters_start_from_its_seed(tiny):
+    """peft draws the A matrices at random: from student.seed, so that two runs of one config start (and, with
+    unbatched teachers, end) alike; the caller's RNG is left as it was."""
+    def adapters(seed: int) -> list[torch.Tensor]:
+        return [p.detach().clone() for p in build_student(StudentConfig(base=str(tiny["flux"]), lora={"rank": 4}, seed=seed),
+                                                          device="cpu", dtype="float32").trainable_parameters()]
+
+    torch.manual_seed(123)
+    before = torch.rand(3)
+    torch.manual_seed(123)
+    a = adapters(0)
+    assert torch.equal(torch.rand(3), before)  # the global RNG untouched
+    b, c = adapters(0), adapters(1)
+    assert all(torch.equal(x, y) for x, y in zip(a, b)) and any(x.abs().sum() > 0 for x in a)
+    assert not all(torch.equal(x, y) for x, y in zip(a, c))
 
 
 def test_lora_teacher_is_merged_once_and_identified_by_checksum(tiny):
@@ -219,28 +238,61 @@ def test_bad_model_configs_stop_before_anything_loads_naming_the_key(tiny, tmp_p
         load_config(None, {**base, "routes": {"t2i": {"capability": "t2i", "teacher": {}}}, "method.states": "off_policy"})
     with pytest.raises(ConfigError, match=r"student: .*family 'sdxl'"):
         load_config(None, {**base, "student.family": "sdxl"})
+    with pytest.raises(ConfigError, match=r"dtype 'float16': training in float16 needs loss scaling, which the trainers do not do"):
+        load_config(None, {**base, "dtype": "float16"})
+    # A float16 teacher (inference: no gradients) keeps what transformers keeps in fp32 under fp16 (T5's `wo`)
+    fp16 = load_teacher_field(TeacherModelSpec(base=str(tiny["flux"])), "t2i", 32, device="cpu", dtype="float16")
+    t5 = {n: p.dtype for n, p in fp16.pipe.text_encoder_2.named_parameters()}
+    assert {d for n, d in t5.items() if ".wo." in n} == {torch.float32} and t5["shared.weight"] == torch.float16
+    assert fp16.transformer.dtype == torch.float16
 
 
-def test_manifest_routes_feed_encoded_sources_once(tiny, tmp_path):
+def test_manifest_routes_feed_encoded_sources_once_and_evaluate_on_rows_never_trained(tiny, tmp_path):
+    """Each source image is encoded once however often it is drawn; the evaluation conditions of a manifest run come
+    from rows its training never draws: data.eval_fraction of each route (at least one, chosen by uid), or
+    data.eval_manifest (which may not share a uid with the training manifest)."""
     from PIL import Image
 
     from danceopd.data.routes import build_route_data
 
     (tmp_path / "img").mkdir()
     rows = []
-    for i in range(3):
+    for i in range(10):
         Image.fromarray((torch.rand(32, 32, 3) * 255).byte().numpy()).save(tmp_path / "img" / f"{i}.png")
-        rows.append({"uid": f"e{i}", "route": "edit", "prompt": "make it night", "source_image": f"img/{i}.png"})
-    rows.append({"uid": "t0", "route": "t2i", "prompt": "a cat"})
+        rows.append({"uid": f"e{i}", "route": "edit", "prompt": f"edit number {i}", "source_image": f"img/{i}.png"})
+    rows += [{"uid": f"t{i}", "route": "t2i", "prompt": f"a cat number {i}"} for i in range(4)]
     (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    cfg = load_config(None, {"student.base": str(tiny["flux-kontext"]), "data.manifest": str(tmp_path / "m.jsonl"),
-                             "routes": {"edit": {"teacher": {}}, "t2i": {"teacher": {}}}, "output_dir": str(tmp_path)})
+    over = {"student.base": str(tiny["flux-kontext"]), "data.manifest": str(tmp_path / "m.jsonl"), "output_dir": str(tmp_path),
+            "routes": {"edit": {"teacher": {}}, "t2i": {"teacher": {}}}}
+    cfg = load_config(None, {**over, "data.eval_fraction": 0.2})
     student = build_student(cfg.student, device="cpu", dtype="float32")
     data = build_route_data(cfg, None, student)
     a, b = data["edit"].sample(8, seed=5), data["edit"].sample(8, seed=5)
     assert a.prompts == b.prompts and torch.equal(a.source, b.source) and a.source.shape == (8, 4, 16, 16)
-    assert data["edit"].cache.encoded == 3  # each image encoded once, whatever the draws
+    trained = {r: {p for seed in range(300) for p in data[r].sample(4, seed).prompts} for r in data}  # what training draws
+    held = {r: set(data[r].evaluation_set(16, 12345).prompts) for r in data}
+    assert {r: len(v) for r, v in held.items()} == {"edit": 2, "t2i": 1}  # round(0.2 x 10), and at least one of 4
+    for r in data:
+        assert not trained[r] & held[r], r
+        assert trained[r] | held[r] == {x["prompt"] for x in rows if x["route"] == r}  # every other row is trained on
+    assert data["edit"].cache.encoded == 10  # 8 training + 2 held-out images, each encoded once
     assert data["t2i"].sample(2, 0).source is None
+    # the same rows are held out by every load of the manifest (a resumed run, another worker)
+    again = build_route_data(load_config(None, {**over, "data.eval_fraction": 0.2}), None, student)
+    assert set(again["edit"].evaluation_set(16, 1).prompts) == held["edit"]
+    # a separate held-out file: its rows are the evaluation set, the whole manifest trains
+    (tmp_path / "eval.jsonl").write_text("\n".join(json.dumps({"uid": f"h{r}", "route": r, "prompt": f"held out {r}",
+                                                              **({"source_image": "img/0.png"} if r == "edit" else {})})
+                                                  for r in ("edit", "t2i")))
+    cfg = load_config(None, {**over, "data.eval_manifest": str(tmp_path / "eval.jsonl")})
+    data = build_route_data(cfg, None, student)
+    assert set(data["t2i"].evaluation_set(4, 0).prompts) == {"held out t2i"} and len(cfg.manifest.bucket("t2i")) == 4
+    (tmp_path / "eval.jsonl").write_text(json.dumps({"uid": "t0", "route": "t2i", "prompt": "a cat"}) + "\n"
+                                         + json.dumps({"uid": "h", "route": "edit", "prompt": "x", "source_image": "img/0.png"}))
+    with pytest.raises(ConfigError, match=r"data\.eval_manifest: uids \['t0'\] are also in data\.manifest"):
+        load_config(None, {**over, "data.eval_manifest": str(tmp_path / "eval.jsonl")})
+    with pytest.raises(ConfigError, match=r"data\.eval_fraction: route 't2i' has 4 rows: holding out 4 for evaluation leaves none"):
+        load_config(None, {**over, "data.eval_fraction": 0.9})
 
 
 def test_lora_students_learn_their_teachers_on_the_reference_trainer(tiny, tmp_path):
@@ -265,12 +317,13 @@ def test_lora_students_learn_their_teachers_on_the_reference_trainer(tiny, tmp_p
 def test_flux_t2i_and_kontext_edit_compose_on_the_distributed_job(ray_cluster, tiny, tmp_path):
     """Two Ray Train workers x 2 micro-batches, served LoRA teachers (T2I on FLUX, an edit on Kontext: two different
     random deltas of the same weights, told apart only by the source tokens), one Kontext LoRA student: both routes'
-    velocity errors fall (measured at 60 steps: t2i -87%, edit -70%); the job's student loads with load_lora_weights."""
+    velocity errors fall (measured at 60 steps: t2i -87%, edit -70%); the job's student loads with load_lora_weights.
+    The workers evaluate before and after training, one route each (rank 0 the first, rank 1 the second)."""
     from ray import serve
 
     from trainer.distributed import run_distributed
     from trainer.job import load_job_config
-    from trainer.main import ensure_services, evaluate_student
+    from trainer.main import ensure_services
 
     prefix = f"fx{uuid.uuid4().hex[:4]}-"
     job = load_job_config(None, {
@@ -283,18 +336,19 @@ def test_flux_t2i_and_kontext_edit_compose_on_the_distributed_job(ray_cluster, t
         "services.app_prefix": prefix, "services.router_app": prefix + "router", "services.gateway": False})
     ensure_services(job, log=lambda m: None)
     try:
-        before = evaluate_student(job, build_student(job.student, "cpu", "float32"), None)
-        result = run_distributed(job, f"{prefix}run")
+        result = run_distributed(job, f"{prefix}run", evaluate=True)
         assert result.error is None and result.metrics["step"] == 60
-        with result.checkpoint.as_directory() as d:
-            after = evaluate_student(job, load_student(Path(d) / "student", "cpu", "float32"), None)
-            pipe = _pipe(tiny["flux-kontext"])
-            pipe.load_lora_weights(str(Path(d) / "student"))
+        pipe = _pipe(tiny["flux-kontext"])
+        pipe.load_lora_weights(str(job.run_dir / "student"))
     finally:
         for app in [prefix + "t2i", prefix + "edit", prefix + "router"]:
             serve.delete(app)
+    report = json.loads((job.run_dir / "report.json").read_text())
+    assert report["step"] == 60 and report["before"]["step"] == 0
+    assert {r: w["rank"] for r, w in report["evaluated_on"].items()} == {"t2i": 0, "edit": 1}
+    assert (job.run_dir / "grid.png").exists() and (job.run_dir / "grid-before.png").exists()
     for route in ("t2i", "edit"):
-        b, a = before["routes"][route]["velocity_error"], after["routes"][route]["velocity_error"]
+        b, a = report["velocity_error"][route]["before"], report["velocity_error"][route]["after"]
         assert a < 0.5 * b, (route, b, a)
 
 
@@ -417,5 +471,29 @@ def test_sd3_edit_student_grows_a_zero_input_layer_and_learns_an_sd3_edit_teache
     tr.fit()
     after = tr.evaluate()["routes"]["edit"]["velocity_error"]
     assert after < 0.1 * before, (before, after)
+    # The trained student generates through its pipeline's own __call__, which takes image= and edits it: the same
+    # latents as the student's own field rolled out on the pipeline's sigma grid from the same noise.
+    from diffusers import StableDiffusion3Pipeline
+
+    from danceopd.models.sd3_edit import StableDiffusion3EditPipeline
+    from trainer.checkpoint import export_student
+
+    edit = load_student_pipeline(export_student(tr.student, None, tmp_path / "trained"), device="cpu", dtype="float32")
+    assert isinstance(edit, StableDiffusion3EditPipeline) and isinstance(edit, StableDiffusion3Pipeline)
+    images = torch.rand(2, 3, 32, 32, generator=g)  # [0, 1], as diffusers pipelines take tensors
+    noise = torch.randn(1, 4, 16, 16, generator=g)
+    outs = [edit(prompt=PROMPTS[1], image=images[i:i + 1], latents=noise, num_inference_steps=4, guidance_scale=1.0,
+                 height=32, width=32, output_type="latent").images for i in range(2)]
+    sigmas = tr.student.family.default_sigmas(edit, 4, (4, 16, 16))
+    with torch.no_grad():
+        cond = Conditions([PROMPTS[1]], tr.student.encode_images(images[:1] * 2 - 1))
+        ours = rollout_states(lambda x, s: tr.student.field.velocity(x, s, cond), noise, sigmas).final
+    assert (outs[0] - ours).abs().max() < 1e-4, (outs[0] - ours).abs().max()
+    assert (outs[0] - outs[1]).abs().max() > 1e-3  # another source image, another edit
+    pixels = edit(prompt=[PROMPTS[0], PROMPTS[1]], image=images[0], num_inference_steps=2, guidance_scale=2.0, height=32, width=32,
+                  output_type="np").images  # CFG: the source goes with both halves of the doubled batch
+    assert pixels.shape == (2, 32, 32, 3) and float(pixels.std()) > 0
+    with pytest.raises(ValueError, match="image: an SD3 edit student edits a source image"):
+        edit(prompt=PROMPTS[0], num_inference_steps=2, height=32, width=32)
     with pytest.raises(ConfigError, match=r"routes\.edit\.teacher: an edit route needs a teacher that reads source images"):
         load_config(None, {"student.base": base, "output_dir": str(tmp_path), "routes": {"edit": {"capability": "global_edit", "teacher": {}}}})

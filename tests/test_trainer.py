@@ -342,3 +342,28 @@ def test_a_checkpoint_is_on_disk_before_it_is_renamed_into_place(tmp_path, monke
     flushed = {os.path.relpath(p, tmp) for p in synced if p.startswith(tmp)}
     assert written == flushed, written ^ flushed
     assert synced[-1] == str(final.parent)  # the rename is flushed last
+
+
+def test_a_checkpoint_written_on_another_gpu_restores_onto_this_process_own_device(tmp_path):
+    """Every rank restores onto its own device: a checkpoint whose tensors were saved from cuda:1 (tagged so by torch's
+    serializer, as rank 1 of a node writes them) restores on this CPU-only machine; torch.load without map_location
+    would put them back on cuda:1 (on a GPU node: every rank's state on one card) and fails here."""
+    from trainer.checkpoint import restore_checkpoint, save_checkpoint
+
+    tr = ReferenceTrainer(small_config(tmp_path, steps=2), log=lambda m: None)
+    tr.fit()
+    on_gpu1 = (-1, lambda storage: "cuda:1", lambda storage, location: None)  # tags every storage saved while registered
+    torch.serialization.register_package(*on_gpu1)
+    try:
+        path = save_checkpoint(tmp_path / "from-gpu1", tr.step, tr.student, tr.ema, tr.optimizer, tr.state())
+    finally:
+        torch.serialization._package_registry.remove(on_gpu1)
+    with pytest.raises(RuntimeError, match="CUDA"):
+        torch.load(path / "optimizer.pt", weights_only=False)
+    fresh = ReferenceTrainer(small_config(tmp_path, steps=2, run_name="fresh"), log=lambda m: None)
+    assert not torch.equal(params(fresh), params(tr))
+    state = restore_checkpoint(path, fresh.student.transformer, fresh.optimizer, fresh.ema)
+    assert state["step"] == 2 and torch.equal(params(fresh), params(tr))
+    moments = [s["exp_avg"] for s in fresh.optimizer.state.values()]
+    assert moments and all(m.device.type == "cpu" for m in moments)
+    assert all(torch.equal(fresh.ema.params[n], v) for n, v in tr.ema.params.items())

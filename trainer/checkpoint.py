@@ -78,9 +78,27 @@ def fsync_tree(root: Path) -> None:
         fsync_path(Path(folder))
 
 
+def export_student(student, ema, final: Path) -> Path:
+    """The trained student (the EMA weights when the EMA is on) as a student folder at `final`, written beside it and
+    renamed into place. (The merged export, student.save_merged, is made from this folder afterwards: see
+    danceopd.student.save_merged_transformer.)"""
+    final = Path(final)
+    tmp = final.with_name(f".tmp-{final.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with ema.applied(student.transformer) if ema is not None else contextlib.nullcontext():
+        student.save_pretrained(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    return final
+
+
 def restore_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, ema=None) -> dict:
-    """Resume from a checkpoint folder: raw trainable weights, optimizer, EMA and RNGs; returns state.json."""
-    blob = torch.load(path / "optimizer.pt", weights_only=False)
+    """Resume from a checkpoint folder: raw trainable weights, optimizer, EMA and RNGs; returns state.json.
+
+    The tensors are read onto the CPU whatever device they were saved from, then copied into this process's own
+    parameters and optimizer state: every rank restores onto its own device, never onto the device (cuda:0, cuda:1,
+    ...) of the rank that wrote the checkpoint. (FLUX.1-dev LoRA r128: ~8 GB of host memory per rank, for a moment.)"""
+    blob = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
     result = model.load_state_dict(blob["training_weights"], strict=False)
     if result.unexpected_keys:
         raise ValueError(f"checkpoint {path} holds weights this student does not have: {result.unexpected_keys[:3]}")

@@ -17,15 +17,16 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
 
 from danceopd.config import differences
 from danceopd.remote import RequestError, last_line
+from danceopd.placement import no_model_weights
 from trainer.cli import load_or_report, parse_args, resume_config_or_report
 from trainer.console import log_warnings
+from trainer.evaluation import BEFORE
 from trainer.job import JobConfig, load_job_config
 
 
@@ -222,20 +223,6 @@ def resolve_run_id(job: JobConfig, fresh: bool) -> tuple[str, bool]:
     return run_id, False
 
 
-def evaluate_student(job: JobConfig, student, grid_path: Path | None):
-    """Score a student against the served teachers: suite judges (pixel model) and every route's velocity error."""
-    from danceopd.data.routes import build_route_data
-    from danceopd.evaluation import evaluate_run
-    from danceopd.suite import CapabilitySuite
-    from trainer.steps import run_sigmas
-
-    suite = CapabilitySuite(job.suite.tier, job.suite.tau, job.suite.seed)
-    teachers = {r: job.teacher_client(r) for r in job.routes}
-    student.transformer.eval()
-    return evaluate_run(student, teachers, job, suite, build_route_data(job, suite, student), run_sigmas(job, student),
-                        device=student.field.device, grid_path=grid_path)
-
-
 def expected_sample_shape(cfg) -> tuple[int, int, int] | None:
     """The student's sample shape from its config alone (pixels, or latents at its resolution); None for a hub id."""
     from danceopd.models.base import vae_geometry
@@ -272,7 +259,7 @@ def training_failed(job: JobConfig, run_id: str, failure) -> str:
     """What went wrong, one line per failed worker (the last line of its error), and how to go on."""
     failures = getattr(failure, "worker_failures", None) or {}
     causes = [f"rank {rank}: {last_line(e)}" for rank, e in sorted(failures.items())] or [last_line(failure)]
-    done = sorted((job.storage_path / run_id).glob("checkpoint_*"))
+    done = sorted(p for p in (job.storage_path / run_id).glob("checkpoint_*") if p.is_dir())  # not Ray Train's snapshot file
     resume = (f"re-running the same command resumes from {done[-1]}" if done else "no checkpoint was written")
     return "\n".join([f"error: training failed (run {run_id}):", *(f"  {c}" for c in causes),
                       f"  {resume}; the workers' full tracebacks are in Ray's logs (ray logs, or the dashboard)"])
@@ -297,7 +284,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args) -> int:
-    """The command, from parsed arguments (trainer.cli.add_train_arguments; also `danceopd train`)."""
+    """The command, from parsed arguments (trainer.cli.add_train_arguments; also `danceopd train`). The driver never
+    holds a model (it may run on a GPU-less head node): building or loading one here raises ModelInDriverError."""
+    with no_model_weights("the job driver"):
+        return _run(args)
+
+
+def _run(args) -> int:
     job = load_or_report(load_job_config, args)
     if job is None:
         return 2
@@ -326,23 +319,17 @@ def run(args) -> int:
     print(f"run {run_id} ({'resuming' if resuming else 'new'}): {job.cluster.num_workers} workers x {job.worker_batch_size} samples, "
           f"{job.steps} steps; outputs in {job.run_dir.resolve()}, checkpoints in {job.storage_path / run_id}", flush=True)
 
-    from danceopd.student import build_student, load_student
-    from danceopd.tracking import log_evaluation, start_new_run, tensorboard_dir
+    from danceopd.tracking import start_new_run, tensorboard_dir
     from trainer.distributed import run_distributed, stop_marker
 
-    if not resuming:  # W&B / MLflow: a new tracked run (TensorBoard: the curves start over at step 1)
+    if not resuming:  # W&B / MLflow: a new tracked run (TensorBoard: the curves start over at step 1); no stale reports
         start_new_run(job.run_dir)
-
-    before = None
-    if args.eval and not resuming:
-        initial = load_student(job.init_from, job.device, job.dtype) if job.init_from else build_student(job.student, job.device, job.dtype)
-        before = evaluate_student(job, initial, job.run_dir / "grid-before.png")  # the same grid before training
-        log_evaluation(job.tracking, job.run_dir, job.run_name, 0, before)
-        del initial
+        for stale in (BEFORE, "report.json", "grid-before.png", "grid.png"):
+            (job.run_dir / stale).unlink(missing_ok=True)
     t0 = time.perf_counter()
     relay = None if args.verbose else ConsoleRelay()
     try:
-        result = run_distributed(job, run_id, console=relay.queue if relay else None)
+        result = run_distributed(job, run_id, console=relay.queue if relay else None, evaluate=args.eval)
         stopped = stop_marker(job, run_id)
         failure = (stopped.read_text() if stopped.exists() else result.error) or (None if result.checkpoint else "no checkpoint was written")
     except Exception as e:  # Ray Train raises once cluster.max_failures restarts are spent
@@ -358,29 +345,30 @@ def run(args) -> int:
     if failure is not None:
         print(training_failed(job, run_id, failure), file=sys.stderr)
         return 1
-    final_dir = job.run_dir / "student"
+    final_dir = job.run_dir / "student"  # written by rank 0 at the end of training
     with result.checkpoint.as_directory() as d:
-        shutil.rmtree(final_dir, ignore_errors=True)
-        shutil.copytree(Path(d) / "student", final_dir)
         history = json.loads((Path(d) / "state.json").read_text())["history"]  # progress windows (kept across resumes)
     m = result.metrics
     weights = "EMA weights" if job.optim.ema_decay > 0 else "final weights"
-    print(f"trained to step {m['step']} in {train_s / 60:.1f} min; student ({weights}) saved to {final_dir}", flush=True)
+    merged = " (+ merged transformer/)" if job.student.save_merged and job.student.trains_lora else ""
+    print(f"trained to step {m['step']} in {train_s / 60:.1f} min; student ({weights}){merged} saved to {final_dir}", flush=True)
     if job.tracking.tensorboard:
         print(f"tensorboard: {tensorboard_dir(job.run_dir).resolve()} (tensorboard --logdir {job.run_dir})", flush=True)
     if args.eval:
         from danceopd.evaluation import write_report
 
-        report = evaluate_student(job, load_student(final_dir, job.device, job.dtype), job.run_dir / "grid.png")
-        report["before"] = before
-        report["velocity_error"] = {r: {"before": (before or {"routes": {}})["routes"].get(r, {}).get("velocity_error"),
-                                        "after": e.get("velocity_error")} for r, e in report["routes"].items()}
+        written = job.run_dir / "report.json"  # the workers evaluated; rank 0 wrote it
+        if not written.exists():
+            print(f"error: the workers' evaluation is not in {written.resolve()}: output_dir must be storage that the workers "
+                  "and this driver share (a volume every node mounts, as cluster.storage_path)", file=sys.stderr)
+            return 1
+        report = json.loads(written.read_text())
         report["training"] = {"run_id": run_id, "steps": m["step"], "train_seconds": train_s, "job_seconds": time.perf_counter() - t_job,
                                "workers": job.cluster.num_workers, "samples_per_s": m.get("samples_per_s"),
                                "time_share": m.get("time_share_total"), "checkpoint": result.checkpoint.path,
                                "history": [{"step": h["step"], "loss": h["loss"], "samples_per_s": h["samples_per_s"]} for h in history]}
         path = write_report(report, job.run_dir / "report.json")
-        log_evaluation(job.tracking, job.run_dir, job.run_name, m["step"], report)
+        before = report.get("before")
         print(before_after_table(before, report))
         grids = Path(report["grid"]).resolve()
         if before is not None and before.get("grid"):

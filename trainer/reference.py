@@ -22,10 +22,10 @@ from danceopd.flow import velocity_target
 from danceopd.routes import build_route_fields
 from danceopd.routing import HardRouter
 from danceopd.seeding import derive_seed
-from danceopd.student import build_student, load_student
+from danceopd.student import build_student, load_student, save_merged_transformer
 from danceopd.suite import CapabilitySuite
 from danceopd.tracking import RunTracker, log_evaluation, start_new_run, tensorboard_dir
-from trainer.checkpoint import latest_checkpoint, restore_checkpoint, save_checkpoint
+from trainer.checkpoint import export_student, latest_checkpoint, restore_checkpoint, save_checkpoint
 from danceopd.remote import Resolved
 from trainer.steps import (MicroBatch, NonFiniteSteps, QueryBatch, StepTimes, distillation_loss, format_progress, lr_at, query_batch,
                            refills, routing_config, run_sigmas, window_stats)
@@ -239,9 +239,9 @@ def run(args) -> int:
     if stopped:
         print(f"error: training failed: {stopped}", file=sys.stderr)
         return 1
-    final = cfg.run_dir / "student"  # the trained student (EMA), ready for init_from, eval or serving
-    with trainer.final_weights():
-        trainer.student.save_pretrained(final)
+    final = export_student(trainer.student, trainer.ema, cfg.run_dir / "student")  # EMA weights: for init_from, eval, serving
+    if cfg.student.save_merged and cfg.student.trains_lora:  # once, at the end, on the CPU
+        save_merged_transformer(final, trainer.student.field.dtype)
     print(f"student: {final}")
     if cfg.tracking.tensorboard:
         print(f"tensorboard: {tensorboard_dir(cfg.run_dir)} (tensorboard --logdir {cfg.run_dir})")

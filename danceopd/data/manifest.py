@@ -130,6 +130,20 @@ class ManifestBucket:
         perm = np.random.default_rng(seed).permutation(len(self.rows))
         return [self.rows[int(perm[i % len(perm)])] for i in range(n)]
 
+    def held_out(self, fraction: float) -> tuple["ManifestBucket", "ManifestBucket"]:
+        """(training rows, held-out rows): round(fraction x rows), at least one, are held out for evaluation. The
+        choice is a pure function of the uids (the lowest SHA-1 of each uid), not of any seed: every run, worker and
+        resume of a manifest holds out the same rows. Raises ValueError when no row would be left to train on."""
+        n = len(self.rows)
+        k = max(1, round(fraction * n))
+        if k >= n:
+            raise ValueError(f"route {self.route!r} has {n} row{'s' if n != 1 else ''}: holding out {k} for evaluation leaves "
+                             f"none to train on; add rows, lower data.eval_fraction, or give data.eval_manifest")
+        rank = sorted(range(n), key=lambda i: hashlib.sha1(f"danceopd-held-out:{self.rows[i].uid}".encode()).hexdigest())
+        held = set(rank[:k])
+        return (ManifestBucket(self.route, [r for i, r in enumerate(self.rows) if i not in held]),
+                ManifestBucket(self.route, [r for i, r in enumerate(self.rows) if i in held]))
+
     def __len__(self) -> int:
         return len(self.rows)
 
@@ -152,6 +166,14 @@ class Manifest:
                            f"no rows for route {route!r}: the manifest has routes {self.routes()}; add rows for it "
                            f"or train that route from another source")
         return self._buckets[route]
+
+    def held_out(self, fraction: float) -> tuple["Manifest", "Manifest"]:
+        """(training manifest, evaluation manifest): each route's bucket split by ManifestBucket.held_out."""
+        parts = {route: b.held_out(fraction) for route, b in self._buckets.items()}
+        train = {r: t for r, (t, _) in parts.items()}
+        held = {r: e for r, (_, e) in parts.items()}
+        return (Manifest(self.path, [r for b in train.values() for r in b.rows], train),
+                Manifest(self.path, [r for b in held.values() for r in b.rows], held))
 
     def __len__(self) -> int:
         return len(self.rows)

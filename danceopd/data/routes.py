@@ -47,10 +47,11 @@ class SuiteRouteData:
 
 
 class ManifestRouteData:
-    """A manifest route's rows; source images are encoded once (LatentCache) and reused."""
+    """A manifest route's rows: training draws from `bucket`, evaluation from `held_out` (rows training never draws);
+    source images are encoded once (LatentCache) and reused."""
 
-    def __init__(self, bucket: ManifestBucket, cache: LatentCache):
-        self.bucket, self.cache = bucket, cache
+    def __init__(self, bucket: ManifestBucket, held_out: ManifestBucket, cache: LatentCache):
+        self.bucket, self.held_out, self.cache = bucket, held_out, cache
         self.takes_source = bucket.takes_source
 
     def _conditions(self, rows) -> Conditions:
@@ -61,7 +62,7 @@ class ManifestRouteData:
         return self._conditions(self.bucket.sample(n, seed))
 
     def evaluation_set(self, n: int, seed: int) -> Conditions:
-        return self._conditions(self.bucket.evaluation_set(n, seed))
+        return self._conditions(self.held_out.evaluation_set(n, seed))
 
 
 def build_route_data(cfg, suite, student) -> dict[str, RouteData]:
@@ -73,4 +74,4 @@ def build_route_data(cfg, suite, student) -> dict[str, RouteData]:
                 for name, r in cfg.routes.items()}
     size = cfg.student.sample_size if pixel else cfg.student.resolution
     cache = LatentCache(student.encode_images, size=(size, size), directory=cfg.data.latent_cache)
-    return {name: ManifestRouteData(cfg.manifest.bucket(name), cache) for name in cfg.routes}
+    return {name: ManifestRouteData(cfg.manifest.bucket(name), cfg.eval_manifest.bucket(name), cache) for name in cfg.routes}

@@ -73,7 +73,7 @@ def transformer_module_names(base: str | Path, subfolder: str = "transformer") -
 
     config = json.loads(cfg_file.read_text())
     cls = getattr(diffusers, config["_class_name"])
-    with init_empty_weights():
+    with init_empty_weights(include_buffers=True):  # every tensor on meta: no memory, allowed in a job driver
         model = cls.from_config(config)
     return {name for name, _ in model.named_modules()}
 

@@ -25,7 +25,7 @@ def meta_transformer(config: dict):
     from accelerate import init_empty_weights
 
     cls = getattr(diffusers, config["_class_name"])
-    with init_empty_weights():
+    with init_empty_weights(include_buffers=True):  # every tensor on meta: no memory, allowed in a job driver
         return cls.from_config({k: v for k, v in config.items() if k != "_class_name"})
 
 

@@ -38,13 +38,21 @@ def container(name: str, cpu: str, memory: str, gpus: int = 0, ports: list[tuple
                 {"name": "DANCEOPD_REDIS_URL", "value": f"redis://{REDIS_ADDRESS}/1"},
                 # the REST gateway's and router API's bearer token (Serve listens beyond loopback: auth is on)
                 {"name": "DANCEOPD_API_TOKEN", "valueFrom": {"secretKeyRef": {"name": "danceopd-api-token", "key": "token"}}},
+                # one Hugging Face cache shared by every pod (`danceopd prefetch` fills it once); the token reads gated
+                # models (SD3.5, FLUX.1-dev, Kontext-dev); optional: public models need none
+                {"name": "HF_HOME", "value": HF_HOME},
+                {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "danceopd-hf-token", "key": "token", "optional": True}}},
                 *extra_env],
-        "volumeMounts": [{"name": "runs", "mountPath": "/runs"}, {"name": "models", "mountPath": "/models", "readOnly": True}],
+        "volumeMounts": [{"name": "runs", "mountPath": "/runs"}, {"name": "models", "mountPath": "/models", "readOnly": True},
+                         {"name": "hf-cache", "mountPath": HF_HOME}],
     }
 
 
+HF_HOME = "/cache/huggingface"  # = the Dockerfile's HF_HOME
 VOLUMES = [{"name": "runs", "persistentVolumeClaim": {"claimName": "danceopd-runs"}},
-           {"name": "models", "persistentVolumeClaim": {"claimName": "danceopd-models", "readOnly": True}}]
+           {"name": "models", "persistentVolumeClaim": {"claimName": "danceopd-models", "readOnly": True}},
+           # ReadWriteMany: every node reads the models from it; the job's prefetch writes them once
+           {"name": "hf-cache", "persistentVolumeClaim": {"claimName": "danceopd-hf-cache"}}]
 HEAD_PORTS = [("gcs", 6379), ("dashboard", 8265), ("serve", 8000), ("metrics", 8080), ("client", 10001)]
 
 
@@ -96,7 +104,10 @@ def rayjob() -> dict:
             # (services.deploy: auto) beside the 8 training workers. To train against the RayService's teachers
             # instead, replace rayClusterSpec by clusterSelector {ray.io/cluster: <its cluster>} and set
             # services.deploy=attach.
-            "entrypoint": "python -m trainer.main --config configs/gpu-cluster.yaml --eval output_dir=/runs",
+            # The models go into the shared cache first (a no-op once they are there), so that no worker or replica
+            # downloads them at start-up.
+            "entrypoint": ("danceopd prefetch --config configs/gpu-cluster.yaml && "
+                           "python -m trainer.main --config configs/gpu-cluster.yaml --eval output_dir=/runs"),
             "runtimeEnvYAML": yaml.safe_dump(runtime_env, sort_keys=False),
             "submissionMode": "K8sJobMode",
             "shutdownAfterJobFinishes": True,

@@ -130,6 +130,8 @@ class AutoscalingConfig(_Strict):
     target_ongoing_requests: float = Field(2.0, gt=0)
     upscale_delay_s: float = Field(10.0, ge=0)
     downscale_delay_s: float = Field(60.0, ge=0)
+    metrics_interval_s: float = Field(10.0, gt=0, description="how often the callers' handles report their ongoing queries")
+    look_back_period_s: float = Field(30.0, gt=0, description="the window the ongoing queries are averaged over")
 
     @model_validator(mode="after")
     def _order(self):
