@@ -1,5 +1,6 @@
-"""Published transformer configs of the real models (facts from their model cards' config.json), to build them
-randomly initialised on a GPU for benchmarks, or on the meta device to count parameters, without weights."""
+"""Published configs of the real models' components (facts from their model repositories' config.json files), to
+build them randomly initialised on a GPU for benchmarks, or on the meta device to count parameters and plan memory
+(danceopd.memory_plan), without weights or network."""
 
 from __future__ import annotations
 
@@ -17,6 +18,51 @@ FLUX1_DEV_TRANSFORMER = {  # black-forest-labs/FLUX.1-dev transformer/config.jso
 }
 
 CONFIGS = {"sd3.5-medium": ("sd3", SD35_MEDIUM_TRANSFORMER), "flux.1-dev": ("flux", FLUX1_DEV_TRANSFORMER)}
+
+# Text encoders (transformers classes) and VAEs (diffusers), as the pipelines' subfolders hold them.
+CLIP_L = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,  # ViT-L/14 text (~123M)
+          "max_position_embeddings": 77, "vocab_size": 49408, "projection_dim": 768, "hidden_act": "quick_gelu"}
+CLIP_G = {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32, "num_attention_heads": 20,  # bigG/14 text (~695M)
+          "max_position_embeddings": 77, "vocab_size": 49408, "projection_dim": 1280, "hidden_act": "gelu"}
+T5_XXL = {"d_model": 4096, "d_ff": 10240, "d_kv": 64, "num_heads": 64, "num_layers": 24, "vocab_size": 32128,  # v1.1 XXL encoder (~4.76B)
+          "feed_forward_proj": "gated-gelu", "relative_attention_num_buckets": 32, "is_encoder_decoder": False}
+_VAE16 = {"in_channels": 3, "out_channels": 3, "latent_channels": 16, "block_out_channels": [128, 256, 512, 512],
+          "layers_per_block": 2, "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
+          "norm_num_groups": 32, "use_quant_conv": False, "use_post_quant_conv": False, "sample_size": 1024}  # (~84M)
+SD3_VAE = {**_VAE16, "scaling_factor": 1.5305, "shift_factor": 0.0609}
+FLUX_VAE = {**_VAE16, "scaling_factor": 0.3611, "shift_factor": 0.1159}
+
+# Hub id -> {component: (library, class, config)}: the pipelines the shipped recipes name (model_index.json layout).
+PIPELINES = {
+    "stabilityai/stable-diffusion-3.5-medium": {
+        "transformer": ("diffusers", "SD3Transformer2DModel", SD35_MEDIUM_TRANSFORMER),
+        "text_encoder": ("transformers", "CLIPTextModelWithProjection", CLIP_L),
+        "text_encoder_2": ("transformers", "CLIPTextModelWithProjection", CLIP_G),
+        "text_encoder_3": ("transformers", "T5EncoderModel", T5_XXL),
+        "vae": ("diffusers", "AutoencoderKL", SD3_VAE)},
+    "black-forest-labs/FLUX.1-dev": {
+        "transformer": ("diffusers", "FluxTransformer2DModel", FLUX1_DEV_TRANSFORMER),
+        "text_encoder": ("transformers", "CLIPTextModel", {k: v for k, v in CLIP_L.items() if k != "projection_dim"}),
+        "text_encoder_2": ("transformers", "T5EncoderModel", T5_XXL),
+        "vae": ("diffusers", "AutoencoderKL", FLUX_VAE)},
+}
+PIPELINES["black-forest-labs/FLUX.1-Kontext-dev"] = PIPELINES["black-forest-labs/FLUX.1-dev"]  # the same shapes
+
+
+def meta_component(library: str, class_name: str, config: dict):
+    """One pipeline component on the meta device, from its config (a diffusers model or a transformers one)."""
+    from accelerate import init_empty_weights
+
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    with init_empty_weights(include_buffers=True):
+        if library == "diffusers":
+            import diffusers
+
+            return getattr(diffusers, class_name).from_config(config)
+        import transformers
+
+        cls = getattr(transformers, class_name)
+        return cls._from_config(cls.config_class(**config))
 
 
 def meta_transformer(config: dict):
