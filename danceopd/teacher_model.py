@@ -151,7 +151,8 @@ class AdapterBank:
     adapters' per-call cost and one teacher at a time per replica (`lock`)."""
 
     def __init__(self, teachers: dict[str, TeacherModelSpec], resolution: int, default_base: str | None = None,
-                 device: str | torch.device = "auto", dtype: str | torch.dtype = "auto", name: str = "bank"):
+                 device: str | torch.device = "auto", dtype: str | torch.dtype = "auto", name: str = "bank",
+                 cfg_alphas: dict[str, float] | None = None):
         import threading
         from dataclasses import replace
 
@@ -179,6 +180,10 @@ class AdapterBank:
             max_sequence_length=spec.max_sequence_length, prompt_cache=base_field.prompts,
             extra={"family": self.family.name, "resolution": resolution, "base": base, "shared_base": True}))
             for t, spec in teachers.items()}
+        for t, alpha in (cfg_alphas or {}).items():  # a CFG teacher on the shared base: both halves in one call, under the lock
+            from danceopd.fields.operators import CFGField
+
+            self.fields[t] = CFGField(self.fields[t], alpha, name=t)
         self.lock = threading.Lock()
         # The replica's contract: one shape for all; queries name their teacher (VelocityQuery.adapter).
         self.info = replace(base_field.info, name=name, kind="adapter_bank",

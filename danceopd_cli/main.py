@@ -8,6 +8,7 @@
     danceopd bench step|teachers|learning|families|shared-base|sd35-step [its arguments]
     danceopd serve-config configs/teachers.yaml > deploy/serve-teachers.yaml
     danceopd prefetch --config configs/gpu-cluster.yaml   (HF_HOME: the shared cache; HF_TOKEN for gated models)
+    danceopd plan --config configs/gpu-cluster.yaml --gpu-memory 80 [--json plan.json]
     danceopd tiny-pipeline --family sd3|flux|flux-kontext --out DIR [--seed N] [--sample-size PX]
     danceopd tiny-lora --base DIR --out DIR [--rank R] [--std S] [--seed N]
 
@@ -225,6 +226,29 @@ def _prefetch(args) -> int:
     return 1 if prefetch(sources, say=lambda m: print(m, flush=True)) else 0
 
 
+def _plan(args) -> int:
+    import json
+
+    from danceopd.memory_plan import PlanError, plan_job
+    from trainer.job import gpu_memory_of, load_job_config
+
+    job = load_job_config(args.config, dict(parse_override(o) for o in args.overrides))
+    gib = gpu_memory_of(job, args.gpu_memory)
+    try:
+        plan = plan_job(job, gib)
+    except PlanError as e:
+        raise ConfigError(str(e)) from None
+    print(plan.table())
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(plan.as_json(), indent=2))
+        print(f"wrote {args.json}")
+    if plan.fits is False:
+        print(f"error: {plan.refusal()}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _bench(args) -> int:
     script = REPO / "benchmarks" / BENCHMARKS[args.name][0]
     if not script.exists():
@@ -270,6 +294,17 @@ def main(argv: list[str] | None = None) -> int:
     pf.add_argument("--config", type=Path, required=True, help="a training config (configs/gpu-cluster.yaml) or a teachers file")
     pf.add_argument("overrides", nargs="*", help="key.path=value, as for train")
     pf.set_defaults(run=_prefetch)
+    pl = sub.add_parser("plan", help="the memory each worker, teacher replica and evaluation will hold, before anything loads",
+                        description="Per process role (train_worker, teacher:<deployment>, evaluation): frozen weights by component, "
+                                    "trainable weights, gradients, AdamW, EMA, caches and activations at the configured batch and "
+                                    "resolution, computed on the meta device from the models' configs (no weights, no network), "
+                                    "and each teacher's expected busy fraction. With a GPU size: whether each role fits its share "
+                                    "(exit 2 if not, as the job itself refuses under cluster.memory_check: strict).")
+    pl.add_argument("--config", type=Path, required=True, help="a training job config")
+    pl.add_argument("--gpu-memory", type=float, metavar="GIB", help="memory of one GPU (default: cluster.gpu_memory_gib, else this machine's GPU)")
+    pl.add_argument("--json", type=Path, metavar="F", help="also write the plan as JSON")
+    pl.add_argument("overrides", nargs="*", help="key.path=value, as for train")
+    pl.set_defaults(run=_plan)
     sc = sub.add_parser("serve-config", help="render the `serve deploy` config for a teachers config")
     sc.add_argument("config", type=Path)
     sc.add_argument("--host", default="0.0.0.0")

@@ -18,6 +18,7 @@ from danceopd.flow import rollout_states
 from danceopd.models import get_family
 from danceopd.models.flux import pack, unpack
 from danceopd.models.tiny import build_random_lora, build_tiny_pipeline
+from danceopd.routes import build_route_field
 from danceopd.student import StudentConfig, build_student, load_student
 from danceopd.teacher_model import LoraAdapterSpec, TeacherModelSpec, load_teacher_field
 
@@ -373,21 +374,21 @@ def test_shared_base_teachers_are_one_deployment_answering_per_adapter(ray_clust
                    "b": {"capability": "t2i", "teacher": {"loras": [{"path": str(lora_b), "scale": 0.5}]}},
                    "plain": {"capability": "t2i", "teacher": {}},
                    "guided": {"capability": "t2i", "teacher": {"loras": [{"path": str(lora_b)}]}, "cfg_alpha": 2.0}}})
-    assert job.banks() == {"shared-a": ["a", "b", "plain"]}
-    assert {job.teacher_app(r) for r in ("a", "b", "plain")} == {prefix + "shared-a"} and job.teacher_app("guided") == prefix + "guided"
+    assert job.banks() == {"shared-a": ["a", "b", "plain", "guided"]}  # the CFG route shares the base too
+    assert {job.teacher_app(r) for r in ("a", "b", "plain", "guided")} == {prefix + "shared-a"}
     tcfg = job.teachers_config()
     deploy_teachers(tcfg, only=["shared-a"], gateway=False)
     try:
-        clients = {r: job.teacher_client(r) for r in ("a", "b", "plain")}
-        assert clients["a"].info.name == "a" and clients["a"].info.extra["adapters"] == ["a", "b", "plain"]
+        clients = {r: job.teacher_client(r) for r in ("a", "b", "plain", "guided")}
+        assert clients["a"].info.name == "a" and clients["a"].info.extra["adapters"] == ["a", "b", "guided", "plain"]
         x, s, c = torch.randn(3, 4, 16, 16), torch.tensor([0.2, 0.5, 0.9]), Conditions(PROMPTS + [""])
 
         async def together():
-            return await asyncio.gather(*(clients[r].velocity_async(x, s, c) for r in ("a", "b", "plain", "a")))
+            return await asyncio.gather(*(clients[r].velocity_async(x, s, c) for r in ("a", "b", "plain", "a", "guided")))
 
-        served = dict(zip(("a", "b", "plain", "a2"), asyncio.run(together())))
-        for r in ("a", "b", "plain"):
-            own = load_teacher_field(job.routes[r].model_teacher, r, 32, default_base=str(tiny["flux"]), device="cpu", dtype="float32")
+        served = dict(zip(("a", "b", "plain", "a2", "guided"), asyncio.run(together())))
+        for r in ("a", "b", "plain", "guided"):  # guided: CFG(2) over its adapter, as a teacher of its own computes it
+            own = build_route_field(r, job, None, device="cpu", dtype="float32")
             with torch.no_grad():
                 want = own.velocity(x, s, c)
             assert (served[r] - want).abs().max() < 1e-4, r

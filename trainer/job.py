@@ -45,6 +45,11 @@ class ClusterConfig(_Strict):
     teacher_pause_s: float = Field(10.0, gt=0, description="how long an open circuit holds calls to the teacher back")
     dashboard: bool = Field(True, description="Ray dashboard (and state API) of a local Ray started by the job, on :8265")
     metrics_export_port: int | None = Field(None, ge=1, le=65535, description="Prometheus port of a local Ray started by the job")
+    gpu_memory_gib: float | None = Field(None, gt=0, description="memory of one GPU of the cluster: the memory plan (danceopd plan) "
+                                                                "refuses a job whose worker or teacher cannot fit it; default: this "
+                                                                "machine's GPU when it has one, else nothing is refused")
+    memory_check: Literal["strict", "warn", "off"] = Field("strict", description="a role over its GPU share: strict stops the job "
+                                                                             "before anything loads (exit 2), warn prints and goes on")
 
 
 class TeacherDeployOptions(_Strict):
@@ -73,7 +78,7 @@ class ServicesConfig(_Strict):
                                                                       "expire from the router's store after this long")
     gateway: bool = Field(True, description="also deploy the REST gateway (velocity queries for debugging)")
     shared_base: bool = Field(False, description="serve the model teachers that share a base (same base, family and checkpoint, "
-                                                 "no CFG) from one deployment holding the base once, with each route's LoRAs "
+                                                 "CFG routes included) from one deployment holding the base once, with each route's LoRAs "
                                                  "as adapters switched per query: less GPU memory, a per-call adapter cost")
     gateway_route_prefix: str = "/"
     http_host: str = Field("127.0.0.1", description="Serve's HTTP proxy, when the job starts Serve (REST gateway, router API); "
@@ -102,14 +107,14 @@ class JobConfig(TrainConfig):
         return (self.cluster.storage_path or self.run_dir / "ray").expanduser().resolve()
 
     def banks(self) -> dict[str, list[str]]:
-        """services.shared_base: groups of routes whose model teachers share base, family and checkpoint (CFG
-        routes keep their own teacher), each served as one adapter bank named after its first route."""
+        """services.shared_base: groups of routes whose model teachers share base, family and checkpoint (a CFG
+        route included: the bank applies its guidance), each served as one adapter bank named after its first route."""
         if not self.services.shared_base:
             return {}
         groups: dict[tuple, list[str]] = {}
         for name, route in self.routes.items():
             spec = route.model_teacher
-            if spec is not None and route.cfg_alpha is None:
+            if spec is not None:
                 groups.setdefault((spec.base or self.student.base, spec.family, spec.checkpoint), []).append(name)
         return {f"shared-{names[0]}": names for names in groups.values() if len(names) > 1}
 
@@ -148,7 +153,9 @@ class JobConfig(TrainConfig):
             spec = self.routes[routes[0]].model_teacher
             field = {"kind": "adapter_bank", "path": spec.base or self.student.base, "family": spec.family, "checkpoint": spec.checkpoint,
                      "resolution": self.student.resolution,
-                     "adapters": {r: self.routes[r].model_teacher.model_dump(include={"loras", "guidance"}) for r in routes}}
+                     "adapters": {r: {**self.routes[r].model_teacher.model_dump(include={"loras", "guidance"}),
+                                      **({"cfg_alpha": self.routes[r].cfg_alpha} if self.routes[r].cfg_alpha is not None else {})}
+                                  for r in routes}}
             teachers.append({"name": bank, "field": field, **self._deploy_options(routes[0])})
         for name, route in self.routes.items():
             if name in banked:
@@ -192,3 +199,32 @@ def load_job_config(path: str | Path | None, overrides: dict | None = None) -> J
         except ValueError as e:
             raise ConfigError(f"services.http_host is {s.http_host!r}: {e}") from None
     return job
+
+
+def gpu_memory_of(job: JobConfig, given: float | None = None) -> float | None:
+    """The GPU size a plan is checked against: the one given, cluster.gpu_memory_gib, else this machine's GPU."""
+    from danceopd.memory_plan import device_memory_gib
+
+    return given or job.cluster.gpu_memory_gib or device_memory_gib()
+
+
+def check_memory(job: JobConfig, gpu_memory_gib: float | None = None, warn=print):
+    """The job's memory plan against its GPU size (the argument, cluster.gpu_memory_gib, else this machine's GPU):
+    under memory_check strict a role that cannot fit its GPU share is a ConfigError, before any model loads. Returns
+    the plan, or None when the check is off or there is no GPU size to check against."""
+    from danceopd.memory_plan import PlanError, plan_job
+
+    gib = gpu_memory_of(job, gpu_memory_gib)
+    if job.cluster.memory_check == "off" or gib is None:
+        return None
+    try:
+        plan = plan_job(job, gib)
+    except PlanError as e:
+        raise ConfigError(f"cluster.memory_check: {e}") from None
+    if plan.over_budget():
+        msg = (f"the job does not fit {gib:g} GiB GPUs: {plan.refusal()}. See `danceopd plan --config ...`; lower the batch, "
+               "enable student.gradient_checkpointing, train a LoRA, or set cluster.memory_check: warn if you know better")
+        if job.cluster.memory_check == "strict":
+            raise ConfigError(msg)
+        warn(f"warning: {msg}")
+    return plan

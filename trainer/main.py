@@ -21,13 +21,13 @@ import sys
 import time
 from pathlib import Path
 
-from danceopd.config import differences
+from danceopd.config import ConfigError, differences
 from danceopd.remote import RequestError, last_line
 from danceopd.placement import no_model_weights
 from trainer.cli import load_or_report, parse_args, resume_config_or_report
 from trainer.console import log_warnings
 from trainer.evaluation import BEFORE
-from trainer.job import JobConfig, load_job_config
+from trainer.job import JobConfig, check_memory, load_job_config
 
 
 # A local Ray shares the machine with the training workers. Serve's controller loop (0.1 s) and its replicas' and
@@ -293,6 +293,11 @@ def run(args) -> int:
 def _run(args) -> int:
     job = load_or_report(load_job_config, args)
     if job is None:
+        return 2
+    try:
+        check_memory(job, warn=lambda m: print(m, file=sys.stderr))  # before Ray starts or a model loads
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     if not resume_config_or_report(job, args):  # before Ray starts: a resumed run must train what it trained
         return 2

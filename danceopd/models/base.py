@@ -121,7 +121,7 @@ class PromptCache:
             with torch.no_grad():
                 out = self.encode(missing)
             for i, p in enumerate(missing):
-                got[p] = tuple(t[i] for t in out)
+                got[p] = tuple(t[i].clone() for t in out)  # compact: a view would keep its whole encode batch alive
                 self.entries[p] = got[p]
         for p in got:
             self.entries.move_to_end(p)

@@ -76,6 +76,8 @@ class DiffusersFieldSpec(_Strict):
 class BankedTeacher(_Strict):
     loras: list[LoraAdapterSpec] = Field(default_factory=list, description="none = the base itself")
     guidance: float | None = None
+    cfg_alpha: float | None = Field(None, gt=0.0, description="this teacher is CFG(alpha) over its adapters (absorbed guidance): "
+                                                             "conditional and unconditional halves in one model call")
 
 
 class AdapterBankSpec(_Strict):

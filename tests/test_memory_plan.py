@@ -1,0 +1,117 @@
+"""The memory plan: `danceopd plan` on the shipped recipes (published configs, meta device), the job's refusal of a
+role that cannot fit its GPU before anything loads, and the plan against what tiny pipelines really allocate."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+GIB = 1024 ** 3
+
+
+def run(*args, module="danceopd_cli"):
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=300, cwd=ROOT)
+
+
+def test_plan_of_the_kontext_recipe_at_80_gib(tmp_path):
+    out = tmp_path / "plan.json"
+    proc = run("plan", "--config", "configs/flux-kontext-lora.yaml", "--gpu-memory", "80", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads(out.read_text())
+    assert plan["gpu_memory_gib"] == 80 and plan["fits"] is True and plan["text_embeddings"] == "on_device"
+    assert set(plan["roles"]) == {"train_worker", "teacher:t2i", "teacher:edit", "evaluation"}
+    worker = plan["roles"]["train_worker"]
+    # FLUX.1 [dev]/Kontext: the 11.90B transformer and the 4.76B T5-XXL encoder in bf16, built from published configs
+    assert worker["parts"]["transformer (bfloat16)"] == pytest.approx(11.90e9 * 2 / GIB, rel=0.005)
+    assert worker["parts"]["text_encoder_2 (bfloat16)"] == pytest.approx(4.762e9 * 2 / GIB, rel=0.005)
+    # LoRA r128 on the default targets: 0.52B values, fp32 master + gradient (4 B each) and AdamW (8 B)
+    assert worker["parts"]["trainable (fp32)"] == pytest.approx(worker["parts"]["gradients (fp32)"])
+    assert worker["parts"]["adamw (fp32)"] == pytest.approx(2 * worker["parts"]["trainable (fp32)"], rel=1e-3)
+    assert 0.50e9 * 4 / GIB < worker["parts"]["trainable (fp32)"] < 0.55e9 * 4 / GIB
+    assert worker["total_gib"] == pytest.approx(sum(worker["parts"].values()), abs=0.01) and worker["total_gib"] < 80
+    # each teacher: 4 workers x half the steps x 1 query, against 16 rollout + 3 + 1 (checkpointing) forwards
+    for t in ("teacher:t2i", "teacher:edit"):
+        assert plan["roles"][t]["busy_fraction"] == pytest.approx(4 * 0.5 / 20, rel=1e-3)
+        assert "vae (bfloat16)" in plan["roles"][t]["parts"]
+    assert "train_worker" in proc.stdout and "teacher:edit" in proc.stdout
+
+
+def test_a_full_flux_student_is_refused_before_anything_loads_and_the_lora_recipe_is_not(tmp_path):
+    full = run("--config", "configs/flux-kontext-lora.yaml", "student.adapter=full", "cluster.gpu_memory_gib=80",
+               f"output_dir={tmp_path}", module="trainer.main")
+    assert full.returncode == 2, full.stderr
+    assert "train_worker needs" in full.stderr and "adamw (fp32)" in full.stderr and "80 GiB" in full.stderr
+    assert "Traceback" not in full.stderr and not (tmp_path / "flux-kontext-lora").exists()  # nothing started
+    lora = run("plan", "--config", "configs/sd35-medium-lora.yaml", "--gpu-memory", "80")
+    assert lora.returncode == 0 and "DOES NOT FIT" not in lora.stdout, lora.stderr
+    small = run("plan", "--config", "configs/sd35-medium-lora.yaml", "--gpu-memory", "16")
+    assert small.returncode == 2 and "train_worker needs" in small.stderr
+
+
+def test_the_check_warns_or_is_off_when_asked_and_an_unknown_model_is_named():
+    from danceopd.config import ConfigError
+    from trainer.job import check_memory, load_job_config
+
+    job = load_job_config(ROOT / "configs/flux-kontext-lora.yaml", {"student.adapter": "full", "cluster.memory_check": "warn"})
+    said = []
+    plan = check_memory(job, 80, warn=said.append)
+    assert plan is not None and not plan.fits and "train_worker needs" in said[0]
+    off = load_job_config(ROOT / "configs/flux-kontext-lora.yaml", {"student.adapter": "full", "cluster.memory_check": "off"})
+    assert check_memory(off, 80) is None
+    unknown = load_job_config(ROOT / "configs/sd35-medium-lora.yaml", {"student.base": "someone/not-a-published-model"})
+    with pytest.raises(ConfigError, match="someone/not-a-published-model.*danceopd prefetch"):
+        check_memory(unknown, 80)
+    import torch
+
+    if not torch.cuda.is_available():  # no GPU size given and no GPU here: nothing to check against, nothing refused
+        assert check_memory(unknown, None) is None
+
+
+def test_the_plan_matches_what_tiny_pipelines_allocate(tmp_path):
+    """Weights and optimizer state as planned on the meta device against the tensors a real load and step allocate
+    (benchmarks/memory_plan.py --quick); activations are an estimate, bounded loosely here."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import memory_plan as bench
+
+    models = bench.build_models(tmp_path, quick=True)
+    for name, path in models.items():
+        r = bench.compare(name, str(path), 64, 2, False)
+        for comp, v in r["components"].items():
+            assert v["planned"] == pytest.approx(v["measured"], rel=0.02), (name, comp)
+        for row in ("weights", "trainable + gradients + adamw"):
+            assert abs(r["rows"][row]["error"]) < 0.02, (name, row, r["rows"][row])
+        assert abs(r["rows"]["activations (training step)"]["error"]) < 0.6, (name, r["rows"])
+
+
+def test_a_cfg_route_shares_the_adapter_bank_of_its_base():
+    """services.shared_base on the SD3.5 recipe (two LoRA routes and a CFG route on one base): one teacher
+    deployment holding the pipeline once, busy for all three routes (the CFG route's queries count twice)."""
+    from danceopd.memory_plan import plan_job
+    from trainer.job import load_job_config
+
+    job = load_job_config(ROOT / "configs/sd35-medium-lora.yaml", {"services.shared_base": True})
+    assert job.banks() == {"shared-text": ["text", "geneval", "cfg"]}
+    bank = next(t for t in job.teachers_config().teachers if t.name == "shared-text").field
+    assert bank.adapters["cfg"].cfg_alpha == 4.5 and bank.adapters["text"].cfg_alpha is None
+    plan = plan_job(job, 80)
+    teachers = [r for r in plan.roles if r.startswith("teacher:")]
+    assert teachers == ["teacher:shared-text"]
+    # 4 workers x (1/3 + 1/3 + 2 x 1/3) queries per step, against 16 rollout + 3 + 1 forwards
+    assert plan.roles["teacher:shared-text"].busy_fraction == pytest.approx(4 * (4 / 3) / 20)
+    assert plan.roles["teacher:shared-text"].parts["text_encoder_3 (bfloat16)"] == pytest.approx(4.762e9 * 2, rel=0.005)
+
+
+def test_the_prompt_cache_keeps_compact_copies_not_views_of_its_encode_batch():
+    import torch
+
+    from danceopd.models.base import PromptCache
+
+    cache = PromptCache(lambda prompts: (torch.randn(len(prompts), 333, 64), torch.randn(len(prompts), 32)), max_entries=8)
+    embeds = cache([f"prompt {i}" for i in range(6)])
+    for entry in cache.entries.values():  # each entry owns exactly its own bytes: the 6-prompt batch can be freed
+        for t in entry:
+            assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
+    assert torch.equal(cache(["prompt 2"])[0][0], embeds[0][2])
