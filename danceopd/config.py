@@ -59,6 +59,8 @@ class DataConfig(_Strict):
     manifest: Path | None = Field(None, description="JSONL / Parquet rows (uid, route, prompt, source_image, target_image) "
                                                     "feeding each route's bucket; default: the capability suite")
     latent_cache: Path | None = Field(None, description="folder for VAE latents of manifest images (default: none, in memory)")
+    latent_cache_entries: int = Field(4096, ge=1, description="latents each worker keeps in host memory (least recently used "
+                                      "go; the latent_cache folder keeps every one): 1024 px SD3/FLUX latents are 1 MiB each")
     eval_manifest: Path | None = Field(None, description="held-out rows to evaluate on (same columns; no uid of data.manifest); "
                                                          "default: data.eval_fraction of data.manifest's rows, never trained on")
     eval_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="without data.eval_manifest: this share of each route's "

@@ -285,7 +285,8 @@ def plan_job(job, gpu_memory_gib: float | None = None) -> MemoryPlan:
             tb = DTYPE_BYTES[t_dtype]
             comps = pipeline_components(base_field.path)
             for name, c in comps.items():
-                role.parts[f"{name} ({t_dtype})"] = c.floats * tb
+                if name != "vae":  # teachers load no VAE (queries carry latents)
+                    role.parts[f"{name} ({t_dtype})"] = c.floats * tb
             if base_field.kind == "adapter_bank":
                 role.parts[f"adapters ({t_dtype})"] = sum(lora_file_floats(lora.path) for a in base_field.adapters.values()
                                                          for lora in a.loras) * tb

@@ -112,7 +112,8 @@ def _load_base(spec: TeacherModelSpec, base: str, what: str, device: torch.devic
     family = spec.model_family(base)
     if family is None:
         raise ValueError(f"{what}: base {base!r} is a hub id: set the teacher's family")
-    pipe = family.load_pipeline(base, device, dtype, vae=True)
+    # A teacher never decodes or encodes: queries carry latents (sources too), so its replicas hold no VAE.
+    pipe = family.load_pipeline(base, device, dtype, vae=False)
     if spec.checkpoint:
         p = Path(spec.checkpoint).expanduser()
         kwargs = {} if (p / "config.json").exists() else {"subfolder": "transformer"}  # a transformer folder, or a pipeline

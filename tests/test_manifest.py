@@ -267,6 +267,25 @@ def test_latent_cache_encodes_each_image_once(data_dir: Path):
     assert cache.encoded == 6
 
 
+def test_latent_cache_is_bounded_and_keeps_the_recently_used(data_dir: Path, tmp_path: Path):
+    """data.latent_cache_entries: at most that many latents in memory, least recently used out first; with a folder
+    an evicted latent comes back from disk, not from the VAE."""
+    bucket = load_manifest(_write(data_dir / "m.jsonl", _records()), routes=ROUTES).bucket("local_edit")
+    rows = bucket.rows[:4]
+    cache = LatentCache(_Encoder(), max_entries=2)
+    whole = cache.get(rows)  # one call may need more than the bound: all its latents are returned
+    assert whole.shape[0] == 4 and len(cache._memory) == 2 and cache.encoded == 4
+    cache.get(rows[2:3])  # rows 2 and 3 are the ones kept; 2 is now the most recent
+    assert cache.encoded == 4
+    cache.get(rows[:1])  # row 0 was evicted: encoded again, and row 3 (least recent) goes
+    assert cache.encoded == 5 and len(cache._memory) == 2
+    cache.get(rows[2:3])
+    assert cache.encoded == 5
+    on_disk = LatentCache(_Encoder(), directory=tmp_path / "latents", max_entries=1)
+    first = on_disk.get(rows)
+    assert torch.equal(on_disk.get(rows[:1])[0], first[0]) and on_disk.encoded == 4 and on_disk.loaded == 1
+
+
 def test_latent_cache_reencodes_an_edited_file(tmp_path: Path):
     path = _png(tmp_path / "a.png", colour=(0, 0, 0))
     cache = LatentCache(_Encoder())

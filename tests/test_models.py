@@ -66,8 +66,8 @@ def test_kontext_field_appends_source_tokens_as_the_kontext_pipeline_does(tiny):
     latents = pipe(image=image, prompt=PROMPTS[:1], num_inference_steps=4, guidance_scale=2.5, height=32, width=32, max_area=32 * 32,
                    _auto_resize=False, generator=torch.Generator().manual_seed(0), output_type="latent").images
     field = load_teacher_field(TeacherModelSpec(base=str(tiny["flux-kontext"])), "edit", 32, dtype="float32", device="cpu")
-    assert field.info.takes_source
-    src = field.family.encode_images(field.pipe, pipe.image_processor.preprocess(image, 32, 32))
+    assert field.info.takes_source and field.pipe.vae is None  # a teacher replica holds no VAE: queries carry latents
+    src = field.family.encode_images(pipe, pipe.image_processor.preprocess(image, 32, 32))
     sigmas = field.family.default_sigmas(field.pipe, 4, field.info.sample_shape)
     noise = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     ours = rollout_states(lambda x, s: field.velocity(x, s, Conditions(PROMPTS[:1], src)), noise, sigmas).final

@@ -40,7 +40,8 @@ def load_or_report(loader, args: argparse.Namespace):
 # Settings that change how a run executes or how far it goes, never what an update computes: a resumed run may
 # change them freely (more steps, another time budget, more logging, other services or cluster knobs).
 FREE_ON_RESUME = ("steps", "max_minutes", "log_every", "keep_checkpoints", "eval.", "execution.", "tracking.", "device", "torch_threads",
-                  "output_dir", "run_name", "services.", "cluster.", "student.save_dtype", "student.save_merged")
+                  "output_dir", "run_name", "services.", "cluster.", "student.save_dtype", "student.save_merged",
+                  "data.latent_cache_entries")
 FIXED_ON_RESUME = ("cluster.num_workers",)  # the per-worker batch and the router's registration follow from it
 
 

@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import tempfile
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -340,12 +341,13 @@ class LatentCache:
     """
 
     def __init__(self, encode: Callable[[torch.Tensor], torch.Tensor], size: tuple[int, int] | None = None,
-                 directory: str | os.PathLike | None = None):
+                 directory: str | os.PathLike | None = None, max_entries: int = 4096):
         self.encode, self.size = encode, None if size is None else tuple(size)
+        self.max_entries = max_entries  # bounded: a large dataset's latents never all sit in memory
         self.directory = None if directory is None else Path(directory)
         if self.directory is not None:
             self.directory.mkdir(parents=True, exist_ok=True)
-        self._memory: dict[tuple[str, int, int], torch.Tensor] = {}
+        self._memory: OrderedDict[tuple[str, int, int], torch.Tensor] = OrderedDict()  # least recently used first
         self.encoded = 0  # images actually passed to `encode`
         self.loaded = 0  # latents read back from `directory`
 
@@ -373,7 +375,12 @@ class LatentCache:
             todo[key] = (f, digest)
         if todo:
             self._encode(todo)
-        return torch.stack([self._memory[k] for k in keys])
+        out = torch.stack([self._memory[k] for k in keys])
+        for k in keys:
+            self._memory.move_to_end(k)
+        while len(self._memory) > self.max_entries:  # only after this call's latents are stacked
+            self._memory.popitem(last=False)
+        return out
 
     def _file(self, item: ManifestRow | str | os.PathLike, column: str) -> Path:
         if isinstance(item, ManifestRow):

@@ -73,5 +73,5 @@ def build_route_data(cfg, suite, student) -> dict[str, RouteData]:
         return {name: SuiteRouteData(suite.bucket(r.capability), encode, None if pixel else cfg.student.resolution)
                 for name, r in cfg.routes.items()}
     size = cfg.student.sample_size if pixel else cfg.student.resolution
-    cache = LatentCache(student.encode_images, size=(size, size), directory=cfg.data.latent_cache)
+    cache = LatentCache(student.encode_images, size=(size, size), directory=cfg.data.latent_cache, max_entries=cfg.data.latent_cache_entries)
     return {name: ManifestRouteData(cfg.manifest.bucket(name), cfg.eval_manifest.bucket(name), cache) for name in cfg.routes}

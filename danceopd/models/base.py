@@ -47,6 +47,8 @@ class ModelFamily:
         kwargs = {} if vae else {"vae": None}
         pipe = self.pipeline_class().from_pretrained(path, dtype=dtype, **kwargs, **absent_components(path))
         pipe.set_progress_bar_config(disable=True)
+        if not vae and (geometry := vae_geometry(path)) is not None:
+            pipe.vae_scale_factor = geometry[1]  # without a VAE the pipeline assumes 8; the latent grid stays the VAE's
         pipe = pipe.to(device)
         for name, module in pipe.components.items():
             if isinstance(module, torch.nn.Module):
