@@ -116,6 +116,7 @@ class Component:
     class_name: str
     floats: int  # floating-point parameter and buffer values
     config: dict
+    module: object  # the component on the meta device (module names and shapes, no memory)
 
 
 @lru_cache(maxsize=16)
@@ -134,7 +135,7 @@ def pipeline_components(base: str) -> dict[str, Component]:
     for name, (library, class_name, config) in specs.items():
         module = meta_component(library, class_name, config)
         floats = sum(t.numel() for t in [*module.parameters(), *module.buffers()] if t.is_floating_point())
-        out[name] = Component(name, class_name, floats, dict(config))
+        out[name] = Component(name, class_name, floats, dict(config), module)
     return out
 
 
@@ -165,12 +166,6 @@ def _cached_specs(repo_id: str) -> dict | None:
     except Exception:  # not in the cache (or not a repo id at all)
         return None
     return _local_specs(Path(folder))
-
-
-def lora_floats(transformer_config: dict, class_name: str, rank: int, targets: tuple[str, ...]) -> int:
-    from danceopd.models.published import lora_parameter_count, meta_component
-
-    return lora_parameter_count(meta_component("diffusers", class_name, transformer_config), rank, tuple(targets))
 
 
 def lora_file_floats(path: str) -> int:
@@ -214,6 +209,9 @@ def _prompt_bytes(family, components: dict[str, Component], max_sequence_length:
 
 def plan_job(job, gpu_memory_gib: float | None = None) -> MemoryPlan:
     """The plan of a validated JobConfig (trainer.job)."""
+    from danceopd.models import get_family
+    from danceopd.models.published import lora_parameter_count
+
     st = job.student
     family = st.model_family
     roles: dict[str, Role] = {}
@@ -235,7 +233,7 @@ def plan_job(job, gpu_memory_gib: float | None = None) -> MemoryPlan:
                 continue
             resident[f"{name} ({dtype_name})"] = c.floats * nbytes
         targets = tuple(st.lora.target_modules or family.default_lora_targets)
-        trainable = t.floats if full else lora_floats(t.config, t.class_name, st.lora.rank, targets)
+        trainable = t.floats if full else lora_parameter_count(t.module, st.lora.rank, targets)
         if st.edit_input or (any_source and not family.native_source and family.name == "sd3"):
             trainable += 2 * t.config.get("in_channels", 16) * t.config["num_attention_heads"] * t.config["attention_head_dim"] * 4
         resident["trainable (fp32)"] = trainable * 4
@@ -292,7 +290,7 @@ def plan_job(job, gpu_memory_gib: float | None = None) -> MemoryPlan:
                                                          for lora in a.loras) * tb
             t = comps["transformer"]
             t_family = family if base_field.kind == "adapter_bank" or getattr(base_field, "family", None) in (None, family.name) \
-                else _family(base_field.family)
+                else get_family(base_field.family)
             image, text, hidden, blocks = _tokens(t_family, t, comps.get("vae"), st.resolution, seq, any_source)
             role.parts["query activations"] = int(batch * cfg_factor * (image + text) * hidden * tb * ACT_NOGRAD)
             role.parts["prompt cache"] = st.prompt_cache_size * _prompt_bytes(t_family, comps, seq, tb)
@@ -319,12 +317,6 @@ def plan_job(job, gpu_memory_gib: float | None = None) -> MemoryPlan:
             ev.parts[f"vae decode ({DECODE_CHUNK} images)"] = int(DECODE_CHUNK * st.resolution ** 2 * width * nbytes * VAE_DECODE)
         roles[ev.name] = ev
     return MemoryPlan(gpu_memory_gib, "on_device", roles)
-
-
-def _family(name: str):
-    from danceopd.models import get_family
-
-    return get_family(name)
 
 
 def _dtype_name(dtype: str | None, on_gpu: bool) -> str:

@@ -54,7 +54,7 @@ def meta_component(library: str, class_name: str, config: dict):
     from accelerate import init_empty_weights
 
     config = {k: v for k, v in config.items() if not k.startswith("_")}
-    with init_empty_weights(include_buffers=True):
+    with init_empty_weights(include_buffers=True):  # every tensor on meta: no memory, allowed in a job driver
         if library == "diffusers":
             import diffusers
 
@@ -67,12 +67,7 @@ def meta_component(library: str, class_name: str, config: dict):
 
 def meta_transformer(config: dict):
     """The transformer on the meta device: shapes and module names, no memory."""
-    import diffusers
-    from accelerate import init_empty_weights
-
-    cls = getattr(diffusers, config["_class_name"])
-    with init_empty_weights(include_buffers=True):  # every tensor on meta: no memory, allowed in a job driver
-        return cls.from_config({k: v for k, v in config.items() if k != "_class_name"})
+    return meta_component("diffusers", config["_class_name"], config)
 
 
 def lora_parameter_count(model, rank: int, targets: tuple[str, ...]) -> int:
