@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install os-deps deploy-files demo demo-reference demo-diffusers tiny-models results test test-fast chaos bench-learning bench-teachers bench-step gpu-check clean
+.PHONY: install os-deps deploy-files demo demo-reference demo-diffusers tiny-models results test test-fast chaos bench-learning bench-teachers bench-step gpu-check gpu-wheels clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -78,9 +78,20 @@ bench-teachers: install
 bench-step: install
 	$(BIN)/python benchmarks/step.py --repeats 3
 
-## gpu-check: CUDA tests + a short learning benchmark on the GPU (< 8 minutes)
-gpu-check: install
+## gpu-check: full-size SD3.5-Medium and FLUX.1-dev DanceOPD steps beside the memory plan (< 8 minutes on one GPU;
+## runs on a bare CUDA machine: no install, no Ray; diffusers and pydantic come from .gpu-wheels, see gpu-wheels)
+gpu-check:
 	bash scripts/gpu_check.sh
+
+## gpu-wheels: the wheels the GPU check needs beyond torch/transformers/peft (CPython 3.12, manylinux x86_64), at the
+## versions this venv resolved, into .gpu-wheels/ (ignored; sent with the tree)
+GPU_PACKAGES := diffusers pydantic pydantic-core annotated-types typing-inspection
+gpu-wheels: install
+	rm -rf .gpu-wheels && mkdir -p .gpu-wheels
+	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any \
+	  -d .gpu-wheels $$($(BIN)/python -c "import importlib.metadata as m; print(' '.join(p + '==' + m.version(p) for p in '$(GPU_PACKAGES)'.split()))")
+	@du -sh .gpu-wheels
 
 ## deploy-files: regenerate what deploy/ derives from configs and the metrics contract (tests check they are current)
 deploy-files: install

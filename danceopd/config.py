@@ -13,6 +13,7 @@ from danceopd.flow.query import POSITIONS
 from danceopd.models import compatible
 from danceopd.student import StudentConfig
 from danceopd.teacher_model import TeacherModelSpec
+from danceopd.text_embeddings import EncoderKey, TextEmbeddings
 from danceopd.suite.buckets import check_capability
 from danceopd.suite.world import TIERS
 
@@ -269,6 +270,9 @@ class TrainConfig(_Strict):
                 raise ValueError(f"routes.{name}.capability: required without data.manifest (the suite is the dataset)")
         if self.data.manifest is not None:
             self._check_manifest()
+        elif self.student.text_embeddings == "precompute":
+            raise ValueError("student.text_embeddings 'precompute' needs the run's prompts listed (data.manifest): the suite "
+                             "draws its prompts; use auto or on_device")
         m = self.method
         if (m.states == "off_policy" or m.off_policy_share > 0) and (not pixel or self.data.manifest is not None):
             raise ValueError("method.states: off-policy states forward-noise dataset targets, which only the suite's pixel model "
@@ -347,6 +351,43 @@ class TrainConfig(_Strict):
     def eval_manifest(self):
         """The held-out rows evaluation draws from: data.eval_manifest, or data.manifest's held-out share."""
         return self._eval_manifest
+
+    def run_prompts(self) -> list[str] | None:
+        """Every prompt the run encodes: its data rows, its held-out rows and "" (CFG's unconditional half); None when
+        the suite draws them."""
+        if self._manifest is None:
+            return None
+        rows = [*self._manifest.rows, *self._eval_manifest.rows]
+        return list(dict.fromkeys(["", *(r.prompt for r in rows)]))
+
+    def text_embeddings(self) -> TextEmbeddings:
+        """student.text_embeddings resolved (auto: precompute for a listed prompt set within the bound) with its store."""
+        st = self.student
+        mode = st.text_embeddings
+        if mode == "auto":
+            prompts = self.run_prompts()
+            base = st.base if self.init_from is None else "init_from"  # a saved student folder has a base
+            listed = base is not None and prompts is not None and len(prompts) <= st.precompute_max_prompts
+            mode = "precompute" if listed else "on_device"
+        store = (st.text_embeddings_store or Path(self.output_dir) / "text-embeddings").expanduser().resolve()
+        return TextEmbeddings(mode, str(store) if mode == "precompute" else None)
+
+    def text_encoder_keys(self, student_dtype: str, teacher_dtypes: dict[str, str]) -> list[EncoderKey]:
+        """The encoders a precompute run stores embeddings of: the student's, and each model teacher route's with its dtype
+        (`teacher_dtypes`: route -> dtype name). A teacher that is a DanceOPD student folder keeps its own encoders."""
+        from danceopd.student import is_student_folder, read_student_config
+
+        st = read_student_config(self.init_from) if self.init_from else self.student  # the encoders the student loads
+        family = st.model_family
+        keys = [EncoderKey(st.base, family.name, student_dtype, st.max_sequence_length or family.default_max_sequence_length)]
+        for name, route in self.routes.items():
+            spec = route.model_teacher
+            base = spec and (spec.base or st.base)
+            if spec is None or is_student_folder(base):
+                continue
+            f = spec.model_family(base) or family  # a hub id without a family: the student's
+            keys.append(EncoderKey(base, f.name, teacher_dtypes[name], spec.max_sequence_length or f.default_max_sequence_length))
+        return list(dict.fromkeys(keys))
 
     def route_takes_source(self, name: str) -> bool:
         route = self.routes[name]

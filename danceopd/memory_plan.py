@@ -4,7 +4,10 @@ Every pipeline component is built on the meta device from its config (a local fo
 Hugging Face cache, or the published configs in danceopd.models.published): no weights, no network, seconds.
 
 Roles: `train_worker` (one Ray Train worker), `teacher:<deployment>` (one replica of each deployed teacher),
-`evaluation` (a train worker while it evaluates, before and after training). Parts, in bytes:
+`evaluation` (a train worker while it evaluates, before and after training), and under student.text_embeddings:
+precompute `text_encoding` (the task that encodes the run's prompts before training: the largest encoder set). With
+precompute no worker or job-deployed teacher holds a text encoder or a prompt cache on its GPU (embeddings come from
+the store, cached in host memory); with cpu the encoders and cache are in host memory. Parts, in bytes:
 
   <component> (<dtype>)   frozen weights and buffers of each pipeline component in the dtype it is loaded in
   trainable (fp32)        the LoRA adapters (and a grown input layer), or the whole transformer (adapter: full)
@@ -123,7 +126,20 @@ class Component:
 def pipeline_components(base: str) -> dict[str, Component]:
     """The torch components of a pipeline, from configs only: a local folder, the Hugging Face cache, or the
     published configs of the recipes' hub ids."""
-    from danceopd.models.published import PIPELINES, meta_component
+    from danceopd.models.published import meta_component
+
+    out = {}
+    for name, (library, class_name, config) in pipeline_specs(base).items():
+        module = meta_component(library, class_name, config)
+        floats = sum(t.numel() for t in [*module.parameters(), *module.buffers()] if t.is_floating_point())
+        out[name] = Component(name, class_name, floats, dict(config), module)
+    return out
+
+
+def pipeline_specs(base: str) -> dict[str, tuple[str, str, dict]]:
+    """{component: (library, class name, config)} of a pipeline: a local folder, the Hugging Face cache, or the
+    published configs of the recipes' hub ids."""
+    from danceopd.models.published import PIPELINES
 
     specs = _local_specs(Path(base).expanduser()) if Path(base).expanduser().exists() else _cached_specs(base)
     if specs is None:
@@ -131,12 +147,7 @@ def pipeline_components(base: str) -> dict[str, Component]:
     if specs is None:
         raise PlanError(f"no configs for {base!r} offline: run `danceopd prefetch` for it (the plan reads its config.json "
                         f"files from the cache), or set cluster.memory_check: off")
-    out = {}
-    for name, (library, class_name, config) in specs.items():
-        module = meta_component(library, class_name, config)
-        floats = sum(t.numel() for t in [*module.parameters(), *module.buffers()] if t.is_floating_point())
-        out[name] = Component(name, class_name, floats, dict(config), module)
-    return out
+    return specs
 
 
 def _local_specs(folder: Path) -> dict | None:
@@ -216,12 +227,16 @@ def plan_job(job, gpu_memory_gib: float | None = None) -> MemoryPlan:
     family = st.model_family
     roles: dict[str, Role] = {}
     on_gpu = str(job.device).startswith("cuda")
-    dtype_name = _dtype_name(job.dtype, on_gpu)
+    dtype_name = dtype_for(job.dtype, on_gpu)
     nbytes = DTYPE_BYTES[dtype_name]
     any_source = any(r.capability and "edit" in r.capability for r in job.routes.values())
     seq = st.max_sequence_length or family.default_max_sequence_length
     worker = Role("train_worker", job.cluster.gpus_per_worker if on_gpu else 0.0)
     resident: dict[str, int] = {}
+    text = job.text_embeddings()
+    # precompute: no text encoder in a worker (prompt embeddings read from the store, cached in host memory); cpu: the
+    # encoders and the cache in host memory; on_device: both on the GPU
+    encoders_on_gpu = text.mode == "on_device"
     if family.name == "pixel":
         student_blocks = None
     else:
@@ -229,7 +244,7 @@ def plan_job(job, gpu_memory_gib: float | None = None) -> MemoryPlan:
         t = comps["transformer"]
         full = not st.trains_lora
         for name, c in comps.items():
-            if name == "transformer" and full:
+            if (name == "transformer" and full) or (name.startswith("text_encoder") and not encoders_on_gpu):
                 continue
             resident[f"{name} ({dtype_name})"] = c.floats * nbytes
         targets = tuple(st.lora.target_modules or family.default_lora_targets)
@@ -245,13 +260,14 @@ def plan_job(job, gpu_memory_gib: float | None = None) -> MemoryPlan:
             resident["ddp buckets"] = 0  # gradient_as_bucket_view: the gradients are the buckets
         if full and nbytes < 4:
             resident["autocast copies"] = t.floats * nbytes
-        resident["prompt cache"] = st.prompt_cache_size * _prompt_bytes(family, comps, seq, nbytes)
-        image, text, hidden, blocks = _tokens(family, t, comps.get("vae"), st.resolution, seq, any_source)
-        per_block = job.worker_batch_size * (image + text) * hidden * nbytes
+        if encoders_on_gpu:
+            resident["prompt cache"] = st.prompt_cache_size * _prompt_bytes(family, comps, seq, nbytes)
+        image, tokens, hidden, blocks = _tokens(family, t, comps.get("vae"), st.resolution, seq, any_source)
+        per_block = job.worker_batch_size * (image + tokens) * hidden * nbytes
         act = ACT_TRAIN_FULL if full else ACT_TRAIN
         worker.parts.update(resident)
         worker.parts["activations"] = int(per_block * ((ACT_CKPT * blocks + act) if st.gradient_checkpointing else act * blocks))
-        student_blocks = (t, comps, image, text, hidden)
+        student_blocks = (t, comps, image, tokens, hidden)
     roles[worker.name] = worker
 
     # teachers: one replica of each deployed teacher
@@ -269,7 +285,7 @@ def plan_job(job, gpu_memory_gib: float | None = None) -> MemoryPlan:
         gpus = teacher.ray_actor_options.num_gpus
         t_gpu = gpus > 0 and teacher.device != "cpu"  # auto: CUDA where the replica was given a GPU
         gpus = gpus if t_gpu else 0.0
-        t_dtype = _dtype_name(teacher.dtype, t_gpu)
+        t_dtype = dtype_for(teacher.dtype, t_gpu)
         role = Role(f"teacher:{teacher.name}", gpus)
         routes = [r for r in job.routes if job.teacher_name(r) == teacher.name]
         work = sum(weights[r] * (2 if job.routes[r].cfg_alpha is not None else 1) for r in routes) / total_weight  # CFG: 2 halves
@@ -282,8 +298,9 @@ def plan_job(job, gpu_memory_gib: float | None = None) -> MemoryPlan:
         else:
             tb = DTYPE_BYTES[t_dtype]
             comps = pipeline_components(base_field.path)
+            stored = getattr(base_field, "text_embeddings", None) is not None  # reads the store: no text encoder
             for name, c in comps.items():
-                if name != "vae":  # teachers load no VAE (queries carry latents)
+                if name != "vae" and not (stored and name.startswith("text_encoder")):  # no VAE: queries carry latents
                     role.parts[f"{name} ({t_dtype})"] = c.floats * tb
             if base_field.kind == "adapter_bank":
                 role.parts[f"adapters ({t_dtype})"] = sum(lora_file_floats(lora.path) for a in base_field.adapters.values()
@@ -291,9 +308,10 @@ def plan_job(job, gpu_memory_gib: float | None = None) -> MemoryPlan:
             t = comps["transformer"]
             t_family = family if base_field.kind == "adapter_bank" or getattr(base_field, "family", None) in (None, family.name) \
                 else get_family(base_field.family)
-            image, text, hidden, blocks = _tokens(t_family, t, comps.get("vae"), st.resolution, seq, any_source)
-            role.parts["query activations"] = int(batch * cfg_factor * (image + text) * hidden * tb * ACT_NOGRAD)
-            role.parts["prompt cache"] = st.prompt_cache_size * _prompt_bytes(t_family, comps, seq, tb)
+            image, tokens, hidden, blocks = _tokens(t_family, t, comps.get("vae"), st.resolution, seq, any_source)
+            role.parts["query activations"] = int(batch * cfg_factor * (image + tokens) * hidden * tb * ACT_NOGRAD)
+            if not stored:
+                role.parts["prompt cache"] = st.prompt_cache_size * _prompt_bytes(t_family, comps, seq, tb)
             # forward cost relative to the student's: parameters x tokens (the same tokens: same resolution)
             cost = t.floats / student_blocks[0].floats if student_blocks else 1.0
         k = job.method.k
@@ -302,13 +320,13 @@ def plan_job(job, gpu_memory_gib: float | None = None) -> MemoryPlan:
 
     # evaluation on a train worker: its resident state plus the sampling forward and the VAE decoding
     if student_blocks is not None:
-        t, comps, image, text, hidden = student_blocks
+        t, comps, image, tokens, hidden = student_blocks
         ev = Role("evaluation", worker.gpus)
         ev.parts.update(resident)
         e = job.eval  # a model student's evaluation: velocity errors in chunks of 32, the grid's 3 conditions x n
         batch = max(min(32, e.velocity_error_samples), min(128, 3 * e.samples_per_condition_in_grid),
                     min(128, e.velocity_error_samples) if e.clip_model else 0)
-        ev.parts[f"sampling activations (batch {batch})"] = int(batch * (image + text) * hidden * nbytes * ACT_NOGRAD)
+        ev.parts[f"sampling activations (batch {batch})"] = int(batch * (image + tokens) * hidden * nbytes * ACT_NOGRAD)
         vae = comps.get("vae")
         if vae is not None:
             from danceopd.evaluation import DECODE_CHUNK
@@ -316,10 +334,22 @@ def plan_job(job, gpu_memory_gib: float | None = None) -> MemoryPlan:
             width = vae.config["block_out_channels"][0]
             ev.parts[f"vae decode ({DECODE_CHUNK} images)"] = int(DECODE_CHUNK * st.resolution ** 2 * width * nbytes * VAE_DECODE)
         roles[ev.name] = ev
-    return MemoryPlan(gpu_memory_gib, "on_device", roles)
+    if text.mode == "precompute" and student_blocks is not None:  # the encoding task: one encoder set at a time, one prompt
+        enc = Role("text_encoding", 1.0 if on_gpu else 0.0)
+        sets = {}
+        for key in dict.fromkeys((k.base, k.dtype) for k in job.text_encoder_keys(dtype_name, job.teacher_dtypes())):
+            c = pipeline_components(key[0])
+            b = DTYPE_BYTES[key[1]]
+            sets[key] = {f"{n} ({key[1]})": v.floats * b for n, v in c.items() if n.startswith("text_encoder")}
+        enc.parts.update(max(sets.values(), key=lambda p: sum(p.values())))
+        enc.parts["encoder activations (1 prompt)"] = int(_prompt_bytes(family, comps, seq, nbytes) * ACT_NOGRAD)  # estimate
+        roles[enc.name] = enc
+    return MemoryPlan(gpu_memory_gib, text.mode if family.name != "pixel" else "on_device", roles)
 
 
-def _dtype_name(dtype: str | None, on_gpu: bool) -> str:
+
+def dtype_for(dtype: str | None, on_gpu: bool) -> str:
+    """A dtype setting's name as a process resolves it, without asking a device (auto: bfloat16 on a GPU)."""
     table = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16"}
     if dtype in (None, "auto"):
         return "bfloat16" if on_gpu else "float32"

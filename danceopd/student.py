@@ -23,8 +23,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from danceopd.fields.model_field import ModelField
 from danceopd.models import FAMILIES, ModelFamily, family_of_folder, get_family
-from danceopd.models.base import resolve_device, resolve_dtype
+from danceopd.models.base import PromptCache, dtype_name, resolve_device, resolve_dtype
 from danceopd.models.pixel import PixelModelConfig, build_pixel_pipeline, load_pixel_pipeline
+from danceopd.text_embeddings import EncoderKey, TextEmbeddings
 
 STUDENT_MARKER = "danceopd_student.json"
 LORA_FILE = "pytorch_lora_weights.safetensors"  # what save_lora_weights writes, load_lora_weights reads
@@ -62,12 +63,24 @@ class StudentConfig(PixelModelConfig):
                                                      "halves the file; a resume always restores the fp32 training weights")
     max_sequence_length: int | None = Field(None, ge=1, description="prompt tokens; default the pipeline's (SD3 256, FLUX 512)")
     prompt_cache_size: int = Field(512, ge=0, description="prompt embeddings kept (LRU); 0 = no cache")
+    text_embeddings: Literal["auto", "precompute", "on_device", "cpu"] = Field(
+        "auto", description="where prompts are encoded (danceopd.text_embeddings): precompute = once, before training, into "
+        "text_embeddings_store, and no train worker or job-deployed teacher loads a text encoder; on_device = each process "
+        "keeps its encoders on its device; cpu = in host memory; auto = precompute when the run's prompts are a list "
+        "(data.manifest) of at most precompute_max_prompts, else on_device")
+    text_embeddings_store: Path | None = Field(None, description="the embedding store (content-addressed: runs and teachers share "
+                                               "it); default <output_dir>/text-embeddings. Storage every node reads")
+    precompute_max_prompts: int = Field(20000, ge=1, description="auto: the most prompts precomputed (at bf16 ~2.7 MB each for "
+                                        "SD3, 4 MiB for FLUX.1: 20k ~ 54-80 GB of store)")
 
     @model_validator(mode="after")
     def _family(self) -> "StudentConfig":
         if self.family is not None and self.family not in FAMILIES:
             raise ValueError(f"family {self.family!r}: choose from {sorted(FAMILIES)}")
         if self.base is None:
+            if self.text_embeddings in ("precompute", "cpu"):
+                raise ValueError(f"text_embeddings {self.text_embeddings!r}: the pixel model's text encoder is part of the model "
+                                 "(no diffusers base): use auto or on_device")
             if self.family not in (None, "pixel"):
                 raise ValueError(f"family {self.family!r} needs student.base: a diffusers pipeline folder or hub id")
             if self.adapter == "lora":
@@ -166,10 +179,11 @@ def _lora_config(cfg: StudentConfig, family: ModelFamily):
                       init_lora_weights=True)
 
 
-def _assemble(cfg: StudentConfig, family: ModelFamily, pipe: Any, device: torch.device, dtype: torch.dtype, name: str,
-              lora_weights: dict | None = None, input_layer: dict | None = None) -> Student:
-    """Freeze the base in `dtype`, add the trainable part in fp32 (LoRA adapters or the whole transformer, and a
-    grown input layer for edits on a family without native image input)."""
+def assemble_student(cfg: StudentConfig, family: ModelFamily, pipe: Any, device: torch.device, dtype: torch.dtype, name: str,
+              lora_weights: dict | None = None, input_layer: dict | None = None, text: TextEmbeddings | None = None) -> Student:
+    """A student from a pipeline already in memory (loaded, or built by the GPU check): freeze the base in `dtype`, add
+    the trainable part in fp32 (LoRA adapters or the whole transformer, and a grown input layer for edits on a family
+    without native image input)."""
     transformer = pipe.transformer
     grown = None
     if cfg.edit_input and family.name != "pixel":
@@ -183,9 +197,10 @@ def _assemble(cfg: StudentConfig, family: ModelFamily, pipe: Any, device: torch.
             grown.load_state_dict(input_layer)
     for module in (getattr(pipe, k, None) for k in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae")):
         if isinstance(module, torch.nn.Module):
-            module.requires_grad_(False).eval().to(device)
-            if family.name == "pixel":  # built here in fp32; a diffusers pipeline was loaded in `dtype` by from_pretrained,
-                _cast_params(module, dtype)  # which keeps what its models must keep in fp32 (T5's `wo` under fp16)
+            module.requires_grad_(False).eval()
+            if family.name == "pixel":  # built here in fp32; a diffusers pipeline was loaded in `dtype` on its devices by
+                module.to(device)  # from_pretrained, which keeps what its models must keep in fp32 (T5's `wo` under fp16)
+                _cast_params(module, dtype)
     if cfg.trains_lora:
         transformer.requires_grad_(False).to(device)
         _cast_params(transformer, dtype)
@@ -210,8 +225,11 @@ def _assemble(cfg: StudentConfig, family: ModelFamily, pipe: Any, device: torch.
         transformer.enable_gradient_checkpointing()
     transformer.train()
     shape = family.latent_shape(pipe, cfg.resolution)
+    seq = cfg.max_sequence_length or family.default_max_sequence_length
+    store = text.encoder(EncoderKey(cfg.base, family.name, dtype_name(dtype), seq)) if text and family.name != "pixel" else None
     field = ModelField(name, "student", family, pipe, transformer, shape, device, dtype, guidance=cfg.guidance,
                        max_sequence_length=cfg.max_sequence_length, cache_size=cfg.prompt_cache_size,
+                       prompt_cache=PromptCache(store, cfg.prompt_cache_size) if store else None,
                        extra={"family": family.name, "base": cfg.base, "resolution": cfg.resolution})
     return Student(family, pipe, field, cfg)
 
@@ -227,17 +245,18 @@ def _cast_params(module: torch.nn.Module, dtype: torch.dtype, trainable: bool = 
 
 
 def build_student(cfg: StudentConfig, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32",
-                  name: str = "student") -> Student:
+                  name: str = "student", text: TextEmbeddings | None = None) -> Student:
     """A new student: the pixel model randomly initialised from cfg.seed, or the base pipeline with fresh adapters
-    (peft's init: B = 0, so the student starts exactly as its base)."""
+    (peft's init: B = 0, so the student starts exactly as its base). `text`: where its prompt embeddings come from
+    (TrainConfig.text_embeddings(); default: its own encoders on its device)."""
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     family = cfg.model_family
     if family.name == "pixel":
         pipe = build_pixel_pipeline(cfg.pixel_model)
     else:
-        pipe = family.load_pipeline(cfg.base, dev, dt, vae=True)
-    return _assemble(cfg, family, pipe, dev, dt, name)
+        pipe = family.load_pipeline(cfg.base, dev, dt, vae=True, text_encoders=text.loads_encoders if text else "device")
+    return assemble_student(cfg, family, pipe, dev, dt, name, text=text)
 
 
 def read_student_config(path: str | Path) -> StudentConfig:
@@ -252,7 +271,7 @@ def is_student_folder(path: str | Path) -> bool:
 
 
 def load_student(path: str | Path, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
-                 name: str = "student") -> Student:
+                 name: str = "student", text: TextEmbeddings | None = None) -> Student:
     """A saved student, trainable again (init_from, resume) or to evaluate and serve."""
     path = Path(path)
     cfg = read_student_config(path)
@@ -261,15 +280,15 @@ def load_student(path: str | Path, device: str | torch.device = "auto", dtype: s
     family = cfg.model_family
     if family.name == "pixel":
         pipe = load_pixel_pipeline(path, cfg.pixel_model, torch.float32)
-        return _assemble(cfg, family, pipe, dev, dt, name)
-    pipe = family.load_pipeline(cfg.base, dev, dt, vae=True)
+        return assemble_student(cfg, family, pipe, dev, dt, name)
+    pipe = family.load_pipeline(cfg.base, dev, dt, vae=True, text_encoders=text.loads_encoders if text else "device")
     if not cfg.trains_lora:
         pipe.transformer = type(pipe.transformer).from_pretrained(path / "transformer", dtype=torch.float32)
-        return _assemble(cfg, family, pipe, dev, dt, name)
+        return assemble_student(cfg, family, pipe, dev, dt, name, text=text)
     lora = family.pipeline_class().lora_state_dict(str(path))
     lora = lora[0] if isinstance(lora, tuple) else lora
     weights = {k.removeprefix("transformer."): v for k, v in lora.items()}
-    return _assemble(cfg, family, pipe, dev, dt, name, lora_weights=weights, input_layer=_input_layer(path, cfg))
+    return assemble_student(cfg, family, pipe, dev, dt, name, lora_weights=weights, input_layer=_input_layer(path, cfg), text=text)
 
 
 def _input_layer(path: Path, cfg: StudentConfig) -> dict | None:

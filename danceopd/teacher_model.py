@@ -13,7 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from danceopd.fields.model_field import ModelField
 from danceopd.models import ModelFamily, family_of_folder, get_family
 from danceopd.models.adapters import check_lora_keys, load_lora, lora_file, merge_lora, weights_checksum
-from danceopd.models.base import resolve_device, resolve_dtype, vae_geometry
+from danceopd.models.base import PromptCache, dtype_name, resolve_device, resolve_dtype, vae_geometry
+from danceopd.text_embeddings import EncoderKey, TextEmbeddings
 
 
 def _is_local(path: str) -> bool:
@@ -107,23 +108,29 @@ class TeacherModelSpec(BaseModel):
         return base
 
 
-def _load_base(spec: TeacherModelSpec, base: str, what: str, device: torch.device, dtype: torch.dtype):
-    """The family and frozen pipeline of a teacher's base, with its fine-tuned checkpoint swapped in if it has one."""
+def _load_base(spec: TeacherModelSpec, base: str, what: str, device: torch.device, dtype: torch.dtype,
+               text: TextEmbeddings | None = None):
+    """The family and frozen pipeline of a teacher's base, with its fine-tuned checkpoint swapped in if it has one, and
+    the prompt cache its fields share (reading the embedding store when `text` names one: no text encoder loaded)."""
     family = spec.model_family(base)
     if family is None:
         raise ValueError(f"{what}: base {base!r} is a hub id: set the teacher's family")
-    # A teacher never decodes or encodes: queries carry latents (sources too), so its replicas hold no VAE.
-    pipe = family.load_pipeline(base, device, dtype, vae=False)
+    # A teacher never decodes or encodes images: queries carry latents (sources too), so its replicas hold no VAE.
+    pipe = family.load_pipeline(base, device, dtype, vae=False, text_encoders=text.loads_encoders if text else "device")
     if spec.checkpoint:
         p = Path(spec.checkpoint).expanduser()
         kwargs = {} if (p / "config.json").exists() else {"subfolder": "transformer"}  # a transformer folder, or a pipeline
         pipe.transformer = type(pipe.transformer).from_pretrained(str(p), dtype=dtype, **kwargs).to(device)
-    return family, pipe
+    seq = spec.max_sequence_length or family.default_max_sequence_length
+    store = text.encoder(EncoderKey(base, family.name, dtype_name(dtype), seq)) if text else None
+    return family, pipe, PromptCache(store) if store else None
 
 
 def load_teacher_field(spec: TeacherModelSpec, name: str, resolution: int, default_base: str | None = None,
-                       device: str | torch.device = "auto", dtype: str | torch.dtype = "auto") -> ModelField:
-    """Load, merge and freeze a teacher; its FieldInfo carries the family, resolution and a weights checksum."""
+                       device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
+                       text: TextEmbeddings | None = None) -> ModelField:
+    """Load, merge and freeze a teacher; its FieldInfo carries the family, resolution and a weights checksum. `text`: an
+    embedding store to read prompts from instead of loading text encoders (a DanceOPD student folder keeps its own)."""
     from danceopd.student import is_student_folder, load_student
 
     dev = resolve_device(device)
@@ -135,14 +142,14 @@ def load_teacher_field(spec: TeacherModelSpec, name: str, resolution: int, defau
         student = load_student(base, device=dev, dtype=dt, name=name)
         student.transformer.requires_grad_(False).eval()
         return student.field
-    family, pipe = _load_base(spec, base, f"teacher {name!r}", dev, dt)
+    family, pipe, prompts = _load_base(spec, base, f"teacher {name!r}", dev, dt, text)
     for i, lora in enumerate(spec.loras):
         merge_lora(pipe, lora.path, lora.scale, adapter_name=f"{name}_lora{i}", weight_name=lora.weight_name)
     transformer = pipe.transformer.requires_grad_(False).eval()
     shape = family.latent_shape(pipe, resolution)
     extra = {"family": family.name, "resolution": resolution, "base": base, "weights_sha256": weights_checksum(transformer)}
     return ModelField(name, "diffusers", family, pipe, transformer, shape, dev, dt, guidance=spec.guidance,
-                      max_sequence_length=spec.max_sequence_length, extra=extra)
+                      max_sequence_length=spec.max_sequence_length, prompt_cache=prompts, extra=extra)
 
 
 class AdapterBank:
@@ -153,7 +160,7 @@ class AdapterBank:
 
     def __init__(self, teachers: dict[str, TeacherModelSpec], resolution: int, default_base: str | None = None,
                  device: str | torch.device = "auto", dtype: str | torch.dtype = "auto", name: str = "bank",
-                 cfg_alphas: dict[str, float] | None = None):
+                 cfg_alphas: dict[str, float] | None = None, text: TextEmbeddings | None = None):
         import threading
         from dataclasses import replace
 
@@ -164,7 +171,7 @@ class AdapterBank:
             raise ValueError(f"an adapter bank's teachers must share base, family and checkpoint; got {sorted(map(str, keys))}")
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
-        self.family, pipe = _load_base(first, base, f"adapter bank {name!r}", dev, dt)
+        self.family, pipe, prompts = _load_base(first, base, f"adapter bank {name!r}", dev, dt, text)
         self.active: dict[str, tuple[list[str], list[float]]] = {}
         for name, spec in teachers.items():
             names, weights = [], []
@@ -173,9 +180,10 @@ class AdapterBank:
                 weights.append(lora.scale * load_lora(pipe, lora.path, adapter, lora.weight_name))
                 names.append(adapter)
             self.active[name] = (names, weights)
-        self.transformer = pipe.transformer.requires_grad_(False).eval()
+        self.pipe, self.transformer = pipe, pipe.transformer.requires_grad_(False).eval()
         shape = self.family.latent_shape(pipe, resolution)
-        base_field = ModelField("bank", "diffusers", self.family, pipe, self.transformer, shape, dev, dt)
+        base_field = ModelField("bank", "diffusers", self.family, pipe, self.transformer, shape, dev, dt,
+                                max_sequence_length=first.max_sequence_length, prompt_cache=prompts)
         self.fields = {t: AdapterTeacherField(self, t, ModelField(
             t, "diffusers", self.family, pipe, self.transformer, shape, dev, dt, guidance=spec.guidance,
             max_sequence_length=spec.max_sequence_length, prompt_cache=base_field.prompts,

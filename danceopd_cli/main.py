@@ -5,7 +5,7 @@
     danceopd query t2i --prompt "a red circle" --sigma 0.5 --url http://127.0.0.1:8000
     danceopd eval --student runs/demo/student --config configs/demo.yaml
     danceopd experiment experiments/specs/*.yaml --report docs/results.md [--smoke]
-    danceopd bench step|teachers|learning|families|shared-base|sd35-step [its arguments]
+    danceopd bench step|teachers|learning|families|shared-base [its arguments]
     danceopd serve-config configs/teachers.yaml > deploy/serve-teachers.yaml
     danceopd prefetch --config configs/gpu-cluster.yaml   (HF_HOME: the shared cache; HF_TOKEN for gated models)
     danceopd plan --config configs/gpu-cluster.yaml --gpu-memory 80 [--json plan.json]
@@ -32,7 +32,6 @@ BENCHMARKS = {  # name -> (script, what it measures); the scripts live in the re
     "learning": ("learning.py", "train from scratch for --minutes; per-capability scores against the teachers"),
     "families": ("families.py", "per model family: LoRA distillation of a tiny base + LoRA teacher on the distributed job"),
     "shared-base": ("shared_base.py", "adapter teachers on one shared base vs merged copies: memory and per-query cost"),
-    "sd35-step": ("sd35_step.py", "one step on a full-size SD3.5-Medium transformer (random weights): LoRA student, bf16"),
 }
 
 from danceopd.config import ConfigError, load_config, parse_override

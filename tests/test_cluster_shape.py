@@ -5,6 +5,8 @@ job submit` runs it, a driver process attached to the cluster: `python -m traine
 
 - With --eval, the student is evaluated before and after training on the workers (each rank its routes), on the
   worker nodes; the driver holds no model (a guard in it raises if one is built: tested to raise in test_job.py).
+- The prompts are listed (a manifest): one Ray task encodes them into the run's embedding store before training, and
+  neither the workers nor the teacher replicas load a text encoder (their counts are in report.json).
 - A Ray Train worker killed mid-run: the group restarts from the latest checkpoint and ends with the same weights as
   an uninterrupted run; keep_checkpoints is honoured by the distributed job; bf16 exports are half the fp32 ones;
   the merged export exists once, at the end, never in a checkpoint.
@@ -48,8 +50,13 @@ def config(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("shape")
     flux = build_tiny_pipeline("flux", root / "flux", seed=0)
     loras = [build_random_lora(flux, root / f"lora-{i}", rank=4, std=0.1, seed=i + 1) for i in range(2)]
+    # listed prompts: student.text_embeddings auto = precompute (one task encodes them; no worker or replica holds a
+    # text encoder)
+    rows = [{"uid": f"{r}{i}", "route": r, "prompt": f"{subject} number {i}"} for r, subject in (("t2i", "a cat"), ("style", "a dog"))
+            for i in range(10)]
+    (root / "data.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
     cfg = {"run_name": "killed", "output_dir": str(root / "runs"), "device": "cpu", "dtype": "float32", "steps": 16, "torch_threads": 1,
-           "student": {"base": str(flux), "lora": {"rank": 8, "alpha": 8}, "save_merged": True},
+           "student": {"base": str(flux), "lora": {"rank": 8, "alpha": 8}, "save_merged": True}, "data": {"manifest": str(root / "data.jsonl")},
            "routes": {"t2i": {"capability": "t2i", "teacher": {"loras": [{"path": str(loras[0])}]}},
                       "style": {"capability": "t2i", "teacher": {"loras": [{"path": str(loras[1])}]}}},
            "method": {"rollout_steps": 4, "schedule": "family"},
@@ -117,6 +124,11 @@ def test_the_job_trains_and_evaluates_on_worker_nodes_and_a_killed_worker_change
         assert {r: w["rank"] for r, w in where.items()} == {"t2i": 0, "style": 1}
         assert {w["node_id"] for w in where.values()} <= cluster["workers"] and cluster["head"] not in str(where)
     assert report["step"] == 16 and report["before"]["step"] == 0
+    # the run's 21 prompts ("" for CFG) were encoded once, by one task; no worker or teacher replica holds a text encoder
+    assert "text embeddings: 21 prompts x 1 encoder set(s), 21 encoded" in run.stdout, run.stdout
+    emb = report["text_embeddings"]
+    assert emb["mode"] == "precompute" and emb["train_worker_text_encoder_parameters"] == 0
+    assert emb["teacher_text_encoder_parameters"] == {"shape-t2i": 0, "shape-style": 0}
     assert all(v["after"] < v["before"] for v in report["velocity_error"].values()), report["velocity_error"]
     # The merged export: once, in the final student folder, never in a checkpoint.
     student = runs / "killed" / "student"
@@ -128,6 +140,10 @@ def test_the_job_trains_and_evaluates_on_worker_nodes_and_a_killed_worker_change
     straight = submit(cluster, config, "--no-resume", "run_name=straight", "checkpoint_every=2", "keep_checkpoints=2",
                       "student.save_dtype=bfloat16", "student.save_merged=false")
     assert straight.returncode == 0, straight.stdout + straight.stderr
+    assert "21 encoded" not in straight.stdout and ", 0 encoded" in straight.stdout  # the store is shared by runs
+    # the running teachers read that store: a job that stores its prompts elsewhere is refused before it trains
+    other = submit(cluster, config, "--no-resume", "run_name=other", f"student.text_embeddings_store={config.parent / 'elsewhere'}")
+    assert other.returncode == 2 and "reads prompt embeddings from" in other.stderr and "text_embeddings_store" in other.stderr, other.stderr
     kept = sorted(p for p in (runs / "straight" / "ray").glob("*/checkpoint_*") if p.is_dir())
     assert len(kept) == 2, kept
     weights = {name: torch.load(final_checkpoint(runs / name) / "optimizer.pt", weights_only=False)["training_weights"]

@@ -18,7 +18,8 @@ def run(*args, module="danceopd_cli"):
 
 def test_plan_of_the_kontext_recipe_at_80_gib(tmp_path):
     out = tmp_path / "plan.json"
-    proc = run("plan", "--config", "configs/flux-kontext-lora.yaml", "--gpu-memory", "80", "--json", str(out))
+    proc = run("plan", "--config", "configs/flux-kontext-lora.yaml", "--gpu-memory", "80", "--json", str(out),
+               "student.text_embeddings=on_device")
     assert proc.returncode == 0, proc.stderr
     plan = json.loads(out.read_text())
     assert plan["gpu_memory_gib"] == 80 and plan["fits"] is True and plan["text_embeddings"] == "on_device"
@@ -38,6 +39,19 @@ def test_plan_of_the_kontext_recipe_at_80_gib(tmp_path):
         assert "vae (bfloat16)" not in plan["roles"][t]["parts"]  # a teacher replica never holds the VAE
     assert "train_worker" in proc.stdout and "teacher:edit" in proc.stdout
 
+    # the recipe's default (its prompts are a manifest): precompute. No worker or teacher holds CLIP or T5 or a prompt
+    # cache on its GPU; one encoding task holds them, before training
+    default = tmp_path / "default.json"
+    assert run("plan", "--config", "configs/flux-kontext-lora.yaml", "--gpu-memory", "80", "--json", str(default)).returncode == 0
+    pre = json.loads(default.read_text())
+    assert pre["text_embeddings"] == "precompute" and set(pre["roles"]) == set(plan["roles"]) | {"text_encoding"}
+    for role in ("train_worker", "teacher:t2i", "evaluation"):
+        dropped = {k: v for k, v in plan["roles"][role]["parts"].items() if k not in pre["roles"][role]["parts"]}
+        assert set(dropped) == {"text_encoder (bfloat16)", "text_encoder_2 (bfloat16)", "prompt cache"}, (role, dropped)
+        assert pre["roles"][role]["total_gib"] == pytest.approx(plan["roles"][role]["total_gib"] - sum(dropped.values()), abs=0.01)
+    assert 10.5 < plan["roles"]["train_worker"]["total_gib"] - pre["roles"]["train_worker"]["total_gib"] < 11.5  # T5 + CLIP + cache
+    assert set(pre["roles"]["text_encoding"]["parts"]) >= {"text_encoder (bfloat16)", "text_encoder_2 (bfloat16)"}
+
 
 def test_a_full_flux_student_is_refused_before_anything_loads_and_the_lora_recipe_is_not(tmp_path):
     full = run("--config", "configs/flux-kontext-lora.yaml", "student.adapter=full", "cluster.gpu_memory_gib=80",
@@ -47,7 +61,7 @@ def test_a_full_flux_student_is_refused_before_anything_loads_and_the_lora_recip
     assert "Traceback" not in full.stderr and not (tmp_path / "flux-kontext-lora").exists()  # nothing started
     lora = run("plan", "--config", "configs/sd35-medium-lora.yaml", "--gpu-memory", "80")
     assert lora.returncode == 0 and "DOES NOT FIT" not in lora.stdout, lora.stderr
-    small = run("plan", "--config", "configs/sd35-medium-lora.yaml", "--gpu-memory", "16")
+    small = run("plan", "--config", "configs/sd35-medium-lora.yaml", "--gpu-memory", "6")  # 8.1 GiB without encoders
     assert small.returncode == 2 and "train_worker needs" in small.stderr
 
 
@@ -101,7 +115,11 @@ def test_a_cfg_route_shares_the_adapter_bank_of_its_base():
     assert teachers == ["teacher:shared-text"]
     # 4 workers x (1/3 + 1/3 + 2 x 1/3) queries per step, against 16 rollout + 3 + 1 forwards
     assert plan.roles["teacher:shared-text"].busy_fraction == pytest.approx(4 * (4 / 3) / 20)
-    assert plan.roles["teacher:shared-text"].parts["text_encoder_3 (bfloat16)"] == pytest.approx(4.762e9 * 2, rel=0.005)
+    # the recipe precomputes its prompts: the bank reads the store and holds no T5; on the device it holds one
+    assert bank.text_embeddings == job.text_embeddings().store and "text_encoder_3 (bfloat16)" not in plan.roles["teacher:shared-text"].parts
+    on_device = plan_job(load_job_config(ROOT / "configs/sd35-medium-lora.yaml", {"services.shared_base": True,
+                                                                                  "student.text_embeddings": "on_device"}), 80)
+    assert on_device.roles["teacher:shared-text"].parts["text_encoder_3 (bfloat16)"] == pytest.approx(4.762e9 * 2, rel=0.005)
 
 
 def test_the_prompt_cache_keeps_compact_copies_not_views_of_its_encode_batch():

@@ -30,6 +30,7 @@ from danceopd.fields.base import Conditions
 import danceopd.telemetry as T
 from danceopd.remote import CircuitBreaker, Resolved, ServiceUnavailable
 from danceopd.telemetry import make
+from danceopd.models.base import text_encoder_parameters
 from danceopd.student import build_student, load_student
 from danceopd.suite import CapabilitySuite
 from danceopd.evaluation import write_report
@@ -58,7 +59,9 @@ def worker_loop(config: dict) -> None:
     torch.set_num_threads(job.torch_threads or 1)
     device = ray.train.torch.get_device()
     suite = CapabilitySuite(job.suite.tier, job.suite.tau, job.suite.seed)
-    student = load_student(job.init_from, device, job.dtype) if job.init_from else build_student(job.student, device, job.dtype)
+    text = job.text_embeddings()  # precompute: no text encoder here, prompts read from the store
+    student = (load_student(job.init_from, device, job.dtype, text=text) if job.init_from
+               else build_student(job.student, device, job.dtype, text=text))
     data = build_route_data(job, suite, student)
     sigmas = run_sigmas(job, student).to(device)
     ckpt = ray.train.get_checkpoint()
@@ -140,6 +143,11 @@ def worker_loop(config: dict) -> None:
     window = Window(job, rank, world, start, device, metrics, record_step_losses=config.get("record_step_losses", False),
                     tracker=tracker)
     window.history = history
+    # text-encoder parameters held by any worker (0 under student.text_embeddings: precompute), all ranks reduced
+    held = torch.tensor([float(text_encoder_parameters(student.pipe))], device=device)
+    if world > 1:
+        torch.distributed.all_reduce(held, op=torch.distributed.ReduceOp.MAX)
+    window.text_encoder_parameters = int(held.item())
     prepared: dict[int, list[MicroBatch]] = {}
     nonfinite = NonFiniteSteps(job.optim.max_nonfinite_steps)
     finished, last = True, start  # last: the step the weights are at
@@ -381,6 +389,7 @@ class Window:
         self.history: list[dict] = []
         self.last: dict = {}
         self.skipped: dict[str, int] = defaultdict(int)  # updates skipped (non-finite) since this start
+        self.text_encoder_parameters = 0  # the most any worker holds
 
     def add(self, route: str, loss: float | None, times: StepTimes, grad_norm: float) -> None:
         """A step's loss (None: the update was skipped), times and gradient norm."""
@@ -429,7 +438,8 @@ class Window:
         return bool(buf[-1] > 0)
 
     def report_metrics(self, done: int) -> dict:
-        metrics = {**self.last, "step": done, "rank": self.rank, "resumed_from": self.start, "time_share_total": self.total_times.shares()}
+        metrics = {**self.last, "step": done, "rank": self.rank, "resumed_from": self.start, "time_share_total": self.total_times.shares(),
+                   "text_encoder_parameters": self.text_encoder_parameters}
         if self.record_step_losses:  # this rank's per-step losses since the last report (tests compare them)
             metrics["step_losses"] = json.dumps(self.since_report)
         self.since_report = defaultdict(list)

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from danceopd.auth import AuthOptions, resolve_token
 from danceopd.config import ConfigError, TrainConfig, load_config
+from danceopd.student import is_student_folder
 from services.teachers.config import (ActorOptions, AutoscalingConfig, BatchingConfig, GatewayConfig, RouterServiceConfig,
                                       TeachersConfig)
 
@@ -48,6 +49,8 @@ class ClusterConfig(_Strict):
     gpu_memory_gib: float | None = Field(None, gt=0, description="memory of one GPU of the cluster: the memory plan (danceopd plan) "
                                                                 "refuses a job whose worker or teacher cannot fit it; default: this "
                                                                 "machine's GPU when it has one, else nothing is refused")
+    text_embeddings_timeout_s: float = Field(3600.0, gt=0, description="student.text_embeddings: precompute: the most the "
+                                             "encoding task may take before training (FLUX.1/SD3 T5-XXL: a few minutes per 10k prompts)")
     memory_check: Literal["strict", "warn", "off"] = Field("strict", description="a role over its GPU share: strict stops the job "
                                                                              "before anything loads (exit 2), warn prints and goes on")
 
@@ -129,6 +132,18 @@ class JobConfig(TrainConfig):
         """The adapter a route's queries name on its bank; None for a teacher of its own."""
         return route if self.teacher_name(route) != route else None
 
+    def teacher_dtypes(self) -> dict[str, str]:
+        """Each route's teacher dtype as its replicas resolve it (auto: bfloat16 on a GPU replica, float32 on the CPU)."""
+        from danceopd.memory_plan import dtype_for
+
+        tc = self.teachers_config()
+        out = {}
+        for route in self.routes:
+            t = tc.teacher(self.teacher_name(route))
+            on_gpu = t.device.startswith("cuda") or (t.device == "auto" and t.ray_actor_options.num_gpus > 0)
+            out[route] = dtype_for(t.dtype, on_gpu)
+        return out
+
     def teacher_client(self, route: str, breaker=None):
         from services.teachers.client import TeacherClient
 
@@ -148,6 +163,8 @@ class JobConfig(TrainConfig):
         """The teachers (one per route) as a validated TeachersConfig: what `deploy_teachers` deploys."""
         teachers = []
         banks = self.banks()
+        text = self.text_embeddings()
+        store = {"text_embeddings": text.store} if text.mode == "precompute" else {}  # replicas read it instead of loading encoders
         banked = {r for routes in banks.values() for r in routes}
         for bank, routes in banks.items():
             spec = self.routes[routes[0]].model_teacher
@@ -155,7 +172,7 @@ class JobConfig(TrainConfig):
                      "resolution": self.student.resolution,
                      "adapters": {r: {**self.routes[r].model_teacher.model_dump(include={"loras", "guidance"}),
                                       **({"cfg_alpha": self.routes[r].cfg_alpha} if self.routes[r].cfg_alpha is not None else {})}
-                                  for r in routes}}
+                                  for r in routes}, **store}
             teachers.append({"name": bank, "field": field, **self._deploy_options(routes[0])})
         for name, route in self.routes.items():
             if name in banked:
@@ -166,6 +183,8 @@ class JobConfig(TrainConfig):
             else:  # a model teacher in the student's latent space, at the student's resolution
                 field = {"kind": "diffusers", "path": spec.base or self.student.base, "resolution": self.student.resolution,
                          **spec.model_dump(exclude={"base"}, exclude_none=True, exclude_defaults=True)}
+                if not is_student_folder(field["path"]):  # a served student folder keeps its own encoders
+                    field.update(store)
             opts = self._deploy_options(name)
             if route.cfg_alpha is not None:  # the base field is built in the same replica (see services.teachers.fields)
                 teachers.append({"name": f"{name}-base", "field": field, **opts, "deploy": False})

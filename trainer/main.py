@@ -187,6 +187,44 @@ def ensure_services(job: JobConfig, log=print) -> None:
                                f"the student makes {shape}: point the route at a matching teacher")
 
 
+def precompute_text_embeddings(job: JobConfig, log=print) -> dict | None:
+    """student.text_embeddings: precompute: before training, one Ray task on a device like a worker's (one GPU when the
+    workers have GPUs) encodes the run's prompts that the store lacks; workers and the teachers this job deploys read
+    the store. Returns what it encoded, per encoder fingerprint (None in the other modes)."""
+    import ray
+
+    from trainer.distributed import use_gpu
+
+    text = job.text_embeddings()
+    if text.mode != "precompute":
+        return None
+    gpu = use_gpu(job)
+    task = ray.remote(num_cpus=job.cluster.cpus_per_worker, num_gpus=1 if gpu else 0, max_retries=1)(encode_run_prompts)
+    t0 = time.perf_counter()
+    ref = task.remote(json.loads(job.model_dump_json()), gpu)
+    try:
+        stats = ray.get(ref, timeout=job.cluster.text_embeddings_timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        ray.cancel(ref, force=True)
+        raise ServiceError(f"encoding the run's prompts took longer than cluster.text_embeddings_timeout_s "
+                           f"({job.cluster.text_embeddings_timeout_s:g} s): raise it, or set student.text_embeddings: on_device") from None
+    encoded = sum(v["encoded"] for v in stats.values())
+    size = sum(v["bytes"] for v in stats.values()) / 2 ** 20
+    log(f"text embeddings: {len(job.run_prompts())} prompts x {len(stats)} encoder set(s), {encoded} encoded ({size:.1f} MiB) "
+        f"in {time.perf_counter() - t0:.0f} s; store {text.store}")
+    return stats
+
+
+def encode_run_prompts(job_dict: dict, gpu: bool) -> dict:
+    """The precompute task (see precompute_text_embeddings): the student's encoders, then each model teacher's."""
+    from danceopd.memory_plan import dtype_for
+    from danceopd.text_embeddings import precompute
+
+    job = JobConfig.model_validate(job_dict)
+    keys = job.text_encoder_keys(dtype_for(job.dtype, gpu), job.teacher_dtypes())
+    return precompute(job.text_embeddings().store, keys, job.run_prompts(), device="cuda" if gpu else "cpu")
+
+
 def check_attached(job: JobConfig, teacher_apps: list[str], router: bool) -> None:
     """Refuse running applications that have the expected names but serve something else than this job configures
     (another field, guidance, dtype or CFG base; another Redis store): a student must not silently train against them."""
@@ -195,8 +233,14 @@ def check_attached(job: JobConfig, teacher_apps: list[str], router: bool) -> Non
 
     tcfg, s = job.teachers_config(), job.services
     problems = []
+    store = job.text_embeddings().store
     for route in dict.fromkeys(r for r in job.routes if job.teacher_app(r) in teacher_apps).keys():
-        running = job.teacher_client(route).describe().get("spec", {})  # {}: an application from before specs existed
+        described = job.teacher_client(route).describe()
+        running = described.get("spec", {})  # {}: an application from before specs existed
+        if described.get("text_embeddings") not in (None, store):  # it would not find this run's prompts
+            problems.append(f"{job.teacher_app(route)!r} reads prompt embeddings from {described['text_embeddings']}, this job "
+                            f"stores them in {store or '(nowhere: text_embeddings ' + job.text_embeddings().mode + ')'}: set "
+                            "student.text_embeddings_store to the same folder")
         diff = differences(running, tcfg.teacher_spec(job.teacher_name(route)))
         if diff:
             problems.append(f"{job.teacher_app(route)!r} differs in " + ", ".join(f"{k} (running {a!r}, this job {b!r})"
@@ -315,6 +359,7 @@ def _run(args) -> int:
         print(f"framework logs: {log_file.resolve()}, and Ray's session logs (ray logs; /tmp/ray/session_latest/logs); "
               "--verbose shows them here", flush=True)
     try:
+        precompute_text_embeddings(job, log=lambda m: print(m, flush=True))
         ensure_services(job, log=lambda m: print(m, flush=True))
     except (ServiceError, RequestError) as e:
         quiet.close()
@@ -372,6 +417,11 @@ def _run(args) -> int:
                                "workers": job.cluster.num_workers, "samples_per_s": m.get("samples_per_s"),
                                "time_share": m.get("time_share_total"), "checkpoint": result.checkpoint.path,
                                "history": [{"step": h["step"], "loss": h["loss"], "samples_per_s": h["samples_per_s"]} for h in history]}
+        text = job.text_embeddings()  # where prompts were encoded, and what each process held of text encoders
+        report["text_embeddings"] = {"mode": text.mode, "store": text.store,
+                                     "train_worker_text_encoder_parameters": m.get("text_encoder_parameters"),
+                                     "teacher_text_encoder_parameters": {job.teacher_app(r): job.teacher_client(r).describe().get(
+                                         "text_encoder_parameters") for r in job.routes}}
         path = write_report(report, job.run_dir / "report.json")
         before = report.get("before")
         print(before_after_table(before, report))

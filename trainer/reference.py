@@ -22,7 +22,9 @@ from danceopd.flow import velocity_target
 from danceopd.routes import build_route_fields
 from danceopd.routing import HardRouter
 from danceopd.seeding import derive_seed
+from danceopd.models.base import dtype_name, resolve_device, resolve_dtype
 from danceopd.student import build_student, load_student, save_merged_transformer
+from danceopd.text_embeddings import precompute
 from danceopd.suite import CapabilitySuite
 from danceopd.tracking import RunTracker, log_evaluation, start_new_run, tensorboard_dir
 from trainer.checkpoint import export_student, latest_checkpoint, restore_checkpoint, save_checkpoint
@@ -44,12 +46,17 @@ class ReferenceTrainer:
         if cfg.torch_threads:
             torch.set_num_threads(cfg.torch_threads)
         self.suite = CapabilitySuite(cfg.suite.tier, cfg.suite.tau, cfg.suite.seed)
+        text = cfg.text_embeddings()
+        if text.mode == "precompute":  # encoded here, once; then neither the student nor the teachers load text encoders
+            dev = resolve_device(cfg.device)
+            dt = dtype_name(resolve_dtype(cfg.dtype, dev))
+            precompute(text.store, cfg.text_encoder_keys(dt, dict.fromkeys(cfg.routes, dt)), cfg.run_prompts(), device=dev)
         if cfg.init_from is not None:
-            self.student = load_student(cfg.init_from, device=cfg.device, dtype=cfg.dtype)
+            self.student = load_student(cfg.init_from, device=cfg.device, dtype=cfg.dtype, text=text)
         else:
-            self.student = build_student(cfg.student, device=cfg.device, dtype=cfg.dtype)
+            self.student = build_student(cfg.student, device=cfg.device, dtype=cfg.dtype, text=text)
         self.device = self.student.field.device
-        self.teachers = build_route_fields(cfg, self.suite, device=self.device, dtype=cfg.dtype)
+        self.teachers = build_route_fields(cfg, self.suite, device=self.device, dtype=cfg.dtype, text=text)
         self.data = build_route_data(cfg, self.suite, self.student)
         self.router = HardRouter({n: r.weight for n, r in cfg.routes.items()}, cfg.seed)
         self.adaptive = None

@@ -37,15 +37,19 @@ class ModelFamily:
 
         return getattr(diffusers, self.pipeline_classes[0])
 
-    def load_pipeline(self, path: str, device: torch.device, dtype: torch.dtype, vae: bool = True) -> Any:
-        """The pipeline's encoders, transformer and (optionally) VAE, frozen, on `device` in `dtype`."""
+    def load_pipeline(self, path: str, device: torch.device, dtype: torch.dtype, vae: bool = True,
+                      text_encoders: str | None = "device") -> Any:
+        """The pipeline's transformer, text encoders and (optionally) VAE, frozen, in `dtype`, on `device`; text encoders
+        kept in host memory (`text_encoders="cpu"`) or not loaded at all (None: prompts come from an embedding store)."""
         import diffusers
         import transformers
 
         diffusers.utils.logging.disable_progress_bar()  # loading bars are noise in a training log
         transformers.utils.logging.disable_progress_bar()
         kwargs = {} if vae else {"vae": None}
-        pipe = self.pipeline_class().from_pretrained(path, dtype=dtype, **kwargs, **absent_components(path))
+        if text_encoders is None:
+            kwargs.update(dict.fromkeys(text_components(path)))
+        pipe = self.pipeline_class().from_pretrained(path, dtype=dtype, **{**absent_components(path), **kwargs})
         pipe.set_progress_bar_config(disable=True)
         if not vae and (geometry := vae_geometry(path)) is not None:
             pipe.vae_scale_factor = geometry[1]  # without a VAE the pipeline assumes 8; the latent grid stays the VAE's
@@ -53,6 +57,25 @@ class ModelFamily:
         for name, module in pipe.components.items():
             if isinstance(module, torch.nn.Module):
                 module.requires_grad_(False).eval()
+                if text_encoders == "cpu" and name.startswith("text_encoder"):
+                    module.to("cpu")
+        return pipe
+
+    def load_text_encoders(self, path: str, device: torch.device, dtype: torch.dtype) -> Any:
+        """The pipeline with its tokenizers and text encoders only (the transformer an empty shell on the meta device, for
+        the config values encode_prompt reads; no VAE): what encoding prompts needs."""
+        import diffusers
+        from accelerate import init_empty_weights
+
+        config = diffusers.DiffusionPipeline.load_config(path, subfolder="transformer") if not Path(path).expanduser().exists() \
+            else json.loads((Path(path).expanduser() / "transformer" / "config.json").read_text())
+        with init_empty_weights(include_buffers=True):
+            shell = getattr(diffusers, config["_class_name"]).from_config(config)
+        pipe = self.pipeline_class().from_pretrained(path, dtype=dtype, **{**absent_components(path), "vae": None, "transformer": shell})
+        for name in text_components(path):
+            module = getattr(pipe, name, None)
+            if isinstance(module, torch.nn.Module):
+                module.requires_grad_(False).eval().to(device)
         return pipe
 
     # ----------------------------------------------------------------------------- the model call
@@ -102,7 +125,8 @@ class ModelFamily:
 
 class PromptCache:
     """A bounded LRU cache of per-prompt embeddings: the encoders are frozen, prompts repeat across steps, and
-    a real encoder's output (SD3: ~2.7 MB per prompt) must not grow without bound over a dataset."""
+    a real encoder's output (SD3: ~2.7 MB per prompt) must not grow without bound over a dataset. Prompts are encoded
+    one at a time (T5-XXL at 512 tokens: ~10-20 ms a prompt on an H100 against seconds for a rollout)."""
 
     def __init__(self, encode: Callable[[list[str]], Embeds], max_entries: int = 512):
         self.encode, self.max_entries = encode, max_entries
@@ -118,13 +142,11 @@ class PromptCache:
         unique = dict.fromkeys(prompts)
         missing = [p for p in unique if p not in self.entries]
         got: dict[str, tuple[torch.Tensor, ...]] = {p: self.entries[p] for p in unique if p in self.entries}
-        if missing:
-            self.misses += len(missing)
-            with torch.no_grad():
-                out = self.encode(missing)
-            for i, p in enumerate(missing):
-                got[p] = tuple(t[i].clone() for t in out)  # compact: a view would keep its whole encode batch alive
-                self.entries[p] = got[p]
+        self.misses += len(missing)
+        for p in missing:  # one prompt per call: an embedding must not depend on the batch it was encoded in (kernels
+            with torch.no_grad():  # differ in the last bit with the batch size), so a store and any cache agree exactly
+                got[p] = tuple(t[0].clone() for t in self.encode([p]))  # compact: no view of a larger tensor
+            self.entries[p] = got[p]
         for p in got:
             self.entries.move_to_end(p)
         while len(self.entries) > self.max_entries:
@@ -145,6 +167,31 @@ def vae_geometry(path: str | Path) -> tuple[int, int] | None:
         return None
     v = json.loads(f.read_text())
     return v["latent_channels"], 2 ** (len(v["block_out_channels"]) - 1)
+
+
+def text_components(path: str | Path) -> list[str]:
+    """The pipeline's text encoder and tokenizer component names (its model_index.json; a hub id's from the cache)."""
+    index = model_index(path)
+    if index is None:
+        import diffusers
+
+        index = diffusers.DiffusionPipeline.load_config(str(path))
+    return [k for k in index if k.startswith(("text_encoder", "tokenizer"))]
+
+
+def text_encoder_parameters(pipe: Any) -> int:
+    """Parameters of the text encoders this pipeline holds (0 when prompts come from an embedding store)."""
+    modules = [getattr(pipe, n, None) for n in ("text_encoder", "text_encoder_2", "text_encoder_3")]
+    return sum(p.numel() for m in modules if isinstance(m, torch.nn.Module) for p in m.parameters())
+
+
+def text_device(pipe: Any) -> torch.device:
+    """Where the pipeline's text encoders are (prompts are encoded there)."""
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        module = getattr(pipe, name, None)
+        if isinstance(module, torch.nn.Module):
+            return next(module.parameters()).device
+    raise RuntimeError("this pipeline holds no text encoder (student.text_embeddings: precompute): prompts come from the store")
 
 
 def absent_components(path: str | Path) -> dict:
@@ -188,6 +235,10 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device} requested but CUDA is not available on this machine: use 'cpu' or 'auto'")
     return device
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from danceopd.models.base import Embeds, ModelFamily, scheduler_sigmas
+from danceopd.models.base import Embeds, ModelFamily, scheduler_sigmas, text_device
 
 
 def pack(latents: torch.Tensor) -> torch.Tensor:
@@ -43,7 +43,7 @@ class FluxFamily(ModelFamily):
                             "ff_context.net.2", "proj_mlp", "proj_out")
 
     def encode_prompts(self, pipe: Any, prompts: list[str], max_sequence_length: int) -> Embeds:
-        embeds, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, device=pipe.transformer.device,
+        embeds, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, device=text_device(pipe),
                                                max_sequence_length=max_sequence_length)
         return embeds, pooled
 

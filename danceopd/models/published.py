@@ -53,16 +53,31 @@ def meta_component(library: str, class_name: str, config: dict):
     """One pipeline component on the meta device, from its config (a diffusers model or a transformers one)."""
     from accelerate import init_empty_weights
 
-    config = {k: v for k, v in config.items() if not k.startswith("_")}
     with init_empty_weights(include_buffers=True):  # every tensor on meta: no memory, allowed in a job driver
-        if library == "diffusers":
-            import diffusers
+        return _construct(library, class_name, config)
 
-            return getattr(diffusers, class_name).from_config(config)
-        import transformers
 
-        cls = getattr(transformers, class_name)
-        return cls._from_config(cls.config_class(**config))
+def random_component(library: str, class_name: str, config: dict, device, dtype, seed: int = 0):
+    """One pipeline component with its classes' own random initialisation, built on `device` and cast to `dtype`,
+    frozen: the real model's shapes and cost without its weights (the GPU check; no download)."""
+    import torch
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        module = _construct(library, class_name, config)
+    return module.to(dtype).requires_grad_(False).eval()
+
+
+def _construct(library: str, class_name: str, config: dict):
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    if library == "diffusers":
+        import diffusers
+
+        return getattr(diffusers, class_name).from_config(config)
+    import transformers
+
+    cls = getattr(transformers, class_name)
+    return cls._from_config(cls.config_class(**config))
 
 
 def meta_transformer(config: dict):

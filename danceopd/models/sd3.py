@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from danceopd.models.base import Embeds, ModelFamily, scheduler_sigmas
+from danceopd.models.base import Embeds, ModelFamily, scheduler_sigmas, text_device
 
 
 def call_sd3_transformer(transformer: torch.nn.Module, x: torch.Tensor, sigma: torch.Tensor, hidden: torch.Tensor,
@@ -55,7 +55,7 @@ class SD3Family(ModelFamily):
                             "ff_context.net.2")
 
     def encode_prompts(self, pipe: Any, prompts: list[str], max_sequence_length: int) -> Embeds:
-        embeds, _, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None, device=pipe.transformer.device,
+        embeds, _, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None, device=text_device(pipe),
                                                   do_classifier_free_guidance=False, max_sequence_length=max_sequence_length)
         return embeds, pooled
 

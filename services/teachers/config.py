@@ -55,6 +55,9 @@ class DiffusersFieldSpec(_Strict):
     guidance: float | None = None
     resolution: int | None = Field(None, ge=8, description="image side in pixels the student trains at; default the transformer's native size")
     max_sequence_length: int | None = Field(None, ge=1, description="prompt tokens; default the pipeline's (SD3 256, FLUX 512)")
+    text_embeddings: str | None = Field(None, description="a prompt-embedding store (danceopd.text_embeddings; the job sets it "
+                                        "under student.text_embeddings: precompute): replicas load no text encoder and look "
+                                        "prompts up by hash; a prompt not in it is an error naming the store")
 
     @field_validator("path")
     @classmethod
@@ -91,6 +94,9 @@ class AdapterBankSpec(_Strict):
     resolution: int | None = Field(None, ge=8)
     max_sequence_length: int | None = Field(None, ge=1)
     adapters: dict[str, BankedTeacher] = Field(min_length=1, description="teacher name -> its LoRAs")
+    text_embeddings: str | None = Field(None, description="a prompt-embedding store (danceopd.text_embeddings; the job sets it "
+                                        "under student.text_embeddings: precompute): replicas load no text encoder and look "
+                                        "prompts up by hash; a prompt not in it is an error naming the store")
 
     @model_validator(mode="after")
     def _files(self):
@@ -238,7 +244,9 @@ class TeachersConfig(_Strict):
     def teacher_spec(self, name: str) -> dict:
         """What a teacher's velocities depend on (field and dtype, its CFG bases' too), not how it is scaled or placed:
         a running application is this teacher only if its spec is equal."""
-        return {t.name: t.model_dump(mode="json", include={"field", "dtype"}) for t in self.base_chain(name)}
+        # (where prompt embeddings come from is not what a teacher computes: a store or encoders give the same velocities)
+        return {t.name: t.model_dump(mode="json", include={"field", "dtype"}, exclude={"field": {"text_embeddings"}})
+                for t in self.base_chain(name)}
 
 
 def load_teachers_config(source: str | Path | dict) -> TeachersConfig:

@@ -18,7 +18,7 @@ import torch
 from ray import serve
 
 from danceopd.contracts import QueryError, VelocityQuery, concat_queries, info_to_dict, merge_key, split_rows
-from danceopd.models.base import resolve_device
+from danceopd.models.base import resolve_device, text_encoder_parameters
 from services.teachers.config import TeacherConfig, TeachersConfig
 from services.teachers.fields import build_field
 from services.teachers.metrics import TeacherMetrics
@@ -35,7 +35,13 @@ class TeacherServer:
         # an adapter bank serves several teachers on one base: one field per adapter, one FieldInfo for the replica
         self.fields = getattr(built, "fields", None) or {None: built}
         self.info = built.info
+        model = built
+        while not hasattr(model, "pipe") and hasattr(model, "base"):  # CFG over a model field
+            model = model.base
+        # what /describe reports: 0 when the replica reads an embedding store (suite fields hold no pipeline)
+        self.text_encoder_parameters = text_encoder_parameters(model.pipe) if hasattr(model, "pipe") else 0
         self.spec = all_cfg.teacher_spec(teacher)  # what a job checks before it attaches
+        self.store = getattr(all_cfg.base_chain(teacher)[-1].field, "text_embeddings", None)  # the prompt-embedding store it reads
         self.metrics = TeacherMetrics(self.cfg.name)
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"teacher-{teacher}")
         b = self.cfg.batching
@@ -49,7 +55,9 @@ class TeacherServer:
         ctx = serve.get_replica_context()
         return {**info_to_dict(self.info), "teacher": self.cfg.name, "device": str(self.device),
                 "replica_id": ctx.replica_id.unique_id, "pid": os.getpid(), "cpu_s": time.process_time(),
-                "batching": self.cfg.batching.model_dump(), "recent_model_calls": self.model_calls[-64:], "spec": self.spec}
+                "batching": self.cfg.batching.model_dump(), "recent_model_calls": self.model_calls[-64:], "spec": self.spec,
+                "text_encoder_parameters": self.text_encoder_parameters,
+                "text_embeddings": self.store}
 
     async def velocity(self, query: VelocityQuery) -> np.ndarray:
         """float32 [B, C, H, W] velocity for the query; raises QueryError (a 4xx for the gateway) on bad input."""
