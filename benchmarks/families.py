@@ -3,7 +3,7 @@ LoRA delta (its "capability"), one LoRA student of the same base, trained by `py
 workers x 2 micro-batches, the teacher on Ray Serve). Prints each route's velocity error before and after, and
 writes benchmarks/results/families.json.
 
-    python benchmarks/families.py [--steps 60] [--families sd3 flux flux-kontext]
+    python benchmarks/families.py [--steps 60] [--families sd3 flux flux-kontext flux2-klein z-image]
 """
 
 from __future__ import annotations
@@ -22,12 +22,15 @@ sys.path.insert(0, str(ROOT))
 from danceopd.models.tiny import build_random_lora, build_tiny_pipeline  # noqa: E402
 
 
+EDITS = ("flux-kontext", "flux2-klein")  # families that read the source as tokens: trained on an edit route
+SIZE = {"flux2-klein": 64}  # Flux2KleinPipeline takes reference images of 64 px and more
+
+
 def job(family: str, models: Path, out: Path, steps: int) -> dict:
     base = models / family
-    route = {"capability": "global_edit" if family == "flux-kontext" else "t2i",  # Kontext: an edit, with source tokens
-             "teacher": {"loras": [{"path": str(models / f"{family}-lora")}]}}
+    route = {"capability": "global_edit" if family in EDITS else "t2i", "teacher": {"loras": [{"path": str(models / f"{family}-lora")}]}}
     return {"run_name": f"family-{family}", "output_dir": str(out), "steps": steps, "torch_threads": 1,
-            "student": {"base": str(base), "resolution": 32, "lora": {"rank": 4, "alpha": 4}},
+            "student": {"base": str(base), "resolution": SIZE.get(family, 32), "lora": {"rank": 4, "alpha": 4}},
             "routes": {"capability": route},
             "method": {"rollout_steps": 8, "schedule": "family"},
             "optim": {"lr": 1e-2, "batch_size": 8, "grad_accum": 2, "warmup_steps": 0, "ema_decay": 0.0},
@@ -40,7 +43,7 @@ def job(family: str, models: Path, out: Path, steps: int) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--families", nargs="+", default=["sd3", "flux", "flux-kontext"])
+    ap.add_argument("--families", nargs="+", default=["sd3", "flux", "flux-kontext", "flux2-klein", "z-image"])
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "families")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "families.json")
     a = ap.parse_args(argv)
@@ -48,7 +51,7 @@ def main(argv=None) -> int:
     rows = []
     for family in a.families:
         if not (models / family / "model_index.json").exists():
-            build_tiny_pipeline(family, models / family, seed=0)
+            build_tiny_pipeline(family, models / family, seed=0, sample_size=SIZE.get(family, 32))
             build_random_lora(models / family, models / f"{family}-lora", rank=4, std=0.1, seed=1)
         cfg = a.work / f"{family}.yaml"
         cfg.write_text(yaml.safe_dump(job(family, models, a.work / "runs", a.steps)))
@@ -75,6 +78,8 @@ def main(argv=None) -> int:
     import torch
 
     machine = f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, CUDA {torch.cuda.is_available()}"
+    kept = json.loads(a.out.read_text())["rows"] if a.out.exists() else []  # the other families' rows stay
+    rows = [r for r in kept if r["family"] not in a.families] + rows
     a.out.write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
     print(f"json: {a.out}")
     return 0

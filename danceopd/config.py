@@ -10,7 +10,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from danceopd.flow.query import POSITIONS
-from danceopd.models import compatible
+from danceopd.models import compatible, latent_space_difference
 from danceopd.student import StudentConfig
 from danceopd.teacher_model import TeacherModelSpec
 from danceopd.text_embeddings import EncoderKey, TextEmbeddings
@@ -324,6 +324,9 @@ class TrainConfig(_Strict):
             if family is not None and not compatible(student, family):
                 raise ValueError(f"routes.{name}.teacher: a {family.name} teacher ({base}) cannot teach a {student.name} "
                                  f"student: they work in different latent spaces; use a {student.name}-family teacher or student")
+            if self.student.base is not None and (why := latent_space_difference(self.student.base, base)):
+                raise ValueError(f"routes.{name}.teacher.base: {base} is not in the student's latent space ({self.student.base}): "
+                                 f"{why}; a teacher must share the student's VAE")
             try:
                 spec.check_files(base)
             except ValueError as e:

@@ -207,15 +207,17 @@ def _tokens(family, transformer: Component, vae: Component | None, resolution: i
     if with_source and family.native_source:
         image *= 2  # Kontext: the source latents' tokens follow the noisy ones
     text = max_sequence_length + (77 if family.name == "sd3" else 0)  # SD3 appends T5 to the 77 CLIP tokens
-    hidden = cfg["num_attention_heads"] * cfg["attention_head_dim"]
-    blocks = cfg.get("num_layers", 0) + cfg.get("num_single_layers", 0)
+    hidden = cfg.get("dim") or cfg["num_attention_heads"] * cfg["attention_head_dim"]  # Z-Image names it dim
+    # blocks over the joint sequence; Z-Image's refiners run over the image and the caption tokens apart (~1 block each)
+    blocks = cfg.get("num_layers", 0) + cfg.get("num_single_layers", 0) + cfg.get("n_layers", 0) + cfg.get("n_refiner_layers", 0)
     return image, text, hidden, blocks
 
 
 def _prompt_bytes(family, components: dict[str, Component], max_sequence_length: int, nbytes: int) -> int:
     t = components["transformer"].config
     text = max_sequence_length + (77 if family.name == "sd3" else 0)
-    return (text * t["joint_attention_dim"] + t.get("pooled_projection_dim", 0)) * nbytes
+    width = t.get("joint_attention_dim") or t["cap_feat_dim"]  # Z-Image: the caption's feature size
+    return (text * width + t.get("pooled_projection_dim", 0)) * nbytes
 
 
 def plan_job(job, gpu_memory_gib: float | None = None) -> MemoryPlan:

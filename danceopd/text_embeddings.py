@@ -74,7 +74,10 @@ def text_encoder_files(base: str) -> list[Path] | None:
     return sorted(p for p in folder.glob("*/*") if p.is_file() and p.parent.name.startswith(("text_encoder", "tokenizer")))
 
 
-def _file_digest(path: Path, known: dict) -> str:
+def file_digest(path: Path, known: dict | None = None) -> str:
+    """sha256 of a file's contents: a Hugging Face cache blob's name, a digest in `known` for the same path, size and
+    mtime, else read and hashed (and recorded in `known`)."""
+    known = {} if known is None else known
     real = Path(os.path.realpath(path))
     if real.parent.name == "blobs":  # a Hugging Face cache: the blob's name is its content hash
         return real.name
@@ -99,7 +102,7 @@ def encoder_fingerprint(key: EncoderKey, digest_cache: Path | None = None) -> st
         contents = {"hub_id": key.base}
     else:
         root = files[0].parents[1] if files else Path(key.base)
-        contents = {str(p.relative_to(root)): _file_digest(p, known) for p in files}
+        contents = {str(p.relative_to(root)): file_digest(p, known) for p in files}
     if digest_cache and known != before:
         _write_json(digest_cache, known)
     blob = json.dumps({"family": key.family, "dtype": key.dtype, "max_sequence_length": key.max_sequence_length,

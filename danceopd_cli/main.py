@@ -9,7 +9,7 @@
     danceopd serve-config configs/teachers.yaml > deploy/serve-teachers.yaml
     danceopd prefetch --config configs/gpu-cluster.yaml   (HF_HOME: the shared cache; HF_TOKEN for gated models)
     danceopd plan --config configs/gpu-cluster.yaml --gpu-memory 80 [--json plan.json]
-    danceopd tiny-pipeline --family sd3|flux|flux-kontext --out DIR [--seed N] [--sample-size PX]
+    danceopd tiny-pipeline --family sd3|flux|flux-kontext|flux2-klein|z-image --out DIR [--seed N] [--sample-size PX]
     danceopd tiny-lora --base DIR --out DIR [--rank R] [--std S] [--seed N]
 
 Exit codes: 0 ok, 2 bad input (config, paths), 1 unexpected failure. `python -m trainer.main` stays the entry point

@@ -30,8 +30,9 @@ def tiny(tmp_path_factory):
     """Tiny pipelines per family (flux and flux-kontext share their weights, as FLUX.1-dev and Kontext share an
     architecture) and random LoRA "capabilities" on them."""
     root = tmp_path_factory.mktemp("tiny-models")
-    paths = {f: build_tiny_pipeline(f, root / f, seed=0) for f in ("sd3", "flux", "flux-kontext")}
-    loras = {f: build_random_lora(paths[f], root / f"{f}-lora", rank=4, std=0.1, seed=1) for f in ("sd3", "flux")}
+    paths = {f: build_tiny_pipeline(f, root / f, seed=0) for f in ("sd3", "flux", "flux-kontext", "z-image")}
+    paths["flux2-klein"] = build_tiny_pipeline("flux2-klein", root / "flux2-klein", seed=0, sample_size=64)  # edits need >= 64 px
+    loras = {f: build_random_lora(paths[f], root / f"{f}-lora", rank=4, std=0.1, seed=1) for f in ("sd3", "flux", "z-image")}
     loras["flux-edit"] = build_random_lora(paths["flux-kontext"], root / "flux-edit-lora", rank=4, std=0.1, seed=2)
     return {"root": root, **paths, **{f"{k}-lora": v for k, v in loras.items()}}
 
@@ -58,6 +59,52 @@ def test_flux_field_rollout_reproduces_the_flux_pipeline(tiny):
     assert torch.equal(unpack(pack(ours), 16, 16), ours)
 
 
+def test_z_image_field_rollout_reproduces_the_z_image_pipeline(tiny):
+    """The chat-templated Qwen3 caption without its padding, list inputs, timestep 1 - sigma, the negated output and the
+    linspace grid through the static shift, against ZImagePipeline (without CFG: guidance_scale 0)."""
+    pipe = _pipe(tiny["z-image"])
+    noise = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    latents = pipe(prompt=list(PROMPTS), num_inference_steps=6, guidance_scale=0.0, height=32, width=32, latents=noise.clone(),
+                   output_type="latent").images
+    field = load_teacher_field(TeacherModelSpec(base=str(tiny["z-image"])), "t", 32, dtype="float32", device="cpu")
+    sigmas = get_family("z-image").default_sigmas(field.pipe, 6, field.info.sample_shape)
+    ours = rollout_states(lambda x, s: field.velocity(x, s, Conditions(PROMPTS)), noise, sigmas).final
+    rel = ((ours - latents).norm() / latents.norm()).item()
+    assert rel < 1e-4, rel
+    # captions of different lengths: each prompt sees only its own tokens (a padded copy would change the answer)
+    alone = field.velocity(noise[:1], sigmas[:1], Conditions(PROMPTS[:1]))
+    assert torch.allclose(alone, field.velocity(noise, sigmas[:1].repeat(2), Conditions(PROMPTS))[:1], atol=1e-6)
+
+
+def test_flux2_klein_field_rollout_reproduces_the_pipeline_with_and_without_a_reference_image(tiny):
+    """The normalised 2x2-patchified latent space, 4-D position ids, the stacked Qwen3 layers, timestep = sigma, the
+    empirical-mu grid, and an edit's reference tokens (ids t = 10), against Flux2KleinPipeline's own __call__."""
+    import numpy as np
+    from PIL import Image
+
+    from danceopd.models.flux2 import _bn, unpatchify
+
+    pipe = _pipe(tiny["flux2-klein"])
+    field = load_teacher_field(TeacherModelSpec(base=str(tiny["flux2-klein"]), max_sequence_length=64), "t", 64, dtype="float32",
+                               device="cpu")
+    family = get_family("flux2-klein")
+    assert field.info.sample_shape == (16, 16, 16) and field.info.takes_source  # 4 channels x 2x2 patches at 64 / 2 / 2
+    sigmas = family.default_sigmas(field.pipe, 5, field.info.sample_shape)
+    noise = torch.randn(2, *field.info.sample_shape, generator=torch.Generator().manual_seed(0))
+    image = Image.fromarray((np.random.RandomState(0).rand(64, 64, 3) * 255).astype("uint8"))
+    source = family.encode_images(pipe, pipe.image_processor.preprocess(image, height=64, width=64, resize_mode="crop"))
+    for prompts, src, kwargs in ((PROMPTS, None, {}), (PROMPTS[:1], source, {"image": image})):
+        n = len(prompts)
+        theirs = pipe(prompt=list(prompts), height=64, width=64, num_inference_steps=5, guidance_scale=1.0, latents=noise[:n].clone(),
+                      output_type="latent", max_sequence_length=64, **kwargs).images
+        ours = rollout_states(lambda x, s: field.velocity(x, s, Conditions(prompts, src)), noise[:n], sigmas).final
+        mean, std = _bn(pipe.vae, ours)
+        rel = ((unpatchify(ours * std + mean) - theirs).norm() / theirs.norm()).item()  # the pipeline returns VAE latents
+        assert rel < 1e-4, (src is not None, rel)
+    # the family's decode undoes its encode (normalisation and patches) up to the VAE's own reconstruction
+    assert family.decode_latents(pipe, source).shape == (1, 3, 64, 64)
+
+
 def test_kontext_field_appends_source_tokens_as_the_kontext_pipeline_does(tiny):
     from PIL import Image
 
@@ -77,7 +124,7 @@ def test_kontext_field_appends_source_tokens_as_the_kontext_pipeline_does(tiny):
     assert ((no_source - ours).norm() / ours.norm()) > 1e-3  # the source tokens change the answer
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux", "flux-kontext"])
+@pytest.mark.parametrize("family", ["sd3", "flux", "flux-kontext", "flux2-klein", "z-image"])
 def test_saved_lora_student_loads_with_load_lora_weights_and_generates(tiny, tmp_path, family):
     """A trained (here: randomised) LoRA student, saved, loaded the standard diffusers way into a fresh pipeline of its
     base: same velocity to 1e-5 in fp32, and the pipeline's own __call__ generates with it."""
@@ -95,17 +142,23 @@ def test_saved_lora_student_loads_with_load_lora_weights_and_generates(tiny, tmp
     pipe = _pipe(tiny[family])
     pipe.load_lora_weights(str(tmp_path / "student"))
     fresh = student.field.with_transformer(pipe.transformer)
-    x = torch.randn(2, 4, 16, 16, generator=g)
+    x = torch.randn(2, *student.field.info.sample_shape, generator=g)
     s = torch.tensor([0.3, 0.8])
-    src = torch.randn(2, 4, 16, 16, generator=g) if student.field.info.takes_source else None
+    src = torch.randn(2, *student.field.info.sample_shape, generator=g) if student.field.info.takes_source else None
     with torch.no_grad():
         ours, theirs = student.field.velocity(x, s, Conditions(PROMPTS, src)), fresh.velocity(x, s, Conditions(PROMPTS, src))
         base = student.field.with_transformer(_pipe(tiny[family]).transformer).velocity(x, s, Conditions(PROMPTS, src))
     assert (ours - theirs).abs().max().item() < 1e-5
     assert (ours - base).abs().max().item() > 1e-3  # the adapter is really in the loaded pipeline
-    kwargs = {"max_area": 32 * 32, "_auto_resize": False, "image": torch.zeros(1, 3, 32, 32)} if family == "flux-kontext" else {}
-    image = pipe(prompt=PROMPTS[0], num_inference_steps=2, height=32, width=32, output_type="np", **kwargs).images
-    assert image.shape == (1, 32, 32, 3) and float(image.std()) > 0
+    size, kwargs = 32, {}
+    if family == "flux-kontext":
+        kwargs = {"max_area": 32 * 32, "_auto_resize": False, "image": torch.zeros(1, 3, 32, 32)}
+    if family == "flux2-klein":  # an edit: its reference images must be 64 px or more
+        from PIL import Image
+
+        size, kwargs = 64, {"image": Image.new("RGB", (64, 64), (200, 30, 30))}
+    image = pipe(prompt=PROMPTS[0], num_inference_steps=2, height=size, width=size, output_type="np", **kwargs).images
+    assert image.shape == (1, size, size, 3) and float(image.std()) > 0
     if family == "flux":  # the merged full transformer, made from the folder on the CPU: a standalone model without peft
         from diffusers import FluxTransformer2DModel
 
@@ -182,7 +235,7 @@ def test_bf16_base_keeps_fp32_master_weights_and_ema(tiny, tmp_path):
     assert any(not torch.equal(v, torch.ones_like(v)) for v in ema.params.values())
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux", "flux-kontext"])
+@pytest.mark.parametrize("family", ["sd3", "flux", "flux-kontext", "flux2-klein", "z-image"])
 def test_truncated_rollouts_are_bit_identical_on_every_family(tiny, family):
     """LoRA students of each family (Kontext with source tokens), batches that shrink (8, with 4-row chunks) and one
     that cannot (6), 1 and 2 threads: the truncated rollout's queried states equal the full rollout's."""
@@ -198,7 +251,7 @@ def test_truncated_rollouts_are_bit_identical_on_every_family(tiny, family):
             torch.set_num_threads(threads)
             for b, chunk in ((8, 4), (8, None), (6, None)):
                 g = torch.Generator().manual_seed(b)
-                source = torch.randn(b, *shape, generator=g) if family == "flux-kontext" else None
+                source = torch.randn(b, *shape, generator=g) if family in ("flux-kontext", "flux2-klein") else None
                 cond = Conditions([PROMPTS[i % 2] for i in range(b)], source)
                 noise, idx, sigmas = torch.randn(b, *shape, generator=g), sample_query_indices(6, b, 2, "low", g), uniform_sigmas(6)
                 short = rollout_to_queries(lambda x, s, rows: student.field.velocity(x, s, cond.select(rows)), noise, sigmas, idx, chunk=chunk)
@@ -498,3 +551,21 @@ def test_sd3_edit_student_grows_a_zero_input_layer_and_learns_an_sd3_edit_teache
         edit(prompt=PROMPTS[0], num_inference_steps=2, height=32, width=32)
     with pytest.raises(ConfigError, match=r"routes\.edit\.teacher: an edit route needs a teacher that reads source images"):
         load_config(None, {"student.base": base, "output_dir": str(tmp_path), "routes": {"edit": {"capability": "global_edit", "teacher": {}}}})
+
+
+def test_a_teacher_outside_the_students_latent_space_is_refused_naming_the_key(tiny, tmp_path):
+    """Two local pipelines share a latent space only when their VAEs are the same (class, geometry, factors, statistics
+    and weights): a klein teacher whose VAE has other weights is refused at validation; with the student's VAE copied
+    in, the same teacher (another transformer) is accepted."""
+    import shutil
+
+    other = build_tiny_pipeline("flux2-klein", tmp_path / "other-klein", seed=7, sample_size=64)
+    over = {"student.base": str(tiny["flux2-klein"]), "student.resolution": 64, "output_dir": str(tmp_path),
+            "routes": {"t2i": {"capability": "t2i", "teacher": {"base": str(other)}}}}
+    with pytest.raises(ConfigError, match=r"routes\.t2i\.teacher\.base: .*other-klein is not in the student's latent space .*"
+                                          r"other weights"):
+        load_config(None, over)
+    shutil.rmtree(other / "vae")
+    shutil.copytree(tiny["flux2-klein"] / "vae", other / "vae")
+    cfg = load_config(None, over)  # the same VAE: a teacher of another transformer in the same latent space
+    assert cfg.routes["t2i"].model_teacher.base == str(other)

@@ -22,7 +22,7 @@ PROMPTS = ["a red circle on a blue floor", "two cats", "a photo of an astronaut 
 @pytest.fixture(scope="module")
 def pipelines(tmp_path_factory):
     root = tmp_path_factory.mktemp("text-embeddings")
-    paths = {f: build_tiny_pipeline(f, root / f, seed=0) for f in ("sd3", "flux", "flux-kontext")}
+    paths = {f: build_tiny_pipeline(f, root / f, seed=0) for f in ("sd3", "flux", "flux-kontext", "z-image", "flux2-klein")}
     return {"root": root, **paths, **{f"{f}-lora": build_random_lora(p, root / f"{f}-lora", rank=4, std=0.1, seed=1)
                                       for f, p in paths.items()}}
 
@@ -45,7 +45,7 @@ def _config(pipelines, family: str, tmp_path, **over):
                               "output_dir": str(tmp_path / "runs"), "device": "cpu", "dtype": "float32", "routes": routes, **over})
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux", "flux-kontext"])
+@pytest.mark.parametrize("family", ["sd3", "flux", "flux-kontext", "z-image", "flux2-klein"])
 def test_precomputed_embeddings_give_the_on_device_velocities_bit_for_bit_without_text_encoders(pipelines, family, tmp_path):
     cfg = _config(pipelines, family, tmp_path)
     text = cfg.text_embeddings()

@@ -9,7 +9,8 @@ import torch
 from danceopd.models.tiny import FAMILIES, build_tiny_pipeline
 
 PROMPT = "a photo of an astronaut riding a horse"
-CLASSES = {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline", "flux-kontext": "FluxKontextPipeline"}
+CLASSES = {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline", "flux-kontext": "FluxKontextPipeline", "z-image": "ZImagePipeline",
+           "flux2-klein": "Flux2KleinPipeline"}
 
 
 def _load(family, path):
@@ -69,6 +70,12 @@ def test_latent_sizes(family, loaded):
     assert pipe.vae_scale_factor == 2 and pipe.vae.config.latent_channels == 4
     if family == "sd3":
         assert pipe.transformer.config.sample_size == 16  # 4 x 16 x 16 latents at 32 px
+    elif family == "flux2-klein":  # 4 channels patchified 2x2 by the pipeline; the empirical mu needs dynamic shifting on
+        assert pipe.transformer.config.in_channels == 16 and pipe.scheduler.config.use_dynamic_shifting
+        assert pipe.vae.bn.num_features == 16 and pipe.text_encoder.config.num_hidden_layers >= 27  # hidden states 9, 18, 27
+    elif family == "z-image":  # 4-channel latents patchified 2x2 inside the transformer; Z-Image's static shift 3
+        assert pipe.transformer.config.in_channels == 4 and not pipe.scheduler.config.use_dynamic_shifting
+        assert pipe.scheduler.config.shift == 3.0
     else:
         assert pipe.transformer.config.in_channels == 16  # 2x2 packed patches of 4 channels: 8 x 8 = 64 tokens
         cfg = pipe.scheduler.config
@@ -78,12 +85,19 @@ def test_latent_sizes(family, loaded):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_real_prompt_tokenizes_with_both_tokenizers(family, loaded):
     pipe = loaded[family]
-    for tok in (pipe.tokenizer, pipe.tokenizer_2):
+    for tok in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None) or pipe.tokenizer):
         ids = tok(PROMPT, padding="max_length", max_length=64, truncation=True).input_ids
         real = [i for i in ids if i != tok.pad_token_id]
         assert len(real) > 2, (type(tok).__name__, ids)
         assert tok.unk_token_id not in real or type(tok).__name__ == "CLIPTokenizer"  # words in the T5 vocab
-    if family != "sd3":  # T5: any text tokenizes, unknown pieces become <unk>
+    if family in ("z-image", "flux2-klein"):  # Qwen's chat template, as the pipelines apply it, its markers single tokens
+        text = pipe.tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True,
+                                                  enable_thinking=True)
+        assert text == f"<|im_start|>user\n{PROMPT}<|im_end|>\n<|im_start|>assistant\n"
+        ids = pipe.tokenizer(text).input_ids
+        assert ids.count(pipe.tokenizer.convert_tokens_to_ids("<|im_start|>")) == 2 and pipe.tokenizer.unk_token_id not in ids
+        assert len(pipe.tokenizer) == pipe.text_encoder.config.vocab_size
+    elif family != "sd3":  # T5: any text tokenizes, unknown pieces become <unk>
         ids = pipe.tokenizer_2("Ünïcode 🚀 café, 42%!").input_ids
         assert pipe.tokenizer_2.unk_token_id in ids and ids[-1] == pipe.tokenizer_2.eos_token_id
         assert pipe.tokenizer_2.pad_token_id == 0 and len(pipe.tokenizer_2) == pipe.text_encoder_2.config.vocab_size

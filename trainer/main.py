@@ -269,15 +269,9 @@ def resolve_run_id(job: JobConfig, fresh: bool) -> tuple[str, bool]:
 
 def expected_sample_shape(cfg) -> tuple[int, int, int] | None:
     """The student's sample shape from its config alone (pixels, or latents at its resolution); None for a hub id."""
-    from danceopd.models.base import vae_geometry
-
     if cfg.model_family.name == "pixel":
         return (cfg.channels, cfg.sample_size, cfg.sample_size)
-    vae = vae_geometry(cfg.base)
-    if vae is None:
-        return None
-    channels, f = vae
-    return (channels, cfg.resolution // f, cfg.resolution // f)
+    return cfg.model_family.sample_shape_of(cfg.base, cfg.resolution)
 
 
 def before_after_table(before: dict | None, after: dict) -> str:

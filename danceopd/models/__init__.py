@@ -3,14 +3,18 @@ encoding, transformer call, latent space and sigma grid (see base.ModelFamily)."
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from danceopd.models.base import ModelFamily, PromptCache, model_index
 from danceopd.models.flux import FluxFamily, FluxKontextFamily
+from danceopd.models.flux2 import Flux2KleinFamily
 from danceopd.models.pixel import PixelFamily
 from danceopd.models.sd3 import SD3Family
+from danceopd.models.zimage import ZImageFamily
 
-FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (PixelFamily(), SD3Family(), FluxFamily(), FluxKontextFamily())}
+FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (PixelFamily(), SD3Family(), FluxFamily(), FluxKontextFamily(), Flux2KleinFamily(),
+                                                  ZImageFamily())}
 
 
 def get_family(name: str) -> ModelFamily:
@@ -33,8 +37,33 @@ def family_of_folder(path: str | Path) -> ModelFamily | None:
 
 
 def compatible(a: ModelFamily, b: ModelFamily) -> bool:
-    """Whether a teacher of family b can teach a student of family a: the same latent space and transformer call."""
+    """Whether a teacher of family b can teach a student of family a: the same latent space (the families' tag; each
+    calls its own transformer and encodes prompts with its own encoder)."""
     return a.latent_space == b.latent_space
 
 
-__all__ = ["FAMILIES", "ModelFamily", "PromptCache", "compatible", "family_of_folder", "get_family", "model_index"]
+VAE_KEYS = ("_class_name", "latent_channels", "block_out_channels", "scaling_factor", "shift_factor", "latents_mean", "latents_std",
+            "batch_norm_eps", "patch_size")
+
+
+def latent_space_difference(student_base: str | Path, teacher_base: str | Path) -> str | None:
+    """Why two local pipelines' latents are not the same space (None when they are, or when either is a hub id): their
+    VAEs differ in class, geometry, scaling/shift or per-channel statistics (config), or in weights (file contents)."""
+    from danceopd.text_embeddings import file_digest
+
+    a, b = (Path(p).expanduser() / "vae" for p in (student_base, teacher_base))
+    if not (a / "config.json").exists() or not (b / "config.json").exists() or a.resolve() == b.resolve():
+        return None
+    ca, cb = (json.loads((p / "config.json").read_text()) for p in (a, b))
+    for key in VAE_KEYS:
+        if ca.get(key) != cb.get(key):
+            return f"their VAEs differ in {key} ({ca.get(key)!r} vs {cb.get(key)!r})"
+    weights = [sorted(p.glob("*.safetensors")) for p in (a, b)]
+    digests = [[file_digest(f) for f in files] for files in weights]
+    if digests[0] != digests[1]:
+        return "their VAEs have other weights (the same architecture, different checksums)"
+    return None
+
+
+__all__ = ["FAMILIES", "ModelFamily", "PromptCache", "compatible", "family_of_folder", "get_family",
+           "latent_space_difference", "model_index"]

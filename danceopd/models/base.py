@@ -94,10 +94,24 @@ class ModelFamily:
         return cfg.in_channels == 2 * (cfg.out_channels or cfg.in_channels)
 
     # ----------------------------------------------------------------------------- latent space
+    latent_patch: int = 1  # the transformer packs or patchifies latents in patches of this side (FLUX, Z-Image: 2)
+
     def latent_shape(self, pipe: Any, resolution: int) -> tuple[int, int, int]:
         f = pipe.vae_scale_factor
+        if resolution % (self.latent_patch * f):
+            raise ValueError(f"{self.name} takes {self.latent_patch}x{self.latent_patch} latent patches: the resolution must be a "
+                             f"multiple of {self.latent_patch * f}, got {resolution}")
         c = pipe.vae.config.latent_channels if pipe.vae is not None else self._latent_channels(pipe)
         return (c, resolution // f, resolution // f)
+
+    def sample_shape_of(self, path: str, resolution: int) -> tuple[int, int, int] | None:
+        """The sample shape at `resolution` from a local pipeline's VAE config alone (None for a hub id): what the job
+        checks the teachers' shapes against before training."""
+        geometry = vae_geometry(path)
+        if geometry is None:
+            return None
+        channels, f = geometry
+        return (channels, resolution // f, resolution // f)
 
     def _latent_channels(self, pipe: Any) -> int:
         cfg = pipe.transformer.config

@@ -37,6 +37,7 @@ class FluxFamily(ModelFamily):
     pipeline_classes = ("FluxPipeline", "FluxImg2ImgPipeline")
     latent_space = "flux"
     default_guidance = 3.5  # FluxPipeline's default guidance_scale (FLUX.1-dev's embedded guidance)
+    latent_patch = 2
     default_max_sequence_length = 512
     default_lora_targets = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
                             "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
@@ -67,12 +68,6 @@ class FluxFamily(ModelFamily):
         out = transformer(hidden_states=tokens, timestep=sigma.to(x.dtype), guidance=g, pooled_projections=pooled.to(x.dtype),
                           encoder_hidden_states=hidden.to(x.dtype), txt_ids=txt_ids, img_ids=ids, return_dict=False)[0]
         return unpack(out[:, :n], h, w)
-
-    def latent_shape(self, pipe, resolution):
-        f = pipe.vae_scale_factor
-        if resolution % (2 * f):
-            raise ValueError(f"FLUX packs 2x2 latent patches: the resolution must be a multiple of {2 * f}, got {resolution}")
-        return super().latent_shape(pipe, resolution)
 
     def _latent_channels(self, pipe):
         return pipe.transformer.config.in_channels // 4

@@ -3,6 +3,8 @@
     build_tiny_pipeline("sd3", "models/tiny-sd3")            # StableDiffusion3Pipeline (2 CLIP encoders, no T5)
     build_tiny_pipeline("flux", "models/tiny-flux")          # FluxPipeline (FLUX.1-dev style: CLIP + T5, guidance embeds)
     build_tiny_pipeline("flux-kontext", "models/tiny-kontext")  # same components saved as FluxKontextPipeline
+    build_tiny_pipeline("flux2-klein", "models/tiny-klein", sample_size=64)  # Flux2KleinPipeline (Qwen3, 28 tiny layers)
+    build_tiny_pipeline("z-image", "models/tiny-z-image")    # ZImagePipeline (Qwen3 with a chat template)
 
 The folders reload with `DiffusionPipeline.from_pretrained` (or the family's own class) and run their
 `__call__` end to end on CPU in well under a second per step. StableDiffusion3Pipeline does not list
@@ -16,6 +18,10 @@ to `max_area` (default 1024**2) and snaps the input image to a preferred ~1 MP r
 - the T5 tokenizer is a `tokenizers` Unigram model (Metaspace pre-tokenizer) over single characters (with
   and without the word-start marker), digits, punctuation and a list of whole English words; pieces not in
   the vocabulary become `<unk>`. pad = 0, eos = `</s>` = 1, unk = 2;
+- the Qwen3 families' tokenizer is a fast tokenizer over the same kind of Unigram vocabulary with Qwen's chat markers
+  (`<|im_start|>`, `<|im_end|>`, pad `<|endoftext|>`) and a chat template in Qwen's layout; Flux2KleinPipeline reads
+  hidden states 9, 18 and 27, so its tiny Qwen3 has 28 layers (of width 16); Flux2KleinPipeline refuses reference
+  images under 64 px, so edits need `sample_size=64`;
 - every module is built in float32 under `torch.manual_seed(seed + k)` (k fixed per module), so a seed
   gives identical weights on every build.
 
@@ -36,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-FAMILIES = ("sd3", "flux", "flux-kontext")
+FAMILIES = ("sd3", "flux", "flux-kontext", "flux2-klein", "z-image")
 
 CLIP_MAX_LENGTH = 77
 VAE_SCALE = 2  # 2 ** (len(block_out_channels) - 1)
@@ -79,11 +85,9 @@ def _clip_tokenizer():
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=CLIP_MAX_LENGTH)
 
 
-def _t5_tokenizer():
-    """T5TokenizerFast over a Unigram vocabulary: specials, single characters, punctuation, whole words."""
-    from transformers import T5TokenizerFast
-
-    pieces: list[tuple[str, float]] = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -8.0)]
+def _unigram_pieces(specials: list[str]) -> list[tuple[str, float]]:
+    """A Unigram vocabulary: `specials`, then single characters, punctuation and whole English words."""
+    pieces: list[tuple[str, float]] = [(s, 0.0) for s in specials] + [("▁", -8.0)]
     seen = {p for p, _ in pieces}
 
     def add(piece: str, score: float):
@@ -93,12 +97,39 @@ def _t5_tokenizer():
 
     for w in _WORDS.split():  # whole words win over spelling them out (Viterbi maximises the summed score)
         add("▁" + w, -4.0)
-    for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789" + _PUNCT:
+    for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789" + _PUNCT + "\n":
         add("▁" + c, -9.0)
         add(c, -10.0)
+    return pieces
+
+
+def _t5_tokenizer():
+    """T5TokenizerFast over a Unigram vocabulary: specials, single characters, punctuation, whole words."""
+    from transformers import T5TokenizerFast
+
+    pieces = _unigram_pieces(["<pad>", "</s>", "<unk>"])
     # extra_ids=0: no sentinel tokens (only used for T5's span-corruption pre-training).
     return T5TokenizerFast(vocab=pieces, eos_token="</s>", unk_token="<unk>", pad_token="<pad>", extra_ids=0,
                            model_max_length=512)
+
+
+QWEN_CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                      "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")  # Qwen's layout, thinking on
+
+
+def _qwen_tokenizer():
+    """A fast tokenizer with Qwen's chat markers and chat template over the Unigram vocabulary (pad = <|endoftext|>)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"]
+    tok = Tokenizer(models.Unigram(_unigram_pieces(specials), unk_id=3))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|endoftext|>", unk_token="<unk>", eos_token="<|im_end|>",
+                                   additional_special_tokens=["<|im_start|>", "<|im_end|>"], model_max_length=512)
+    fast.chat_template = QWEN_CHAT_TEMPLATE
+    return fast
 
 
 def _tiny_vae(seed: int, sample_size: int, shift_factor: float, scaling_factor: float):
@@ -142,6 +173,51 @@ def _build_sd3(seed: int, sample_size: int):
     return StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
                                     text_encoder=te1, tokenizer=tok1, text_encoder_2=te2, tokenizer_2=tok2,
                                     text_encoder_3=None, tokenizer_3=None)
+
+
+def _build_zimage(seed: int, sample_size: int):
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    tok = _qwen_tokenizer()
+    torch.manual_seed(seed)
+    # head dim 16 = dim / n_heads = sum(axes_dims); cap_feat_dim = the text encoder's hidden size
+    transformer = ZImageTransformer2DModel(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=2,
+                                           n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=32, axes_dims=[4, 6, 6],
+                                           axes_lens=[512, 32, 32])
+    torch.manual_seed(seed + 1)
+    text_encoder = Qwen3Model(Qwen3Config(vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_hidden_layers=3,
+                                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=512,
+                                          pad_token_id=tok.pad_token_id))
+    vae = _tiny_vae(seed + 3, sample_size, shift_factor=0.1159, scaling_factor=0.3611)  # Z-Image uses FLUX.1's VAE factors
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
+    return ZImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tok, transformer=transformer)
+
+
+def _build_flux2_klein(seed: int, sample_size: int):
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    tok = _qwen_tokenizer()
+    hidden = 16
+    torch.manual_seed(seed)
+    # in_channels 16 = 4 latent channels patchified 2x2; the caption is 3 stacked Qwen3 layers (9, 18, 27): 3 x 16
+    transformer = Flux2Transformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                                          num_attention_heads=2, joint_attention_dim=3 * hidden, timestep_guidance_channels=32,
+                                          axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False)
+    torch.manual_seed(seed + 1)
+    text_encoder = Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tok), hidden_size=hidden, intermediate_size=24, num_hidden_layers=28,
+                                                num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=512,
+                                                pad_token_id=tok.pad_token_id, tie_word_embeddings=True))
+    torch.manual_seed(seed + 3)
+    vae = AutoencoderKLFlux2(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                             up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4, norm_num_groups=4,
+                             sample_size=sample_size)
+    with torch.no_grad():  # batch-norm statistics as a trained VAE has them, so that the normalisation is exercised
+        vae.bn.running_mean.copy_(torch.randn(vae.bn.running_mean.shape) * 0.1)
+        vae.bn.running_var.copy_(torch.rand(vae.bn.running_var.shape) + 0.5)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True)
+    return Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tok, transformer=transformer)
 
 
 def flux_scheduler_config(sample_size: int = 32) -> dict:
@@ -188,6 +264,10 @@ def build_tiny_pipeline(family: str, out: str | Path, seed: int = 0, sample_size
     with torch.random.fork_rng(devices=[]):  # the caller's RNG state is left as it was
         if family == "sd3":
             pipe = _build_sd3(seed, sample_size)
+        elif family == "z-image":
+            pipe = _build_zimage(seed, sample_size)
+        elif family == "flux2-klein":
+            pipe = _build_flux2_klein(seed, sample_size)
         else:
             pipe = _build_flux(seed, sample_size, kontext=family == "flux-kontext")
     pipe.to(torch.float32)
