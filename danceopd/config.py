@@ -368,9 +368,11 @@ class TrainConfig(_Strict):
         st = self.student
         mode = st.text_embeddings
         if mode == "auto":
+            from danceopd.student import read_student_config
+
             prompts = self.run_prompts()
-            base = st.base if self.init_from is None else "init_from"  # a saved student folder has a base
-            listed = base is not None and prompts is not None and len(prompts) <= st.precompute_max_prompts
+            model = read_student_config(self.init_from) if self.init_from else st  # the model the student loads
+            listed = model.base is not None and prompts is not None and len(prompts) <= st.precompute_max_prompts
             mode = "precompute" if listed else "on_device"
         store = (st.text_embeddings_store or Path(self.output_dir) / "text-embeddings").expanduser().resolve()
         return TextEmbeddings(mode, str(store) if mode == "precompute" else None)
