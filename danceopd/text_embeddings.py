@@ -21,7 +21,7 @@ Shards are written to a temporary name and renamed, so readers never see half a 
 never clash; a reader that misses a key rescans the folder once (a shard may have been added since).
 
 Families whose text encoder also reads the source image (Qwen-Image-Edit) would key on (prompt, image hash); the
-families served today (SD3, FLUX.1, Kontext) encode text only.
+families served today (SD3, FLUX.1, Kontext, FLUX.2 [klein], Z-Image) encode text only.
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ import torch
 Embeds = tuple[torch.Tensor, ...]
 DIGESTS = "file-digests.json"
 SHARD_BYTES = 512 * 1024 ** 2  # prompts per shard: as many as fit this size (SD3 ~190, FLUX ~125 at bf16)
-MODES = ("precompute", "on_device", "cpu")
 
 
 class MissingEmbeddingError(KeyError):

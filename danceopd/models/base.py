@@ -65,12 +65,12 @@ class ModelFamily:
         """The pipeline with its tokenizers and text encoders only (the transformer an empty shell on the meta device, for
         the config values encode_prompt reads; no VAE): what encoding prompts needs."""
         import diffusers
-        from accelerate import init_empty_weights
+
+        from danceopd.models.published import meta_transformer
 
         config = diffusers.DiffusionPipeline.load_config(path, subfolder="transformer") if not Path(path).expanduser().exists() \
             else json.loads((Path(path).expanduser() / "transformer" / "config.json").read_text())
-        with init_empty_weights(include_buffers=True):
-            shell = getattr(diffusers, config["_class_name"]).from_config(config)
+        shell = meta_transformer(config)
         pipe = self.pipeline_class().from_pretrained(path, dtype=dtype, **{**absent_components(path), "vae": None, "transformer": shell})
         for name in text_components(path):
             module = getattr(pipe, name, None)
@@ -193,15 +193,18 @@ def text_components(path: str | Path) -> list[str]:
     return [k for k in index if k.startswith(("text_encoder", "tokenizer"))]
 
 
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")  # the pipelines' text-encoder component names
+
+
 def text_encoder_parameters(pipe: Any) -> int:
     """Parameters of the text encoders this pipeline holds (0 when prompts come from an embedding store)."""
-    modules = [getattr(pipe, n, None) for n in ("text_encoder", "text_encoder_2", "text_encoder_3")]
+    modules = [getattr(pipe, n, None) for n in TEXT_ENCODERS]
     return sum(p.numel() for m in modules if isinstance(m, torch.nn.Module) for p in m.parameters())
 
 
 def text_device(pipe: Any) -> torch.device:
     """Where the pipeline's text encoders are (prompts are encoded there)."""
-    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+    for name in TEXT_ENCODERS:
         module = getattr(pipe, name, None)
         if isinstance(module, torch.nn.Module):
             return next(module.parameters()).device
