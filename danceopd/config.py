@@ -278,6 +278,10 @@ class TrainConfig(_Strict):
             raise ValueError("method.states: off-policy states forward-noise dataset targets, which only the suite's pixel model "
                              "has for now: use states: on_policy (or teacher_rollout) with off_policy_share: 0")
         self._check_teachers(pixel)
+        if self.student.text_embeddings == "precompute" and self.text_sees_source():
+            raise ValueError("student.text_embeddings 'precompute': a Qwen-Image-Edit text encoder reads the source image, so its "
+                             "embeddings are per (prompt, image) and a prompt-keyed store cannot hold them; use auto or on_device "
+                             "(encoded where needed, cached per (prompt, source))")
         return self
 
     def _check_manifest(self) -> None:
@@ -373,9 +377,17 @@ class TrainConfig(_Strict):
             prompts = self.run_prompts()
             model = read_student_config(self.init_from) if self.init_from else st  # the model the student loads
             listed = model.base is not None and prompts is not None and len(prompts) <= st.precompute_max_prompts
-            mode = "precompute" if listed else "on_device"
+            mode = "precompute" if listed and not self.text_sees_source() else "on_device"
         store = (st.text_embeddings_store or Path(self.output_dir) / "text-embeddings").expanduser().resolve()
         return TextEmbeddings(mode, str(store) if mode == "precompute" else None)
+
+    def text_sees_source(self) -> bool:
+        """Whether the student's or a teacher's text encoder reads source images (Qwen-Image-Edit): its embeddings are per
+        (prompt, image), which a prompt-keyed store cannot hold."""
+        st = self.student
+        families = [st.model_family] + [r.model_teacher.model_family(r.model_teacher.base or st.base) or st.model_family
+                                        for r in self.routes.values() if r.model_teacher is not None]
+        return any(getattr(f, "text_sees_source", False) for f in families if f is not None)
 
     def text_encoder_keys(self, student_dtype: str, teacher_dtypes: dict[str, str]) -> list[EncoderKey]:
         """The encoders a precompute run stores embeddings of: the student's, and each model teacher route's with its dtype

@@ -202,7 +202,12 @@ def _tokens(family, transformer: Component, vae: Component | None, resolution: i
             with_source: bool) -> tuple[int, int, int, int]:
     """(image tokens, text tokens, hidden size, blocks) of one forward of a family's transformer."""
     cfg = transformer.config
-    factor = 2 ** (len(vae.config["block_out_channels"]) - 1) if vae is not None else 8
+    if vae is None:
+        factor = 8
+    elif "temperal_downsample" in vae.config:  # Qwen-Image's video VAE
+        factor = 2 ** len(vae.config["temperal_downsample"])
+    else:
+        factor = 2 ** (len(vae.config["block_out_channels"]) - 1)
     image = (resolution // factor // 2) ** 2  # SD3 patchifies 2x2, FLUX packs 2x2
     if with_source and family.native_source:
         image *= 2  # Kontext: the source latents' tokens follow the noisy ones
@@ -301,15 +306,15 @@ def plan_job(job, gpu_memory_gib: float | None = None) -> MemoryPlan:
             tb = DTYPE_BYTES[t_dtype]
             comps = pipeline_components(base_field.path)
             stored = getattr(base_field, "text_embeddings", None) is not None  # reads the store: no text encoder
-            for name, c in comps.items():
-                if name != "vae" and not (stored and name.startswith("text_encoder")):  # no VAE: queries carry latents
+            t_family = family if base_field.kind == "adapter_bank" or getattr(base_field, "family", None) in (None, family.name) \
+                else get_family(base_field.family)
+            for name, c in comps.items():  # no VAE (queries carry latents) unless the text encoder sees the source image
+                if (name != "vae" or t_family.text_sees_source) and not (stored and name.startswith("text_encoder")):
                     role.parts[f"{name} ({t_dtype})"] = c.floats * tb
             if base_field.kind == "adapter_bank":
                 role.parts[f"adapters ({t_dtype})"] = sum(lora_file_floats(lora.path) for a in base_field.adapters.values()
                                                          for lora in a.loras) * tb
             t = comps["transformer"]
-            t_family = family if base_field.kind == "adapter_bank" or getattr(base_field, "family", None) in (None, family.name) \
-                else get_family(base_field.family)
             image, tokens, hidden, blocks = _tokens(t_family, t, comps.get("vae"), st.resolution, seq, any_source)
             role.parts["query activations"] = int(batch * cfg_factor * (image + tokens) * hidden * tb * ACT_NOGRAD)
             if not stored:
@@ -333,7 +338,7 @@ def plan_job(job, gpu_memory_gib: float | None = None) -> MemoryPlan:
         if vae is not None:
             from danceopd.evaluation import DECODE_CHUNK
 
-            width = vae.config["block_out_channels"][0]
+            width = vae.config["block_out_channels"][0] if "block_out_channels" in vae.config else vae.config["base_dim"]  # Qwen
             ev.parts[f"vae decode ({DECODE_CHUNK} images)"] = int(DECODE_CHUNK * st.resolution ** 2 * width * nbytes * VAE_DECODE)
         roles[ev.name] = ev
     if text.mode == "precompute" and student_blocks is not None:  # the encoding task: one encoder set at a time, one prompt

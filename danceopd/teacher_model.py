@@ -115,8 +115,9 @@ def _load_base(spec: TeacherModelSpec, base: str, what: str, device: torch.devic
     family = spec.model_family(base)
     if family is None:
         raise ValueError(f"{what}: base {base!r} is a hub id: set the teacher's family")
-    # A teacher never decodes or encodes images: queries carry latents (sources too), so its replicas hold no VAE.
-    pipe = family.load_pipeline(base, device, dtype, vae=False, text_encoders=text.loads_encoders if text else "device")
+    # Queries carry latents (sources too), so a teacher's replicas hold no VAE, except where the text encoder reads the
+    # source image (Qwen-Image-Edit): the encoder's image is recovered from the source latent by the VAE's decode.
+    pipe = family.load_pipeline(base, device, dtype, vae=family.text_sees_source, text_encoders=text.loads_encoders if text else "device")
     if spec.checkpoint:
         p = Path(spec.checkpoint).expanduser()
         kwargs = {} if (p / "config.json").exists() else {"subfolder": "transformer"}  # a transformer folder, or a pipeline

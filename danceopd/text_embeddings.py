@@ -37,7 +37,8 @@ from pathlib import Path
 
 import torch
 
-Embeds = tuple[torch.Tensor, ...]
+from danceopd.models.base import Embeds, stack_rows
+
 DIGESTS = "file-digests.json"
 SHARD_BYTES = 512 * 1024 ** 2  # prompts per shard: as many as fit this size (SD3 ~190, FLUX ~125 at bf16)
 
@@ -142,8 +143,9 @@ class EmbeddingStore:
         index = self._scan(fingerprint)
         return [p for p in dict.fromkeys(prompts) if prompt_key(fingerprint, p) not in index]
 
-    def add(self, fingerprint: str, key: EncoderKey, prompts: Sequence[str], embeds: Embeds) -> Path:
-        """One shard holding `prompts`' embeddings (row i of every tensor of `embeds` is prompt i)."""
+    def add(self, fingerprint: str, key: EncoderKey, prompts: Sequence[str], rows: Sequence[Embeds]) -> Path:
+        """One shard holding `prompts`' embeddings (`rows[i]`: prompt i's tensors, without a batch axis; their lengths may
+        differ, as Qwen-Image captions do)."""
         from safetensors.torch import save_file
 
         folder = self.folder(fingerprint)
@@ -151,7 +153,7 @@ class EmbeddingStore:
         if not (folder / "encoder.json").exists():
             _write_json(folder / "encoder.json", {"fingerprint": fingerprint, **key.__dict__})
         keys = [prompt_key(fingerprint, p) for p in prompts]
-        tensors = {f"{k}/{j}": t[i].detach().to("cpu").contiguous().clone() for i, k in enumerate(keys) for j, t in enumerate(embeds)}
+        tensors = {f"{k}/{j}": t.detach().to("cpu").contiguous().clone() for k, row in zip(keys, rows) for j, t in enumerate(row)}
         name = hashlib.sha256("".join(keys).encode()).hexdigest()[:16]
         fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
         os.close(fd)
@@ -183,7 +185,7 @@ class EmbeddingStore:
                 names = set(f.keys())
                 for k in ks:
                     rows[k] = [f.get_tensor(f"{k}/{j}") for j in range(sum(1 for n in names if n.startswith(k + "/")))]
-        return tuple(torch.stack([rows[k][j] for k in keys]) for j in range(len(rows[keys[0]])))
+        return stack_rows([tuple(rows[k]) for k in keys])
 
 
 class StoreEncoder:
@@ -243,13 +245,13 @@ def precompute(store_root: str | Path, keys: Sequence[EncoderKey], prompts: Sequ
             held: list[Embeds] = []
             for i, prompt in enumerate(todo):  # one at a time, as PromptCache does: the embeddings equal on_device's exactly
                 with torch.no_grad():
-                    embeds = tuple(t.to("cpu") for t in family.encode_prompts(pipe, [prompt], key.max_sequence_length))
+                    embeds = tuple(t[0].to("cpu") for t in family.encode_prompts(pipe, [prompt], key.max_sequence_length))
                 rows.append(prompt)
                 held.append(embeds)
                 size = sum(t.numel() * t.element_size() for t in embeds)
                 nbytes += size
                 if len(held) * size >= SHARD_BYTES or i == len(todo) - 1:
-                    store.add(fp, key, rows, tuple(torch.cat(parts) for parts in zip(*held)))
+                    store.add(fp, key, rows, held)
                     rows, held = [], []
             del pipe
             if dev.type == "cuda":

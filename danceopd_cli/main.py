@@ -9,7 +9,8 @@
     danceopd serve-config configs/teachers.yaml > deploy/serve-teachers.yaml
     danceopd prefetch --config configs/gpu-cluster.yaml   (HF_HOME: the shared cache; HF_TOKEN for gated models)
     danceopd plan --config configs/gpu-cluster.yaml --gpu-memory 80 [--json plan.json]
-    danceopd tiny-pipeline --family sd3|flux|flux-kontext|flux2-klein|z-image --out DIR [--seed N] [--sample-size PX]
+    danceopd tiny-pipeline --family sd3|flux|flux-kontext|flux2|flux2-klein|z-image|qwen-image|qwen-image-edit[-plus] --out DIR
+                           [--seed N] [--sample-size PX]
     danceopd tiny-lora --base DIR --out DIR [--rank R] [--std S] [--seed N]
 
 Exit codes: 0 ok, 2 bad input (config, paths), 1 unexpected failure. `python -m trainer.main` stays the entry point
@@ -36,6 +37,9 @@ BENCHMARKS = {  # name -> (script, what it measures); the scripts live in the re
 
 from danceopd.config import ConfigError, load_config, parse_override
 
+
+# = danceopd.models.tiny.FAMILIES, spelt out so that the CLI starts without importing torch (a test keeps them equal)
+TINY_FAMILIES = ("sd3", "flux", "flux-kontext", "flux2", "flux2-klein", "z-image", "qwen-image", "qwen-image-edit", "qwen-image-edit-plus")
 
 def _eval(args) -> int:
     from danceopd.data.routes import build_route_data
@@ -322,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("--smoke", action="store_true", help="a few steps and two seeds per arm: checks the pipeline, not the claims")
     ex.set_defaults(run=_experiment)
     tp = sub.add_parser("tiny-pipeline", help="write a tiny random diffusers pipeline (offline, for tests and demos)")
-    tp.add_argument("--family", required=True, choices=("sd3", "flux", "flux-kontext"))  # = danceopd.models.tiny.FAMILIES
+    tp.add_argument("--family", required=True, choices=TINY_FAMILIES)
     tp.add_argument("--out", type=Path, required=True, help="output folder (standard diffusers layout)")
     tp.add_argument("--seed", type=int, default=0, help="same seed, same weights")
     tp.add_argument("--sample-size", type=int, default=32, help="image size in pixels (multiple of 4)")

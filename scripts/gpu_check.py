@@ -180,7 +180,7 @@ def check_model(label: str, family_name: str, base: str, args, out: Path, work: 
     fp = store.fingerprint(key)
     started = mem.start()
     for p in job0.run_prompts():
-        store.add(fp, key, [p], family.encode_prompts(pipe, [p], seq))
+        store.add(fp, key, [p], [tuple(t[0] for t in family.encode_prompts(pipe, [p], seq))])
     _, peak, seconds = mem.end(started)
     enc_plan = plans[(args.resolutions[0], "precompute")]["roles"].get("text_encoding", {})
     te = {"model": label, "part": "text_encoding", "prompts": len(job0.run_prompts()), "seconds": round(seconds, 3),

@@ -133,3 +133,27 @@ def test_the_prompt_cache_keeps_compact_copies_not_views_of_its_encode_batch():
         for t in entry:
             assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
     assert torch.equal(cache(["prompt 2"])[0][0], embeds[0][2])
+
+
+def test_plans_of_the_2026_family_recipes_from_their_published_configs():
+    """FLUX.2 [dev] teaching a [klein] 4B student, a Qwen-Image-Edit Plus student with Qwen-Image and edit teachers, and
+    Z-Image: each built on the meta device from the published configs (danceopd.models.published), each role in bf16."""
+    from danceopd.memory_plan import plan_job
+    from trainer.job import load_job_config
+
+    klein = plan_job(load_job_config(ROOT / "configs/flux2-klein-from-dev.yaml", {}), 80)
+    assert klein.text_embeddings == "precompute" and klein.fits
+    assert klein.roles["teacher:t2i"].parts["transformer (bfloat16)"] == pytest.approx(32.22e9 * 2, rel=0.005)  # bytes: [dev] 32.2B
+    assert klein.roles["train_worker"].parts["transformer (bfloat16)"] == pytest.approx(3.876e9 * 2, rel=0.005)  # bytes: klein 3.9B
+    assert klein.roles["text_encoding"].parts["text_encoder (bfloat16)"] == pytest.approx(24.01e9 * 2, rel=0.005)  # bytes: Mistral-3
+    assert klein.roles["teacher:t2i_cfg"].parts["transformer (bfloat16)"] == klein.roles["train_worker"].parts["transformer (bfloat16)"]
+
+    qwen = plan_job(load_job_config(ROOT / "configs/qwen-image-edit-lora.yaml", {}), 80)
+    assert qwen.text_embeddings == "on_device" and qwen.fits  # the editors' encoder reads the source: no prompt-keyed store
+    worker = qwen.roles["train_worker"].parts
+    assert worker["transformer (bfloat16)"] == pytest.approx(20.43e9 * 2, rel=0.005)  # bytes
+    assert worker["text_encoder (bfloat16)"] == pytest.approx(8.29e9 * 2, rel=0.005)  # bytes: Qwen2.5-VL 7B
+    assert "vae (bfloat16)" in qwen.roles["teacher:local_edit"].parts and "vae (bfloat16)" not in qwen.roles["teacher:t2i"].parts
+
+    zimage = plan_job(load_job_config(ROOT / "configs/z-image-lora.yaml", {}), 80)
+    assert zimage.fits and zimage.roles["train_worker"].parts["transformer (bfloat16)"] == pytest.approx(6.155e9 * 2, rel=0.005)  # bytes

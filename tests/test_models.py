@@ -23,6 +23,8 @@ from danceopd.student import StudentConfig, build_student, load_student
 from danceopd.teacher_model import LoraAdapterSpec, TeacherModelSpec, load_teacher_field
 
 PROMPTS = ["a red circle", "a photo of an astronaut riding a horse"]
+QWEN = ("qwen-image", "qwen-image-edit", "qwen-image-edit-plus")
+SOURCE_AS_TOKENS = ("flux-kontext", "flux2", "flux2-klein", "qwen-image-edit", "qwen-image-edit-plus")  # edit students
 
 
 @pytest.fixture(scope="session")
@@ -31,7 +33,10 @@ def tiny(tmp_path_factory):
     architecture) and random LoRA "capabilities" on them."""
     root = tmp_path_factory.mktemp("tiny-models")
     paths = {f: build_tiny_pipeline(f, root / f, seed=0) for f in ("sd3", "flux", "flux-kontext", "z-image")}
-    paths["flux2-klein"] = build_tiny_pipeline("flux2-klein", root / "flux2-klein", seed=0, sample_size=64)  # edits need >= 64 px
+    for f in ("flux2-klein", "flux2"):  # edits need >= 64 px; one VAE (the same seed): a flux2 teacher can teach a klein student
+        paths[f] = build_tiny_pipeline(f, root / f, seed=0, sample_size=64)
+    for f in QWEN:  # one seed: the same VAE, text encoder and transformer in all three
+        paths[f] = build_tiny_pipeline(f, root / f, seed=0)
     loras = {f: build_random_lora(paths[f], root / f"{f}-lora", rank=4, std=0.1, seed=1) for f in ("sd3", "flux", "z-image")}
     loras["flux-edit"] = build_random_lora(paths["flux-kontext"], root / "flux-edit-lora", rank=4, std=0.1, seed=2)
     return {"root": root, **paths, **{f"{k}-lora": v for k, v in loras.items()}}
@@ -76,18 +81,21 @@ def test_z_image_field_rollout_reproduces_the_z_image_pipeline(tiny):
     assert torch.allclose(alone, field.velocity(noise, sigmas[:1].repeat(2), Conditions(PROMPTS))[:1], atol=1e-6)
 
 
-def test_flux2_klein_field_rollout_reproduces_the_pipeline_with_and_without_a_reference_image(tiny):
-    """The normalised 2x2-patchified latent space, 4-D position ids, the stacked Qwen3 layers, timestep = sigma, the
-    empirical-mu grid, and an edit's reference tokens (ids t = 10), against Flux2KleinPipeline's own __call__."""
+@pytest.mark.parametrize("name", ["flux2-klein", "flux2"])
+def test_flux2_field_rollout_reproduces_the_pipeline_with_and_without_a_reference_image(tiny, name):
+    """The normalised 2x2-patchified latent space, 4-D position ids, the stacked text-encoder layers (Qwen3 for [klein],
+    Mistral-3 with its system message for [dev]), timestep = sigma, [dev]'s guidance embedding, the empirical-mu grid, and
+    an edit's reference tokens (ids t = 10), against Flux2KleinPipeline's / Flux2Pipeline's own __call__."""
     import numpy as np
     from PIL import Image
 
     from danceopd.models.flux2 import _bn, unpatchify
 
-    pipe = _pipe(tiny["flux2-klein"])
-    field = load_teacher_field(TeacherModelSpec(base=str(tiny["flux2-klein"]), max_sequence_length=64), "t", 64, dtype="float32",
-                               device="cpu")
-    family = get_family("flux2-klein")
+    guidance = 3.0 if name == "flux2" else 1.0  # [dev]: the embedded value; [klein]: 1.0 = no CFG pass
+    pipe = _pipe(tiny[name])
+    field = load_teacher_field(TeacherModelSpec(base=str(tiny[name]), max_sequence_length=160, guidance=guidance if name == "flux2" else None),
+                               "t", 64, dtype="float32", device="cpu")
+    family = get_family(name)
     assert field.info.sample_shape == (16, 16, 16) and field.info.takes_source  # 4 channels x 2x2 patches at 64 / 2 / 2
     sigmas = family.default_sigmas(field.pipe, 5, field.info.sample_shape)
     noise = torch.randn(2, *field.info.sample_shape, generator=torch.Generator().manual_seed(0))
@@ -95,14 +103,61 @@ def test_flux2_klein_field_rollout_reproduces_the_pipeline_with_and_without_a_re
     source = family.encode_images(pipe, pipe.image_processor.preprocess(image, height=64, width=64, resize_mode="crop"))
     for prompts, src, kwargs in ((PROMPTS, None, {}), (PROMPTS[:1], source, {"image": image})):
         n = len(prompts)
-        theirs = pipe(prompt=list(prompts), height=64, width=64, num_inference_steps=5, guidance_scale=1.0, latents=noise[:n].clone(),
-                      output_type="latent", max_sequence_length=64, **kwargs).images
+        theirs = pipe(prompt=list(prompts), height=64, width=64, num_inference_steps=5, guidance_scale=guidance, latents=noise[:n].clone(),
+                      output_type="latent", max_sequence_length=160, **kwargs).images
         ours = rollout_states(lambda x, s: field.velocity(x, s, Conditions(prompts, src)), noise[:n], sigmas).final
-        mean, std = _bn(pipe.vae, ours)
-        rel = ((unpatchify(ours * std + mean) - theirs).norm() / theirs.norm()).item()  # the pipeline returns VAE latents
+        if name == "flux2-klein":  # Flux2KleinPipeline returns VAE latents
+            mean, std = _bn(pipe.vae, ours)
+            ours = unpatchify(ours * std + mean)
+        else:  # Flux2Pipeline returns its packed tokens [B, h*w, C] of the normalised space
+            ours = ours.flatten(2).transpose(1, 2)
+        rel = ((ours - theirs).norm() / theirs.norm()).item()
         assert rel < 1e-4, (src is not None, rel)
     # the family's decode undoes its encode (normalisation and patches) up to the VAE's own reconstruction
     assert family.decode_latents(pipe, source).shape == (1, 3, 64, 64)
+
+
+@pytest.mark.parametrize("name", QWEN)
+def test_qwen_image_field_rollout_reproduces_the_pipelines_and_edit_embeddings_see_the_source(tiny, name):
+    """Normalised 5-D latents without their frame axis, 2x2 packing, img_shapes, the chat template's dropped prefix,
+    two prompts of different lengths padded with a mask, timestep = sigma and the exponential token-count shift with
+    shift_terminal, against QwenImagePipeline; an edit's source tokens with their own img_shapes entry against the edit
+    pipelines (given the family's prompt embedding: the one thing the field derives differently, from the source latent
+    instead of the user's file). The edit embedding depends on the image: the cache keys on (prompt, source)."""
+    import numpy as np
+    from PIL import Image
+
+    from danceopd.models.qwenimage import pack
+    from danceopd.models.tiny_qwen import tiny_edit_image_area
+
+    pipe, family = _pipe(tiny[name]), get_family(name)
+    field = load_teacher_field(TeacherModelSpec(base=str(tiny[name])), "t", 32, dtype="float32", device="cpu")
+    assert field.info.sample_shape == (4, 16, 16) and field.info.takes_source == (name != "qwen-image")
+    assert (field.pipe.vae is not None) == (name != "qwen-image")  # an edit teacher decodes the source for its encoder
+    sigmas = family.default_sigmas(field.pipe, 5, field.info.sample_shape)
+    noise = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    if name == "qwen-image":
+        theirs = pipe(prompt=PROMPTS, height=32, width=32, num_inference_steps=5, latents=pack(noise), output_type="latent").images
+        ours = rollout_states(lambda x, s: field.velocity(x, s, Conditions(PROMPTS)), noise, sigmas).final
+        assert ((pack(ours) - theirs).norm() / theirs.norm()).item() < 1e-4
+        return
+    images = [Image.fromarray((np.random.RandomState(i).rand(32, 32, 3) * 255).astype("uint8")) for i in range(2)]
+    with tiny_edit_image_area(32 * 32):  # the pipelines' VAE branch at 32 px, not ~1 MP
+        src = torch.cat([family.encode_images(pipe, pipe.image_processor.preprocess(im, 32, 32)) for im in images])
+        caption, _ = family.encode_prompts(pipe, PROMPTS[:1], 1024, source=src[:1])
+        theirs = pipe(prompt_embeds=caption, image=[images[0]] if name.endswith("plus") else images[0], height=32, width=32,
+                      num_inference_steps=5, latents=pack(noise[:1]), output_type="latent").images
+        ours = rollout_states(lambda x, s: field.velocity(x, s, Conditions(PROMPTS[:1], src[:1])), noise[:1], sigmas).final
+        assert ((pack(ours) - theirs).norm() / theirs.norm()).item() < 1e-4
+        # the family's caption is the pipeline's own encode_prompt of the image it recovers from the source latent
+        own, _ = pipe.encode_prompt(prompt=PROMPTS[:1], image=family.condition_image(pipe, src[:1]), device="cpu")
+        assert torch.equal(own, caption)
+    misses = field.prompts.misses
+    a, b = (field.encode_prompts(["make it red"], s)[0] for s in (src[:1], src[1:]))
+    assert (a - b).abs().max() > 1e-3 and field.prompts.misses == misses + 2  # one prompt, two images: two embeddings
+    assert torch.equal(field.encode_prompts(["make it red"], src[:1])[0], a) and field.prompts.misses == misses + 2  # a hit
+    both = field.encode_prompts(["make it red", "make it red"], src)[0]
+    assert torch.equal(both[0, :a.shape[1]], a[0]) and torch.equal(both[1, :b.shape[1]], b[0])
 
 
 def test_kontext_field_appends_source_tokens_as_the_kontext_pipeline_does(tiny):
@@ -124,7 +179,7 @@ def test_kontext_field_appends_source_tokens_as_the_kontext_pipeline_does(tiny):
     assert ((no_source - ours).norm() / ours.norm()) > 1e-3  # the source tokens change the answer
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux", "flux-kontext", "flux2-klein", "z-image"])
+@pytest.mark.parametrize("family", ["sd3", "flux", "flux-kontext", "flux2", "flux2-klein", "z-image", *QWEN])
 def test_saved_lora_student_loads_with_load_lora_weights_and_generates(tiny, tmp_path, family):
     """A trained (here: randomised) LoRA student, saved, loaded the standard diffusers way into a fresh pipeline of its
     base: same velocity to 1e-5 in fp32, and the pipeline's own __call__ generates with it."""
@@ -153,11 +208,15 @@ def test_saved_lora_student_loads_with_load_lora_weights_and_generates(tiny, tmp
     size, kwargs = 32, {}
     if family == "flux-kontext":
         kwargs = {"max_area": 32 * 32, "_auto_resize": False, "image": torch.zeros(1, 3, 32, 32)}
-    if family == "flux2-klein":  # an edit: its reference images must be 64 px or more
+    if family in ("flux2", "flux2-klein", "qwen-image-edit", "qwen-image-edit-plus"):  # an edit (FLUX.2: reference >= 64 px)
         from PIL import Image
 
-        size, kwargs = 64, {"image": Image.new("RGB", (64, 64), (200, 30, 30))}
-    image = pipe(prompt=PROMPTS[0], num_inference_steps=2, height=size, width=size, output_type="np", **kwargs).images
+        size = 64 if family.startswith("flux2") else 32
+        kwargs = {"image": Image.new("RGB", (size, size), (200, 30, 30))}
+    from danceopd.models.tiny_qwen import tiny_edit_image_area
+
+    with tiny_edit_image_area(size * size):  # the Qwen edit pipelines' VAE branch at the tiny size (no effect elsewhere)
+        image = pipe(prompt=PROMPTS[0], num_inference_steps=2, height=size, width=size, output_type="np", **kwargs).images
     assert image.shape == (1, size, size, 3) and float(image.std()) > 0
     if family == "flux":  # the merged full transformer, made from the folder on the CPU: a standalone model without peft
         from diffusers import FluxTransformer2DModel
@@ -235,7 +294,7 @@ def test_bf16_base_keeps_fp32_master_weights_and_ema(tiny, tmp_path):
     assert any(not torch.equal(v, torch.ones_like(v)) for v in ema.params.values())
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux", "flux-kontext", "flux2-klein", "z-image"])
+@pytest.mark.parametrize("family", ["sd3", "flux", "flux-kontext", "flux2", "flux2-klein", "z-image", "qwen-image-edit-plus"])
 def test_truncated_rollouts_are_bit_identical_on_every_family(tiny, family):
     """LoRA students of each family (Kontext with source tokens), batches that shrink (8, with 4-row chunks) and one
     that cannot (6), 1 and 2 threads: the truncated rollout's queried states equal the full rollout's."""
@@ -251,7 +310,7 @@ def test_truncated_rollouts_are_bit_identical_on_every_family(tiny, family):
             torch.set_num_threads(threads)
             for b, chunk in ((8, 4), (8, None), (6, None)):
                 g = torch.Generator().manual_seed(b)
-                source = torch.randn(b, *shape, generator=g) if family in ("flux-kontext", "flux2-klein") else None
+                source = torch.randn(b, *shape, generator=g) if family in SOURCE_AS_TOKENS else None
                 cond = Conditions([PROMPTS[i % 2] for i in range(b)], source)
                 noise, idx, sigmas = torch.randn(b, *shape, generator=g), sample_query_indices(6, b, 2, "low", g), uniform_sigmas(6)
                 short = rollout_to_queries(lambda x, s, rows: student.field.velocity(x, s, cond.select(rows)), noise, sigmas, idx, chunk=chunk)
@@ -569,3 +628,18 @@ def test_a_teacher_outside_the_students_latent_space_is_refused_naming_the_key(t
     shutil.copytree(tiny["flux2-klein"] / "vae", other / "vae")
     cfg = load_config(None, over)  # the same VAE: a teacher of another transformer in the same latent space
     assert cfg.routes["t2i"].model_teacher.base == str(other)
+    # FLUX.2 [dev] (another family, another size, its own Mistral-3 encoder) teaches the [klein] student: one VAE
+    over["routes"] = {"t2i": {"capability": "t2i", "teacher": {"base": str(tiny["flux2"]), "guidance": 4.0}}}
+    assert load_config(None, over).routes["t2i"].model_teacher.base == str(tiny["flux2"])
+    over["routes"] = {"t2i": {"capability": "t2i", "teacher": {"base": str(tiny["flux"])}}}  # FLUX.1: another latent space
+    with pytest.raises(ConfigError, match=r"routes\.t2i\.teacher: a flux teacher .* cannot teach a flux2-klein student"):
+        load_config(None, over)
+    # Qwen-Image (text-to-image) teaches the T2I route of a Qwen-Image-Edit Plus student: one VAE; Z-Image, whose VAE is
+    # FLUX.1's, does not; a Qwen edit run encodes per (prompt, source) where needed, never from a prompt-keyed store
+    qwen = {"student.base": str(tiny["qwen-image-edit-plus"]), "output_dir": str(tmp_path),
+            "routes": {"t2i": {"capability": "t2i", "teacher": {"base": str(tiny["qwen-image"])}},
+                       "edit": {"capability": "global_edit", "teacher": {}}}}
+    cfg = load_config(None, qwen)
+    assert cfg.routes["t2i"].model_teacher.base == str(tiny["qwen-image"]) and cfg.text_embeddings().mode == "on_device"
+    with pytest.raises(ConfigError, match=r"routes\.t2i\.teacher: a z-image teacher .* cannot teach a qwen-image-edit-plus student"):
+        load_config(None, {**qwen, "routes": {"t2i": {"capability": "t2i", "teacher": {"base": str(tiny["z-image"])}}}})

@@ -22,7 +22,8 @@ PROMPTS = ["a red circle on a blue floor", "two cats", "a photo of an astronaut 
 @pytest.fixture(scope="module")
 def pipelines(tmp_path_factory):
     root = tmp_path_factory.mktemp("text-embeddings")
-    paths = {f: build_tiny_pipeline(f, root / f, seed=0) for f in ("sd3", "flux", "flux-kontext", "z-image", "flux2-klein")}
+    paths = {f: build_tiny_pipeline(f, root / f, seed=0) for f in ("sd3", "flux", "flux-kontext", "z-image", "flux2", "flux2-klein",
+                                                                    "qwen-image", "qwen-image-edit-plus")}
     return {"root": root, **paths, **{f"{f}-lora": build_random_lora(p, root / f"{f}-lora", rank=4, std=0.1, seed=1)
                                       for f, p in paths.items()}}
 
@@ -45,7 +46,7 @@ def _config(pipelines, family: str, tmp_path, **over):
                               "output_dir": str(tmp_path / "runs"), "device": "cpu", "dtype": "float32", "routes": routes, **over})
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux", "flux-kontext", "z-image", "flux2-klein"])
+@pytest.mark.parametrize("family", ["sd3", "flux", "flux-kontext", "z-image", "flux2", "flux2-klein", "qwen-image"])
 def test_precomputed_embeddings_give_the_on_device_velocities_bit_for_bit_without_text_encoders(pipelines, family, tmp_path):
     cfg = _config(pipelines, family, tmp_path)
     text = cfg.text_embeddings()
@@ -71,6 +72,14 @@ def test_precomputed_embeddings_give_the_on_device_velocities_bit_for_bit_withou
     # a prompt that is not in the store: one clear error naming the prompt and the store, never an encoder loaded
     with pytest.raises(MissingEmbeddingError, match=r"prompt 'never seen' .* not in the text-embedding store .*text-embeddings/[0-9a-f]{16}"):
         stored.student.field.velocity(x[:1], sigma[:1], Conditions(["never seen"]))
+
+
+def test_a_qwen_edit_run_never_reads_a_prompt_keyed_store(pipelines, tmp_path):
+    """Qwen-Image-Edit's text encoder reads the source image: auto encodes where needed (per (prompt, source)); an
+    explicit precompute is refused at validation, naming the key and why."""
+    assert _config(pipelines, "qwen-image-edit-plus", tmp_path).text_embeddings().mode == "on_device"
+    with pytest.raises(ConfigError, match=r"student\.text_embeddings 'precompute': a Qwen-Image-Edit text encoder reads the source"):
+        _config(pipelines, "qwen-image-edit-plus", tmp_path, **{"student.text_embeddings": "precompute"})
 
 
 def test_the_store_is_content_addressed_and_shared(pipelines, tmp_path):

@@ -10,7 +10,8 @@ from danceopd.models.tiny import FAMILIES, build_tiny_pipeline
 
 PROMPT = "a photo of an astronaut riding a horse"
 CLASSES = {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline", "flux-kontext": "FluxKontextPipeline", "z-image": "ZImagePipeline",
-           "flux2-klein": "Flux2KleinPipeline"}
+           "flux2": "Flux2Pipeline", "flux2-klein": "Flux2KleinPipeline", "qwen-image": "QwenImagePipeline",
+           "qwen-image-edit": "QwenImageEditPipeline", "qwen-image-edit-plus": "QwenImageEditPlusPipeline"}
 
 
 def _load(family, path):
@@ -59,7 +60,12 @@ def test_pipeline_generates_a_32px_image(family, loaded):
         # Without these Kontext rescales the output to max_area (1024**2) and the input image to a ~1 MP
         # preferred resolution.
         kwargs.update(image=Image.new("RGB", (32, 32), (200, 30, 30)), max_area=32 * 32, _auto_resize=False)
-    image = pipe(**kwargs).images
+    if family.startswith("qwen-image-edit"):  # the source image is read by the VAE and by the text encoder
+        kwargs["image"] = Image.new("RGB", (32, 32), (200, 30, 30))
+    from danceopd.models.tiny_qwen import tiny_edit_image_area
+
+    with tiny_edit_image_area(32 * 32):  # Qwen edits: the VAE branch at 32 px instead of ~1 MP (no effect elsewhere)
+        image = pipe(**kwargs).images
     assert image.shape == (1, 32, 32, 3)
     assert np.isfinite(image).all() and image.min() >= 0 and image.max() <= 1
 
@@ -67,12 +73,20 @@ def test_pipeline_generates_a_32px_image(family, loaded):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_latent_sizes(family, loaded):
     pipe = loaded[family]
-    assert pipe.vae_scale_factor == 2 and pipe.vae.config.latent_channels == 4
+    channels = pipe.vae.config.z_dim if family.startswith("qwen-image") else pipe.vae.config.latent_channels  # Qwen: a video VAE
+    assert pipe.vae_scale_factor == 2 and channels == 4
     if family == "sd3":
         assert pipe.transformer.config.sample_size == 16  # 4 x 16 x 16 latents at 32 px
-    elif family == "flux2-klein":  # 4 channels patchified 2x2 by the pipeline; the empirical mu needs dynamic shifting on
-        assert pipe.transformer.config.in_channels == 16 and pipe.scheduler.config.use_dynamic_shifting
-        assert pipe.vae.bn.num_features == 16 and pipe.text_encoder.config.num_hidden_layers >= 27  # hidden states 9, 18, 27
+    elif family in ("flux2", "flux2-klein"):  # 4 channels patchified 2x2 by the pipeline; the empirical mu needs dynamic shifting
+        assert pipe.transformer.config.in_channels == 16 and pipe.scheduler.config.use_dynamic_shifting and pipe.vae.bn.num_features == 16
+        text = pipe.text_encoder.config if family == "flux2-klein" else pipe.text_encoder.config.text_config
+        assert text.num_hidden_layers >= (27 if family == "flux2-klein" else 30)  # hidden states 9, 18, 27 / 10, 20, 30
+        assert pipe.transformer.config.guidance_embeds == (family == "flux2")
+    elif family.startswith("qwen-image"):  # 5-D latents (4 ch) packed 2x2, normalised per channel; exponential shift to 0.02
+        assert pipe.transformer.config.in_channels == 16 and pipe.transformer.config.out_channels == 4
+        assert len(pipe.vae.config.latents_mean) == len(pipe.vae.config.latents_std) == 4 and pipe.vae.config.latents_std != [1.0] * 4
+        cfg = pipe.scheduler.config
+        assert cfg.use_dynamic_shifting and cfg.time_shift_type == "exponential" and cfg.shift_terminal == 0.02
     elif family == "z-image":  # 4-channel latents patchified 2x2 inside the transformer; Z-Image's static shift 3
         assert pipe.transformer.config.in_channels == 4 and not pipe.scheduler.config.use_dynamic_shifting
         assert pipe.scheduler.config.shift == 3.0
@@ -97,6 +111,25 @@ def test_real_prompt_tokenizes_with_both_tokenizers(family, loaded):
         ids = pipe.tokenizer(text).input_ids
         assert ids.count(pipe.tokenizer.convert_tokens_to_ids("<|im_start|>")) == 2 and pipe.tokenizer.unk_token_id not in ids
         assert len(pipe.tokenizer) == pipe.text_encoder.config.vocab_size
+    elif family.startswith("qwen-image"):  # the pipelines' fixed templates: markers single tokens, the prefix they drop
+        text = pipe.prompt_template_encode.format(PROMPT)  # is system-turn text only
+        ids = pipe.tokenizer(text).input_ids
+        assert ids.count(pipe.tokenizer.convert_tokens_to_ids("<|im_start|>")) == 3 and pipe.tokenizer.unk_token_id not in ids
+        assert ids.index(pipe.tokenizer.convert_tokens_to_ids("<|im_end|>")) > pipe.prompt_template_encode_start_idx
+        if family != "qwen-image":  # the processor expands the image marker into the vision tower's tokens
+            from PIL import Image
+
+            inputs = pipe.processor(text=["<|vision_start|><|image_pad|><|vision_end|>" + PROMPT], images=[Image.new("RGB", (32, 32))],
+                                    return_tensors="pt")
+            pad = pipe.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+            assert int((inputs["input_ids"] == pad).sum()) == int(inputs["image_grid_thw"].prod()) // 4 > 1
+    elif family == "flux2":  # Mistral-3's chat template over the text turns, as Flux2Pipeline.encode_prompt sends them
+        turns = [{"role": "system", "content": [{"type": "text", "text": "be brief"}]}, {"role": "user", "content": [{"type": "text", "text": PROMPT}]}]
+        text = pipe.tokenizer.apply_chat_template(turns, tokenize=False)
+        assert text == f"<s>[SYSTEM_PROMPT]be brief[/SYSTEM_PROMPT][INST]{PROMPT}[/INST]"
+        ids = pipe.tokenizer(text, add_special_tokens=False).input_ids
+        assert ids.count(pipe.tokenizer.convert_tokens_to_ids("[INST]")) == 1 and pipe.tokenizer.unk_token_id not in ids
+        assert len(pipe.tokenizer) == pipe.text_encoder.config.text_config.vocab_size
     elif family != "sd3":  # T5: any text tokenizes, unknown pieces become <unk>
         ids = pipe.tokenizer_2("Ünïcode 🚀 café, 42%!").input_ids
         assert pipe.tokenizer_2.unk_token_id in ids and ids[-1] == pipe.tokenizer_2.eos_token_id
@@ -134,7 +167,10 @@ def test_bad_arguments_are_rejected(tmp_path):
 
 
 def test_cli_writes_a_pipeline(tmp_path, capsys):
-    from danceopd_cli.main import main
+    from danceopd_cli.main import TINY_FAMILIES, main
+
+    assert TINY_FAMILIES == FAMILIES  # every family's tiny pipeline is one command away
+    assert main(["tiny-pipeline", "--family", "qwen-image-edit-plus", "--out", str(tmp_path / "cli-qwen")]) == 0
 
     out = tmp_path / "cli-flux"
     assert main(["tiny-pipeline", "--family", "flux", "--out", str(out), "--seed", "3", "--sample-size", "16"]) == 0

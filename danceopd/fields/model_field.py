@@ -28,22 +28,25 @@ class ModelField:
         self.max_sequence_length = max_sequence_length = max_sequence_length or family.default_max_sequence_length
         self.info = FieldInfo(name, kind, tuple(sample_shape), takes_source=family.takes_source(transformer),
                               guidance=None, extra=dict(extra or {}))
-        self.prompts = prompt_cache or PromptCache(lambda p: family.encode_prompts(pipe, p, max_sequence_length), cache_size)
+        self.prompts = prompt_cache or PromptCache(lambda p, src=None: family.encode_prompts(pipe, p, max_sequence_length)
+                                                   if src is None else family.encode_prompts(pipe, p, max_sequence_length, source=src),
+                                                   cache_size)
 
     def with_transformer(self, transformer: torch.nn.Module, name: str | None = None) -> "ModelField":
         """The same field (encoders, prompt cache) over another transformer: a DDP wrapper, an EMA copy."""
         return ModelField(name or self.info.name, self.info.kind, self.family, self.pipe, transformer, self.info.sample_shape,
                           self.device, self.dtype, self.guidance, self.max_sequence_length, self.prompts, extra=self.info.extra)
 
-    def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, ...]:
-        return self.prompts(prompts)
+    def encode_prompts(self, prompts: list[str], source: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """Embeddings per prompt; per (prompt, source) where the family's text encoder also reads the source image."""
+        return self.prompts(prompts, source if self.family.text_sees_source else None)
 
     def velocity(self, x: torch.Tensor, sigma: torch.Tensor, conditions: Conditions) -> torch.Tensor:
         """Differentiable w.r.t. the transformer's trainable parameters; wrap in no_grad for inference."""
         check_query(self.info, x, sigma, conditions)
-        embeds = tuple(e.to(self.device) for e in self.encode_prompts(conditions.prompts))
         h = x.to(self.device, self.dtype)
         src = None if conditions.source is None else conditions.source.to(self.device, self.dtype)
+        embeds = tuple(e.to(self.device) for e in self.encode_prompts(conditions.prompts, src))
         with self.autocast():
             out = self.family.call_transformer(self.transformer, h, sigma.to(self.device), embeds, src, self.guidance)
         return out.to(x.dtype) if out.device == x.device else out.to(x.device, x.dtype)

@@ -8,13 +8,14 @@ from pathlib import Path
 
 from danceopd.models.base import ModelFamily, PromptCache, model_index
 from danceopd.models.flux import FluxFamily, FluxKontextFamily
-from danceopd.models.flux2 import Flux2KleinFamily
+from danceopd.models.flux2 import Flux2Family, Flux2KleinFamily
 from danceopd.models.pixel import PixelFamily
+from danceopd.models.qwenimage import QwenImageEditFamily, QwenImageEditPlusFamily, QwenImageFamily
 from danceopd.models.sd3 import SD3Family
 from danceopd.models.zimage import ZImageFamily
 
-FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (PixelFamily(), SD3Family(), FluxFamily(), FluxKontextFamily(), Flux2KleinFamily(),
-                                                  ZImageFamily())}
+FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (PixelFamily(), SD3Family(), FluxFamily(), FluxKontextFamily(), Flux2Family(), Flux2KleinFamily(),
+                                                  ZImageFamily(), QwenImageFamily(), QwenImageEditFamily(), QwenImageEditPlusFamily())}
 
 
 def get_family(name: str) -> ModelFamily:
@@ -43,7 +44,7 @@ def compatible(a: ModelFamily, b: ModelFamily) -> bool:
 
 
 VAE_KEYS = ("_class_name", "latent_channels", "block_out_channels", "scaling_factor", "shift_factor", "latents_mean", "latents_std",
-            "batch_norm_eps", "patch_size")
+            "batch_norm_eps", "patch_size", "z_dim", "base_dim", "dim_mult", "temperal_downsample")
 
 
 def latent_space_difference(student_base: str | Path, teacher_base: str | Path) -> str | None:

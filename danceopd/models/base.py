@@ -3,7 +3,7 @@
 A family is a stateless object: given a loaded pipeline it encodes prompts, calls its transformer on
 unpacked latents `x [B, C, H, W]` with `sigma [B]`, maps images to latents and back, and names its sigma
 grid. The field (`danceopd.fields.model_field`), the student and the evaluator are built on these methods
-only, so adding a family (Qwen-Image, Z-Image) is one new module registered in `danceopd.models`.
+only, so adding a family (as FLUX.2, Qwen-Image and Z-Image were added) is one new module registered in `danceopd.models`.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ class ModelFamily:
     name: str = ""
     pipeline_classes: tuple[str, ...] = ()  # model_index.json `_class_name`s this family loads; [0] saves LoRAs
     native_source: bool = False  # the source image enters as extra tokens (Kontext); else channel concatenation
+    text_sees_source: bool = False  # the text encoder reads the source image too (Qwen-Image-Edit): embeddings per (prompt, image)
     default_guidance: float | None = None  # guidance-embedding value (FLUX.1-dev) where the transformer has one
     # LoRA targets (peft module-name suffixes): attention and feed-forward projections, the paper's recipe.
     default_lora_targets: tuple[str, ...] = ()
@@ -140,32 +141,57 @@ class ModelFamily:
 class PromptCache:
     """A bounded LRU cache of per-prompt embeddings: the encoders are frozen, prompts repeat across steps, and
     a real encoder's output (SD3: ~2.7 MB per prompt) must not grow without bound over a dataset. Prompts are encoded
-    one at a time (T5-XXL at 512 tokens: ~10-20 ms a prompt on an H100 against seconds for a rollout)."""
+    one at a time (T5-XXL at 512 tokens: ~10-20 ms a prompt on an H100 against seconds for a rollout). Where the text
+    encoder also sees the source image (`sources`, one latent per prompt), an entry is keyed on (prompt, source)."""
 
-    def __init__(self, encode: Callable[[list[str]], Embeds], max_entries: int = 512):
+    def __init__(self, encode: Callable[..., Embeds], max_entries: int = 512):
         self.encode, self.max_entries = encode, max_entries
-        self.entries: OrderedDict[str, tuple[torch.Tensor, ...]] = OrderedDict()
+        self.entries: OrderedDict = OrderedDict()
         self.misses = 0
 
     def clear(self) -> None:
         self.entries.clear()
 
-    def __call__(self, prompts: list[str]) -> Embeds:
+    def __call__(self, prompts: list[str], sources: torch.Tensor | None = None) -> Embeds:
+        if sources is None:
+            keys, encode_one = list(prompts), {p: (lambda p=p: self.encode([p])) for p in prompts}
+        else:  # (prompt, the source latent's bytes digest): the same prompt on another image is another embedding
+            keys = [(p, _digest(sources[i])) for i, p in enumerate(prompts)]
+            encode_one = {k: (lambda i=i: self.encode([prompts[i]], sources[i:i + 1])) for i, k in enumerate(keys)}
         if self.max_entries == 0:
-            return self.encode(prompts)
-        unique = dict.fromkeys(prompts)
-        missing = [p for p in unique if p not in self.entries]
-        got: dict[str, tuple[torch.Tensor, ...]] = {p: self.entries[p] for p in unique if p in self.entries}
-        self.misses += len(missing)
-        for p in missing:  # one prompt per call: an embedding must not depend on the batch it was encoded in (kernels
-            with torch.no_grad():  # differ in the last bit with the batch size), so a store and any cache agree exactly
-                got[p] = tuple(t[0].clone() for t in self.encode([p]))  # compact: no view of a larger tensor
-            self.entries[p] = got[p]
-        for p in got:
-            self.entries.move_to_end(p)
+            return stack_rows([tuple(t[0] for t in encode_one[k]()) for k in keys])
+        got = {k: self.entries[k] for k in dict.fromkeys(keys) if k in self.entries}
+        for k in dict.fromkeys(keys):
+            if k in got:
+                continue
+            self.misses += 1
+            with torch.no_grad():  # one prompt per call: an embedding must not depend on the batch it was encoded in (kernels
+                got[k] = tuple(t[0].clone() for t in encode_one[k]())  # differ in the last bit with the batch size); compact
+            self.entries[k] = got[k]
+        for k in got:
+            self.entries.move_to_end(k)
         while len(self.entries) > self.max_entries:
             self.entries.popitem(last=False)
-        return tuple(torch.stack([got[p][j] for p in prompts]) for j in range(len(next(iter(got.values())))))
+        return stack_rows([got[k] for k in keys])
+
+
+def _digest(t: torch.Tensor) -> str:
+    import hashlib
+
+    return hashlib.sha256(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()).hexdigest()
+
+
+def stack_rows(rows: list[tuple[torch.Tensor, ...]]) -> Embeds:
+    """Per-prompt embeddings -> one batch; rows of different lengths (Qwen-Image captions) are zero-padded along their
+    first axis to the longest (the family's embeddings carry the lengths that mask the padding)."""
+    out = []
+    for j in range(len(rows[0])):
+        parts = [r[j] for r in rows]
+        longest = max(p.shape[0] if p.dim() else 0 for p in parts)
+        if any(p.dim() and p.shape[0] != longest for p in parts):
+            parts = [torch.cat([p, p.new_zeros(longest - p.shape[0], *p.shape[1:])]) for p in parts]
+        out.append(torch.stack(parts))
+    return tuple(out)
 
 
 def model_index(path: str | Path) -> dict | None:
@@ -180,6 +206,8 @@ def vae_geometry(path: str | Path) -> tuple[int, int] | None:
     if not f.exists():
         return None
     v = json.loads(f.read_text())
+    if "z_dim" in v:  # AutoencoderKLQwenImage: a video VAE, one downsampling per temperal_downsample entry
+        return v["z_dim"], 2 ** len(v["temperal_downsample"])
     return v["latent_channels"], 2 ** (len(v["block_out_channels"]) - 1)
 
 

@@ -1,5 +1,7 @@
-"""FLUX.2 [klein] (`Flux2KleinPipeline`): a Qwen3 text encoder whose hidden states of layers (9, 18, 27) are stacked per
-token (after the tokenizer's chat template); AutoencoderKLFlux2 latents patchified 2x2 (4 x 32 channels at /16) and
+"""FLUX.2 [dev] (`Flux2Pipeline`) and FLUX.2 [klein] (`Flux2KleinPipeline`): one transformer class, one VAE, one latent
+space. [klein]: a Qwen3 text encoder whose hidden states of layers (9, 18, 27) are stacked per token (after the
+tokenizer's chat template); [dev]: Mistral-3 (Small 3.1, 24B) with a system message, layers (10, 20, 30) stacked, and a
+guidance embedding (guidance-distilled: the embedded value, default 4.0, is the knob; no true CFG). Both: AutoencoderKLFlux2 latents patchified 2x2 (4 x 32 channels at /16) and
 normalised by the VAE's batch-norm statistics: that normalised, patchified grid is this family's sample space, packed
 token by token with 4-D position ids (t, h, w, l); timestep = sigma; the sigma grid linspace(1, 1/N, N) shifted by the
 pipeline's empirical mu (a function of the token count and N). Edits: the source image's latents, in the same space,
@@ -114,3 +116,11 @@ class Flux2KleinFamily(ModelFamily):
         sched.set_timesteps(num_inference_steps=num_steps if sigmas is None else None, sigmas=sigmas,
                             mu=compute_empirical_mu(image_seq_len=h * w, num_steps=num_steps))
         return sched.sigmas.to(torch.float32).cpu()
+
+
+class Flux2Family(Flux2KleinFamily):
+    """FLUX.2 [dev]: the [klein] conventions (the two pipelines' packing, ids, grid and reference tokens are the same code)
+    with Mistral-3 prompts (its encode_prompt takes the same arguments) and the guidance embedding."""
+    name = "flux2"
+    pipeline_classes = ("Flux2Pipeline",)
+    default_guidance = 4.0  # Flux2Pipeline's default guidance_scale (an embedded value, not CFG)

@@ -4,7 +4,10 @@
     build_tiny_pipeline("flux", "models/tiny-flux")          # FluxPipeline (FLUX.1-dev style: CLIP + T5, guidance embeds)
     build_tiny_pipeline("flux-kontext", "models/tiny-kontext")  # same components saved as FluxKontextPipeline
     build_tiny_pipeline("flux2-klein", "models/tiny-klein", sample_size=64)  # Flux2KleinPipeline (Qwen3, 28 tiny layers)
+    build_tiny_pipeline("flux2", "models/tiny-flux2", sample_size=64)  # Flux2Pipeline (tiny Mistral-3, 30 layers; klein's VAE)
     build_tiny_pipeline("z-image", "models/tiny-z-image")    # ZImagePipeline (Qwen3 with a chat template)
+    build_tiny_pipeline("qwen-image", "models/tiny-qwen")    # QwenImagePipeline (tiny Qwen2.5-VL; see danceopd.models.tiny_qwen)
+    build_tiny_pipeline("qwen-image-edit-plus", "models/tiny-qwen-edit")  # also qwen-image-edit: the same weights per seed
 
 The folders reload with `DiffusionPipeline.from_pretrained` (or the family's own class) and run their
 `__call__` end to end on CPU in well under a second per step. StableDiffusion3Pipeline does not list
@@ -42,7 +45,7 @@ from pathlib import Path
 
 import torch
 
-FAMILIES = ("sd3", "flux", "flux-kontext", "flux2-klein", "z-image")
+FAMILIES = ("sd3", "flux", "flux-kontext", "flux2", "flux2-klein", "z-image", "qwen-image", "qwen-image-edit", "qwen-image-edit-plus")
 
 CLIP_MAX_LENGTH = 77
 VAE_SCALE = 2  # 2 ** (len(block_out_channels) - 1)
@@ -195,7 +198,7 @@ def _build_zimage(seed: int, sample_size: int):
 
 
 def _build_flux2_klein(seed: int, sample_size: int):
-    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     tok = _qwen_tokenizer()
@@ -209,15 +212,72 @@ def _build_flux2_klein(seed: int, sample_size: int):
     text_encoder = Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tok), hidden_size=hidden, intermediate_size=24, num_hidden_layers=28,
                                                 num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=512,
                                                 pad_token_id=tok.pad_token_id, tie_word_embeddings=True))
-    torch.manual_seed(seed + 3)
+    vae = _flux2_vae(seed + 3, sample_size)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True)
+    return Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tok, transformer=transformer)
+
+
+def _flux2_vae(seed: int, sample_size: int):
+    """The FLUX.2 VAE both FLUX.2 families share (the same seed gives the same weights: one latent space)."""
+    from diffusers import AutoencoderKLFlux2
+
+    torch.manual_seed(seed)
     vae = AutoencoderKLFlux2(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
                              up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4, norm_num_groups=4,
                              sample_size=sample_size)
     with torch.no_grad():  # batch-norm statistics as a trained VAE has them, so that the normalisation is exercised
         vae.bn.running_mean.copy_(torch.randn(vae.bn.running_mean.shape) * 0.1)
         vae.bn.running_var.copy_(torch.rand(vae.bn.running_var.shape) + 0.5)
+    return vae
+
+
+MISTRAL_CHAT_TEMPLATE = (  # Mistral Small 3.x's layout for the text parts of system and user turns
+    "{{ bos_token }}{% for m in messages %}{% set text = m['content'] if m['content'] is string else "
+    "(m['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('')) %}"
+    "{% if m['role'] == 'system' %}[SYSTEM_PROMPT]{{ text }}[/SYSTEM_PROMPT]{% elif m['role'] == 'user' %}[INST]{{ text }}[/INST]"
+    "{% else %}{{ text }}{{ eos_token }}{% endif %}{% endfor %}")
+
+
+def _mistral_tokenizer():
+    """A fast tokenizer with Mistral-3's control tokens and chat template over the Unigram vocabulary. FLUX.2 [dev]'s
+    tokenizer component is a PixtralProcessor, of which Flux2Pipeline.encode_prompt uses only apply_chat_template on
+    text turns; the processor itself needs torchvision, which this project does not install."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[IMG]"]
+    tok = Tokenizer(models.Unigram(_unigram_pieces(specials), unk_id=0))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+                                   additional_special_tokens=specials[4:], model_max_length=1024)
+    fast.chat_template = MISTRAL_CHAT_TEMPLATE
+    return fast
+
+
+def _build_flux2(seed: int, sample_size: int):
+    """FLUX.2 [dev] in miniature: larger than the tiny [klein] (2 + 2 blocks, 4 heads), a guidance embedding, a tiny
+    Mistral-3 whose layers 10, 20 and 30 the pipeline stacks, and the tiny [klein]'s VAE (the same seed: one latent space)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2Pipeline, Flux2Transformer2DModel
+    from transformers import MistralConfig, Mistral3Config, Mistral3ForConditionalGeneration, PixtralVisionConfig
+
+    tok = _mistral_tokenizer()
+    hidden = 16
+    torch.manual_seed(seed)
+    transformer = Flux2Transformer2DModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
+                                          num_attention_heads=4, joint_attention_dim=3 * hidden, timestep_guidance_channels=32,
+                                          axes_dims_rope=(4, 4, 4, 4), guidance_embeds=True)
+    torch.manual_seed(seed + 1)
+    vision = PixtralVisionConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2, head_dim=8,
+                                 image_size=64, patch_size=8)
+    text = MistralConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=24, num_hidden_layers=30, num_attention_heads=2,
+                         num_key_value_heads=1, head_dim=8, max_position_embeddings=1024, pad_token_id=tok.pad_token_id)
+    text_encoder = Mistral3ForConditionalGeneration(Mistral3Config(vision_config=vision.to_dict(), text_config=text.to_dict(),
+                                                                   image_token_index=tok.convert_tokens_to_ids("[IMG]"),
+                                                                   spatial_merge_size=1, vision_feature_layer=-1))
+    vae = _flux2_vae(seed + 3, sample_size)
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True)
-    return Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tok, transformer=transformer)
+    return Flux2Pipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tok, transformer=transformer)
 
 
 def flux_scheduler_config(sample_size: int = 32) -> dict:
@@ -268,6 +328,12 @@ def build_tiny_pipeline(family: str, out: str | Path, seed: int = 0, sample_size
             pipe = _build_zimage(seed, sample_size)
         elif family == "flux2-klein":
             pipe = _build_flux2_klein(seed, sample_size)
+        elif family == "flux2":
+            pipe = _build_flux2(seed, sample_size)
+        elif family.startswith("qwen-image"):
+            from danceopd.models.tiny_qwen import build_qwen_image
+
+            pipe = build_qwen_image(family, seed, sample_size)
         else:
             pipe = _build_flux(seed, sample_size, kontext=family == "flux-kontext")
     pipe.to(torch.float32)
