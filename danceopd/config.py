@@ -10,6 +10,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from danceopd.flow.query import POSITIONS
+from danceopd.data.sources import DataSource
 from danceopd.models import compatible, latent_space_difference
 from danceopd.student import StudentConfig
 from danceopd.teacher_model import TeacherModelSpec
@@ -62,15 +63,36 @@ class DataConfig(_Strict):
     latent_cache: Path | None = Field(None, description="folder for VAE latents of manifest images (default: none, in memory)")
     latent_cache_entries: int = Field(4096, ge=1, description="latents each worker keeps in host memory (least recently used "
                                       "go; the latent_cache folder keeps every one): 1024 px SD3/FLUX latents are 1 MiB each")
+    sources: list[DataSource] = Field(default_factory=list, description="caption folders, edit folders, Hugging Face datasets and "
+                                      "manifests, each feeding the route it names (danceopd.data.sources); data.manifest is "
+                                      "the shorthand for one manifest")
+    image_dir: Path | None = Field(None, description="where images held inside datasets are written, once, content-addressed "
+                                   "(default: <output_dir>/data-images)")
     eval_manifest: Path | None = Field(None, description="held-out rows to evaluate on (same columns; no uid of data.manifest); "
                                                          "default: data.eval_fraction of data.manifest's rows, never trained on")
     eval_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="without data.eval_manifest: this share of each route's "
                                  "manifest rows (at least one) is held out of training for evaluation, chosen by uid")
 
-    @field_validator("manifest", "latent_cache", "eval_manifest")
+    @field_validator("manifest", "latent_cache", "eval_manifest", "image_dir")
     @classmethod
     def _absolute(cls, v: Path | None) -> Path | None:
         return None if v is None else v.expanduser().resolve()  # Ray workers run in other working directories
+
+    @model_validator(mode="after")
+    def _one_way(self) -> "DataConfig":
+        if self.manifest is not None and self.sources:
+            raise ValueError("data.sources: give data.manifest (one manifest) or data.sources (a list, which may hold that "
+                             "manifest), not both")
+        for i, src in enumerate(self.sources):  # relative folders and files: from where the config is read
+            p = Path(src.path).expanduser()
+            if p.exists():
+                src.path = str(p.resolve())
+        return self
+
+    @property
+    def given(self) -> bool:
+        """Whether the run's conditions come from data (a manifest or sources) rather than the capability suite."""
+        return self.manifest is not None or bool(self.sources)
 
 
 class MethodConfig(_Strict):
@@ -161,6 +183,11 @@ class EvalConfig(_Strict):
     samples_per_condition_in_grid: int = Field(4, ge=1)
     seed: int = 12345
     velocity_error_samples: int = Field(16, ge=1, description="held-out conditions per route for the velocity error")
+    every: int = Field(0, ge=0, description="during training (with or without --eval): every this many steps, and at step 0, "
+                       "render each route's held-out conditions with fixed noise (teacher | student) into "
+                       "<run_dir>/samples/step-XXXXXX.png and TensorBoard (tag samples), with the velocity error per route as a "
+                       "curve; 0 = off")
+    sample_size: int = Field(512, ge=16, description="tile side of those sample grids: the training resolution, at most this")
     clip_model: str | None = Field(None, description="a CLIP checkpoint (folder or hub id): also report the CLIP score of "
                                                     "teacher and student samples on prompted routes")
 
@@ -266,15 +293,15 @@ class TrainConfig(_Strict):
         if self.dtype not in ("float32", "fp32", "bfloat16", "bf16", "auto"):
             raise ValueError(f"dtype {self.dtype!r}: use bfloat16, float32 or auto (bfloat16 on a GPU that has it, else float32)")
         for name, route in self.routes.items():
-            if route.capability is None and self.data.manifest is None:
+            if route.capability is None and not self.data.given:
                 raise ValueError(f"routes.{name}.capability: required without data.manifest (the suite is the dataset)")
-        if self.data.manifest is not None:
+        if self.data.given:
             self._check_manifest()
         elif self.student.text_embeddings == "precompute":
             raise ValueError("student.text_embeddings 'precompute' needs the run's prompts listed (data.manifest): the suite "
                              "draws its prompts; use auto or on_device")
         m = self.method
-        if (m.states == "off_policy" or m.off_policy_share > 0) and (not pixel or self.data.manifest is not None):
+        if (m.states == "off_policy" or m.off_policy_share > 0) and (not pixel or self.data.given):
             raise ValueError("method.states: off-policy states forward-noise dataset targets, which only the suite's pixel model "
                              "has for now: use states: on_policy (or teacher_rollout) with off_policy_share: 0")
         self._check_teachers(pixel)
@@ -285,6 +312,8 @@ class TrainConfig(_Strict):
         return self
 
     def _check_manifest(self) -> None:
+        if self.data.sources:
+            return self._check_sources()
         manifest = self._load_manifest("manifest")
         if self.data.eval_manifest is None:
             try:
@@ -298,6 +327,41 @@ class TrainConfig(_Strict):
             raise ValueError(f"data.eval_manifest: uids {shared[:5]} are also in data.manifest: held-out rows must never be "
                              "trained on; remove them from one of the files")
         self._manifest, self._eval_manifest = manifest, held
+
+    def _check_sources(self) -> None:
+        """Every source validated once, here; each source's held-out share split apart before they are merged."""
+        from danceopd.data.manifest import ManifestError
+        from danceopd.data.sources import load_source, merge
+
+        res, routes = self.student.resolution, list(self.routes)
+        image_dir = self.data.image_dir or Path(self.output_dir).expanduser().resolve() / "data-images"
+        train, held = [], []
+        for i, src in enumerate(self.data.sources):
+            try:
+                manifest = load_source(src, f"data.sources.{i}", routes, (res, res), image_dir)
+            except ManifestError as e:
+                raise ValueError(f"data.sources.{i}: {e}") from None
+            if self.data.eval_manifest is None:
+                try:
+                    t, h = manifest.held_out(self.data.eval_fraction)
+                except ValueError as e:
+                    raise ValueError(f"data.sources.{i}: data.eval_fraction: {e}") from None
+                train.append(t)
+                held.append(h)
+            else:
+                train.append(manifest)
+        self._manifest = merge(train, "data.sources")
+        empty = sorted(set(self.routes) - set(self._manifest.routes()))
+        if empty:
+            raise ValueError(f"data.sources: no rows for routes {empty}: add a source that feeds them")
+        if self.data.eval_manifest is None:
+            self._eval_manifest = merge(held, "data.sources (held out)")
+            return
+        held_rows = self._load_manifest("eval_manifest")
+        shared = sorted({r.uid for r in self._manifest.rows} & {r.uid for r in held_rows.rows})
+        if shared:
+            raise ValueError(f"data.eval_manifest: uids {shared[:5]} are also in data.sources: held-out rows must never be trained on")
+        self._eval_manifest = held_rows
 
     def _load_manifest(self, key: str):
         from danceopd.data.manifest import ManifestError, load_manifest
@@ -358,6 +422,28 @@ class TrainConfig(_Strict):
     def eval_manifest(self):
         """The held-out rows evaluation draws from: data.eval_manifest, or data.manifest's held-out share."""
         return self._eval_manifest
+
+    def with_rows_written(self, folder: Path) -> "TrainConfig":
+        """This config with data.sources replaced by the rows they validated to, written to `folder` as a training and a
+        held-out manifest (absolute image paths): the Ray workers, which validate their config again, read two files
+        and never reopen folders, datasets or the hub."""
+        if not self.data.sources:
+            return self
+        import json
+
+        folder = Path(folder).expanduser().resolve()
+        folder.mkdir(parents=True, exist_ok=True)
+        files = {}
+        for name, manifest in (("train", self._manifest), ("held-out", self._eval_manifest)):
+            lines = [json.dumps({"uid": r.uid, "route": r.route, "prompt": r.prompt,
+                                 **{c: str(getattr(r, c)) for c in ("source_image", "target_image") if getattr(r, c) is not None}})
+                     for r in manifest.rows]
+            files[name] = folder / f"{name}.jsonl"
+            tmp = files[name].with_suffix(".tmp")
+            tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+            tmp.replace(files[name])
+        data = self.data.model_copy(update={"sources": [], "manifest": files["train"], "eval_manifest": files["held-out"]})
+        return self.model_copy(update={"data": data})
 
     def run_prompts(self) -> list[str] | None:
         """Every prompt the run encodes: its data rows, its held-out rows and "" (CFG's unconditional half); None when

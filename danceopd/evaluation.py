@@ -207,12 +207,12 @@ def velocity_error(student: VelocityField, teacher: VelocityField, cond: Conditi
 
 
 def evaluate_run(student, teachers: dict[str, VelocityField], cfg, suite: CapabilitySuite | None, data: dict, sigmas: torch.Tensor,
-                 device="cpu", grid_path: Path | None = None) -> dict:
+                 device="cpu", grid_path: Path | None = None, cell: int = GRID_CELL) -> dict:
     """The evaluation of any run: the suite's judges and diversity where the student is the suite's pixel model on
     suite data, and for every family each route's velocity error (held-out conditions, the training grid) and a
     grid of condition | teacher samples | student samples decoded through the VAE."""
     entries, blocks = evaluate_routes(student, teachers, cfg, suite, data, sigmas, list(cfg.routes), device, grid=grid_path is not None)
-    return assemble_report(student, cfg, entries, blocks, grid_path)
+    return assemble_report(student, cfg, entries, blocks, grid_path, cell)
 
 
 def evaluate_routes(student, teachers: dict[str, VelocityField], cfg, suite: CapabilitySuite | None, data: dict, sigmas: torch.Tensor,
@@ -236,7 +236,7 @@ def evaluate_routes(student, teachers: dict[str, VelocityField], cfg, suite: Cap
     return entries, blocks
 
 
-def assemble_report(student, cfg, entries: dict, blocks: list, grid_path: Path | None = None) -> dict:
+def assemble_report(student, cfg, entries: dict, blocks: list, grid_path: Path | None = None, cell: int = GRID_CELL) -> dict:
     """One report from the routes' entries (and grid blocks), in the config's route order."""
     e = cfg.eval
     judged = student.family.name == "pixel" and cfg.manifest is None
@@ -246,7 +246,7 @@ def assemble_report(student, cfg, entries: dict, blocks: list, grid_path: Path |
         report["clip_model"] = e.clip_model
     if grid_path is not None:
         order = {n: i for i, n in enumerate(cfg.routes)}
-        save_grid(sorted(blocks, key=lambda b: order[b[0]]), grid_path)
+        save_grid(sorted(blocks, key=lambda b: order[b[0]]), grid_path, cell=cell)
         report["grid"] = str(grid_path)
     return report
 
@@ -296,4 +296,15 @@ def eval_sigmas(e: EvalConfig, student) -> torch.Tensor:
     return sigma_schedule(e.sampling_steps, e.schedule, e.shift)
 
 
-__all__ = ["GRID_CELL", "shrink_blocks", "assemble_report", "evaluate", "evaluate_routes", "evaluate_run", "judge_routes", "sample", "save_grid", "summary_table", "velocity_error", "write_report"]
+def sample_cell(cfg) -> int:
+    """The tile side of training-time sample grids: the training resolution (the pixel model: the usual cell), at most
+    eval.sample_size."""
+    size = GRID_CELL if cfg.student.model_family.name == "pixel" else cfg.student.resolution
+    return min(size, cfg.eval.sample_size)
+
+
+def samples_path(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / "samples" / f"step-{step:06d}.png"
+
+
+__all__ = ["GRID_CELL", "samples_path", "sample_cell", "shrink_blocks", "assemble_report", "evaluate", "evaluate_routes", "evaluate_run", "judge_routes", "sample", "save_grid", "summary_table", "velocity_error", "write_report"]

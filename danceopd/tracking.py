@@ -21,7 +21,7 @@ from pathlib import Path
 
 from danceopd.config import TrackingConfig
 
-TRAIN, EVAL = "train", "eval"
+TRAIN, EVAL, SAMPLES = "train", "eval", "samples"  # SAMPLES: eval.every's grids and curves during training
 IDS = "tracking.json"  # in the run folder: the W&B run id and MLflow run id of this run
 
 
@@ -64,7 +64,7 @@ def eval_scalars(report: dict) -> dict[str, float]:
 
 
 class RunTracker:
-    """One writer for one part of a run (`train` or `eval`). `replace_from`: the first step whose earlier points this
+    """One writer for one part of a run (`train`, `eval` or `samples`). `replace_from`: the first step whose earlier points this
     writer replaces (train: the step after the checkpoint the attempt starts from; eval: the step evaluated)."""
 
     def __init__(self, cfg: TrackingConfig, run_dir: Path, run_name: str, part: str = TRAIN, replace_from: int | None = None,
@@ -122,13 +122,13 @@ class RunTracker:
         and evaluating a step again is not sent twice. TensorBoard's purge marker does this for its files."""
         if self.part == TRAIN:
             return step <= self.ids.get("train_logged_through", -1)
-        return step in self.ids.get("eval_steps_logged", [])
+        return step in self.ids.get(f"{self.part}_steps_logged", [])
 
     def _mark_logged(self, step: int) -> None:
         if self.part == TRAIN:
             self.ids["train_logged_through"] = step
-        elif step not in self.ids.setdefault("eval_steps_logged", []):
-            self.ids["eval_steps_logged"].append(step)
+        elif step not in self.ids.setdefault(f"{self.part}_steps_logged", []):
+            self.ids[f"{self.part}_steps_logged"].append(step)
         self._save_ids()
 
     def scalars(self, step: int, values: dict[str, float], images: dict[str, Path] | None = None) -> None:

@@ -125,17 +125,25 @@ def step_losses(result, route_log: list[str]) -> list[float]:
 @pytest.mark.parametrize("staleness", [0, 1])
 def test_one_worker_reproduces_the_reference_trainer(stack, tmp_path, staleness):
     """Two micro-batches per step, the defaults (truncated rollouts, teacher queries in flight while the student
-    computes, assignments asked ahead), with and without the one-step-stale schedule."""
+    computes, assignments asked ahead), with and without the one-step-stale schedule. The job also samples every 3
+    steps on its worker (eval.every): grids at 0, 3 and 6 on disk and in TensorBoard, and nothing it trains changes."""
+    from tensorboard_files import read_images
+
     from trainer.distributed import run_distributed
     from trainer.reference import ReferenceTrainer
 
     cfg = job(tmp_path, steps=6, checkpoint_every=3, **{"cluster.num_workers": 1, "optim.batch_size": 8, "optim.grad_accum": 2,
-                                                        "method.staleness": staleness})
+                                                        "method.staleness": staleness, "eval.every": 3})
     ref = ReferenceTrainer(cfg, log=lambda m: None)
     torch.set_num_threads(1)
-    ref_losses = [ref.train_step()["loss"] for _ in range(6)]
+    ref_losses = [ref.train_step()["loss"] for _ in range(6)]  # train_step alone: no sampling
     result = run_distributed(cfg, f"one-{uuid.uuid4().hex[:6]}", record_step_losses=True)
     assert step_losses(result, ref.route_log[3:]) == ref_losses[3:]  # bit-identical (the report since the step-3 checkpoint)
+    assert sorted(p.name for p in (cfg.run_dir / "samples").glob("*.png")) == [f"step-{s:06d}.png" for s in (0, 3, 6)]
+    assert read_images(cfg.run_dir / "tensorboard" / "samples") == {"samples": [0, 3, 6]}
+    curves = read_scalars(cfg.run_dir / "tensorboard" / "samples")
+    assert {k for k in curves if k.endswith("velocity_error")} == {f"samples/{r}/velocity_error" for r in cfg.routes}
+    assert all([s for s, _ in curves[f"samples/{r}/velocity_error"]] == [0, 3, 6] for r in cfg.routes)
 
 
 def test_async_dispatch_truncation_and_prefetch_change_nothing_on_two_workers(stack, tmp_path):

@@ -37,7 +37,7 @@ from danceopd.evaluation import write_report
 from danceopd.student import save_merged_transformer
 from danceopd.tracking import log_evaluation
 from trainer.checkpoint import export_student, restore_checkpoint, save_checkpoint
-from trainer.evaluation import BEFORE, evaluate_on_workers, final_report, write_before
+from trainer.evaluation import BEFORE, evaluate_on_workers, final_report, sample_during_training, write_before
 from trainer.ema import EMA
 from trainer.job import JobConfig
 from trainer.metrics import TrainerMetrics
@@ -83,6 +83,9 @@ def worker_loop(config: dict) -> None:
         if before is not None:
             write_before(job.run_dir, before)
             log_evaluation(job.tracking, job.run_dir, job.run_name, 0, before)
+    every = job.eval.every
+    if every and ckpt is None:  # eval.every: samples and velocity errors at step 0, every N steps, and the last
+        sample_during_training(job, student, teachers, suite, data, sigmas, 0)
     params = student.trainable_parameters()  # fp32 master weights (LoRA adapters, or all)
     ex = job.execution
     find_unused = ex.find_unused_parameters
@@ -198,6 +201,8 @@ def worker_loop(config: dict) -> None:
             break
 
         done = last = step + 1
+        if every and (done % every == 0 or done == job.steps):  # a collective: every rank evaluates its routes
+            sample_during_training(job, student, teachers, suite, data, sigmas, done)
         log_due = window.log_due(done)
         stop = log_due and window.summarize(done)  # collective: every rank agrees to stop
         if log_due:
@@ -524,6 +529,7 @@ def run_distributed(job: JobConfig, run_id: str, crash_once: dict | None = None,
     # checkpoint notices, the early-stop marker the driver reads).
     job = job.model_copy(update={"output_dir": Path(job.output_dir).expanduser().resolve(),
                                  "cluster": job.cluster.model_copy(update={"storage_path": job.storage_path})})
+    job = job.with_rows_written(job.run_dir / "data")  # workers read the validated rows, not the sources again
     c = job.cluster
     RouterClient(job.services.router_app, timeout_s=job.cluster.timeout_s).register_run(run_id, job_routing_config(job))
     stop_marker(job, run_id).unlink(missing_ok=True)  # a resumed run's earlier stop

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import torch
 
-from danceopd.evaluation import assemble_report, evaluate_routes, shrink_blocks, write_report
+from danceopd.evaluation import GRID_CELL, assemble_report, evaluate_routes, sample_cell, samples_path, shrink_blocks, write_report
 
 BEFORE = "eval-before.json"  # the evaluation at step 0, in the run folder (the final report.json quotes it)
 
 
 def evaluate_on_workers(job, student, teachers: dict, suite, data: dict, sigmas: torch.Tensor, step: int,
-                        grid_path: Path | None) -> dict | None:
+                        grid_path: Path | None, cell: int = GRID_CELL) -> dict | None:
     """This rank's routes evaluated against the served teachers; rank 0 returns the whole report (others None).
     The student is left as it was (train mode, an empty prompt cache: the run draws what it would draw without the
     evaluation) and the evaluation's memory is released."""
@@ -39,7 +39,7 @@ def evaluate_on_workers(job, student, teachers: dict, suite, data: dict, sigmas:
     where = {r: {"rank": rank, "node_id": ray.get_runtime_context().get_node_id()} for r in mine}
     parts = [None] * world if rank == 0 else None
     if distributed:  # the grid's images at its cell size: KBs to send, not decoded 1024 px images
-        dist.gather_object((entries, shrink_blocks(blocks), where), parts, dst=0)
+        dist.gather_object((entries, shrink_blocks(blocks, cell), where), parts, dst=0)
     else:
         parts = [(entries, blocks, where)]
     if rank != 0:
@@ -49,9 +49,32 @@ def evaluate_on_workers(job, student, teachers: dict, suite, data: dict, sigmas:
         entries.update(e)
         blocks.extend(b)
         where.update(w)
-    report = assemble_report(student, job, entries, blocks, grid_path)
+    report = assemble_report(student, job, entries, blocks, grid_path, cell)
     report["step"], report["evaluated_on"] = step, {r: where[r] for r in job.routes}
     return report
+
+
+def sample_during_training(job, student, teachers: dict, suite, data: dict, sigmas: torch.Tensor, step: int) -> dict | None:
+    """eval.every: the held-out samples (tiles at the training resolution) and velocity errors at `step`, on the
+    workers (a collective: every rank calls it); rank 0 writes samples/step-XXXXXX.png and the TensorBoard image and
+    curves (and W&B / MLflow when on) and returns the report."""
+    path = samples_path(job.run_dir, step)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    report = evaluate_on_workers(job, student, teachers, suite, data, sigmas, step, path, sample_cell(job))
+    if report is not None:
+        log_samples(job, step, report)
+    return report
+
+
+def log_samples(cfg, step: int, report: dict) -> None:
+    from danceopd.tracking import SAMPLES, RunTracker, eval_scalars
+
+    tracker = RunTracker(cfg.tracking, cfg.run_dir, cfg.run_name, SAMPLES, replace_from=step)
+    try:
+        tracker.scalars(step, {f"samples/{k.removeprefix('eval/')}": v for k, v in eval_scalars(report).items()},
+                        {"samples": Path(report["grid"])})
+    finally:
+        tracker.close()
 
 
 def release_memory(student) -> None:

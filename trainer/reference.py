@@ -169,11 +169,30 @@ class ReferenceTrainer:
         self.log(f"resumed from {ckpt} at step {self.step}")
         return True
 
-    def evaluate(self, grid_path: Path | None = None) -> dict:
+    def evaluate(self, grid_path: Path | None = None, cell: int | None = None) -> dict:
         """Score the student as it is now (inside final_weights() for the EMA) against the in-process teachers."""
-        from danceopd.evaluation import evaluate_run
+        from danceopd.evaluation import GRID_CELL, evaluate_run
 
-        return evaluate_run(self.student, self.teachers, self.cfg, self.suite, self.data, self.sigmas, self.device, grid_path)
+        return evaluate_run(self.student, self.teachers, self.cfg, self.suite, self.data, self.sigmas, self.device, grid_path,
+                            cell or GRID_CELL)
+
+    def sample(self) -> dict:
+        """eval.every: held-out samples (teacher | student tiles at the training resolution) and velocity errors at this
+        step, into samples/step-XXXXXX.png and the tracker's `samples` part."""
+        from danceopd.evaluation import sample_cell, samples_path
+        from trainer.evaluation import log_samples, release_memory
+
+        path = samples_path(self.cfg.run_dir, self.step)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        was_training = self.student.transformer.training
+        self.student.transformer.eval()
+        try:
+            report = self.evaluate(path, sample_cell(self.cfg))
+        finally:
+            self.student.transformer.train(was_training)
+            release_memory(self.student)
+        log_samples(self.cfg, self.step, report)
+        return report
 
     def fit(self, steps: int | None = None) -> dict:
         cfg = self.cfg
@@ -184,6 +203,8 @@ class ReferenceTrainer:
         acc = StepTimes()
         tracker = self.tracker()
         try:
+            if cfg.eval.every and self.step == 0:
+                self.sample()
             while self.step < end:
                 out = self.train_step()
                 if out["applied"]:
@@ -193,6 +214,8 @@ class ReferenceTrainer:
                     return {"steps": self.step - start_step, "seconds": time.perf_counter() - start,
                             "stopped": self.nonfinite.stop_message(out["step"])}
                 acc.add(out["times"])
+                if cfg.eval.every and (self.step % cfg.eval.every == 0 or self.step == cfg.steps):
+                    self.sample()
                 elapsed = time.perf_counter() - start
                 if self.step % cfg.log_every == 0 or self.step == end:
                     rec = {"step": self.step, "loss": {r: sum(v) / len(v) for r, v in window.items()}, "elapsed_s": elapsed,

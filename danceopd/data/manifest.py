@@ -223,12 +223,19 @@ def load_manifest(path: str | os.PathLike, routes: Iterable[str] | None = None,
     path = Path(path)
     if isinstance(routes, str):
         raise TypeError("routes must be an iterable of route names, not a single string")
-    known = None if routes is None else set(routes)
     if not path.is_file():
         raise _problem(path, None, None, None, "manifest file does not exist")
-    folder = path.absolute().parent
-    shown_folder = f"{path.parent}/"
     records, problems = _read_records(path)
+    return validate_records(path, path.absolute().parent, records, problems, routes, image_size)
+
+
+def validate_records(path: Path, folder: Path, records: list[tuple[int, Any]], problems: list[ManifestError],
+                     routes: Iterable[str] | None = None, image_size: tuple[int, int] | None = None) -> Manifest:
+    """Manifest rows from raw records (row number, dict with the manifest's columns), every one checked: schema,
+    duplicate uids, known routes, image headers and sizes, edit routes all with sources. `path` names the source in
+    errors; relative image paths are relative to `folder`. Data sources (danceopd.data.sources) produce such records."""
+    known = None if routes is None else set(routes)
+    shown_folder = f"{path.parent}/" if folder == path.absolute().parent else f"{folder}/"
     rows: list[ManifestRow] = []
     first_row_of_uid: dict[str, int] = {}
     headers: dict[Path, tuple[int, int] | str] = {}  # image path -> size, or why it cannot be used
