@@ -29,6 +29,7 @@ from danceopd.text_embeddings import EncoderKey, TextEmbeddings
 
 STUDENT_MARKER = "danceopd_student.json"
 LORA_FILE = "pytorch_lora_weights.safetensors"  # what save_lora_weights writes, load_lora_weights reads
+COMFYUI_FILE = "comfyui_lora.safetensors"  # student.export_formats: comfyui, beside the diffusers file
 INPUT_LAYER_FILE = "input_layer.safetensors"  # a grown input layer (SD3 edits), saved beside the LoRA
 
 
@@ -55,6 +56,10 @@ class StudentConfig(PixelModelConfig):
     edit_input: bool = Field(False, description="grow the input layer for source latents (families without native image "
                                                 "input, SD3): zero-initialised, trained in full beside the LoRA; set "
                                                 "automatically when a route edits")
+    export_formats: list[Literal["diffusers", "comfyui"]] = Field(["diffusers"], description="LoRA files the student is saved "
+                                                                 "in: diffusers (pytorch_lora_weights.safetensors, always) and comfyui "
+                                                                 "(comfyui_lora.safetensors in the kohya / ComfyUI key layout: flux, "
+                                                                 "flux-kontext, z-image, qwen-image*)")
     save_merged: bool = Field(False, description="also export the final student merged into a full transformer/ (a standalone "
                               "model that loads without peft): once, at the end of training, on the CPU (FLUX.1-dev: ~24 GB of "
                               "host memory and disk in bf16), never inside a periodic checkpoint")
@@ -95,6 +100,11 @@ class StudentConfig(PixelModelConfig):
             raise ValueError(f"base {self.base!r} is not a local pipeline folder: set student.family ({sorted(FAMILIES)}) for a hub id")
         if found is not None and self.family is not None and found.latent_space != get_family(self.family).latent_space:
             raise ValueError(f"family {self.family!r} does not match base {self.base} ({found.name})")
+        family = self.model_family
+        if "comfyui" in self.export_formats and family.comfyui_lora is None:
+            have = sorted(f.name for f in FAMILIES.values() if f.comfyui_lora is not None)
+            raise ValueError(f"export_formats: comfyui is written for {have}, not {family.name} yet; keep diffusers (the "
+                             "standard pytorch_lora_weights.safetensors)")
         return self
 
     @property
@@ -149,8 +159,13 @@ class Student:
 
             dtype = getattr(torch, cfg.save_dtype)
             lora = {k: v.detach().to(dtype) for k, v in get_peft_model_state_dict(model).items()}
+            peft = model.peft_config["default"]
             self.family.pipeline_class().save_lora_weights(path, transformer_lora_layers=lora,
-                                                           transformer_lora_adapter_metadata=model.peft_config["default"].to_dict())
+                                                           transformer_lora_adapter_metadata=peft.to_dict())
+            if "comfyui" in cfg.export_formats:
+                from safetensors.torch import save_file
+
+                save_file(self.family.comfyui_lora(lora, peft.lora_alpha / peft.r), str(path / COMFYUI_FILE))
             if cfg.edit_input:
                 from safetensors.torch import save_file
 

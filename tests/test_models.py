@@ -643,3 +643,86 @@ def test_a_teacher_outside_the_students_latent_space_is_refused_naming_the_key(t
     assert cfg.routes["t2i"].model_teacher.base == str(tiny["qwen-image"]) and cfg.text_embeddings().mode == "on_device"
     with pytest.raises(ConfigError, match=r"routes\.t2i\.teacher: a z-image teacher .* cannot teach a qwen-image-edit-plus student"):
         load_config(None, {**qwen, "routes": {"t2i": {"capability": "t2i", "teacher": {"base": str(tiny["z-image"])}}}})
+
+
+@pytest.mark.parametrize("family", ["z-image", "qwen-image"])
+def test_a_student_exported_for_comfyui_loads_back_through_diffusers_and_as_a_teacher_lora(tiny, tmp_path, family):
+    """student.export_formats: [diffusers, comfyui]: beside the diffusers file, the kohya / ComfyUI layout (Z-Image:
+    NextDiT names, q, k, v fused into attention.qkv; Qwen-Image: its own names): diffusers' own converter (the
+    pipeline's load_lora_weights) and the project's teacher loader read it back to the student's velocity; a family
+    without that layout is refused at validation."""
+    from safetensors.torch import load_file
+
+    from danceopd.student import COMFYUI_FILE
+
+    student = build_student(StudentConfig(base=str(tiny[family]), lora={"rank": 4, "alpha": 8},
+                                          export_formats=["diffusers", "comfyui"]), device="cpu", dtype="float32")
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in student.trainable_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    student.save_pretrained(tmp_path / "student")
+    comfy = load_file(str(tmp_path / "student" / COMFYUI_FILE))
+    if family == "z-image":
+        assert "lora_unet_layers_0_attention_qkv.lora_down.weight" in comfy and "lora_unet_layers_0_attention_out.lora_up.weight" in comfy
+        assert not any("_to_q" in k for k in comfy)
+    else:
+        assert "lora_unet_transformer_blocks_0_attn_to_q.lora_down.weight" in comfy
+    assert not any("lora_A" in k for k in comfy)
+    x, s = torch.randn(2, *student.field.info.sample_shape, generator=g), torch.tensor([0.3, 0.8])
+    pipe = _pipe(tiny[family])
+    pipe.load_lora_weights(str(tmp_path / "student" / COMFYUI_FILE))
+    teacher = load_teacher_field(TeacherModelSpec(base=str(tiny[family]), loras=[LoraAdapterSpec(path=str(tmp_path / "student" / COMFYUI_FILE))]),
+                                 "t", 32, dtype="float32", device="cpu")
+    with torch.no_grad():
+        ours = student.field.velocity(x, s, Conditions(PROMPTS))
+        for other in (student.field.with_transformer(pipe.transformer), teacher):
+            assert (other.velocity(x, s, Conditions(PROMPTS)) - ours).abs().max().item() < 1e-5
+    with pytest.raises(ValueError, match=r"export_formats: comfyui is written for \['flux', 'flux-kontext', 'qwen-image', 'qwen-image-edit', "
+                                         r"'qwen-image-edit-plus', 'z-image'\], not sd3 yet"):
+        StudentConfig(base=str(tiny["sd3"]), export_formats=["diffusers", "comfyui"])
+
+
+def test_a_flux_student_exported_for_comfyui_converts_back_through_diffusers(tiny, tmp_path):
+    """FLUX.1's original (ComfyUI) layout: q, k, v fused per stream, single blocks' q, k, v and MLP input fused into
+    linear1, the final modulation's halves swapped. diffusers' own converter (_convert_kohya_flux_lora_to_diffusers,
+    what FluxPipeline.load_lora_weights runs) gives back every module's update exactly at FLUX.1-dev's real widths
+    (it hard-codes them for single blocks); a tiny student on the double blocks, exported and loaded into a fresh
+    FluxPipeline with load_lora_weights, has the student's velocity."""
+    from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
+
+    from danceopd.student import COMFYUI_FILE
+
+    g, r, d, m = torch.Generator().manual_seed(0), 2, 3072, 12288
+    shapes = {f"transformer_blocks.0.attn.{p}": (d, d) for p in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj",
+                                                                 "to_out.0", "to_add_out")}
+    shapes.update({"transformer_blocks.0.ff.net.0.proj": (d, m), "transformer_blocks.0.ff.net.2": (m, d), "norm_out.linear": (d, 2 * d),
+                   "transformer_blocks.0.ff_context.net.0.proj": (d, m), "transformer_blocks.0.ff_context.net.2": (m, d), "proj_out": (d, 64),
+                   **{f"single_transformer_blocks.0.{p}": (d, d) for p in ("attn.to_q", "attn.to_k", "attn.to_v")},
+                   "single_transformer_blocks.0.proj_mlp": (d, m), "single_transformer_blocks.0.proj_out": (d + m, d)})
+    lora = {}
+    for name, (fan_in, fan_out) in shapes.items():
+        lora[f"{name}.lora_A.weight"], lora[f"{name}.lora_B.weight"] = torch.randn(r, fan_in, generator=g), torch.randn(fan_out, r, generator=g)
+    comfy = get_family("flux").comfyui_lora(lora, 2.0)
+    assert {"lora_unet_single_blocks_0_linear1.lora_down.weight", "lora_unet_double_blocks_0_txt_attn_qkv.lora_up.weight",
+            "lora_unet_final_layer_adaLN_modulation_1.lora_up.weight"} <= set(comfy)
+    back = {k.removeprefix("transformer."): v for k, v in _convert_kohya_flux_lora_to_diffusers(dict(comfy)).items()}
+    for name in shapes:
+        assert torch.equal(back[f"{name}.lora_B.weight"] @ back[f"{name}.lora_A.weight"],
+                           (2.0 * lora[f"{name}.lora_B.weight"]) @ lora[f"{name}.lora_A.weight"]), name
+        assert back[f"{name}.lora_A.weight"].shape[0] == r  # split back to the original rank (the fused up is block-diagonal)
+
+    double = ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out", "attn.to_out.0", "ff.net.0.proj", "ff.net.2",
+              "ff_context.net.0.proj", "ff_context.net.2", "norm1.linear", "norm1_context.linear"]
+    student = build_student(StudentConfig(base=str(tiny["flux"]), lora={"rank": 4, "alpha": 8, "target_modules": double},
+                                          export_formats=["diffusers", "comfyui"]), device="cpu", dtype="float32")
+    with torch.no_grad():
+        for p in student.trainable_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    student.save_pretrained(tmp_path / "student")
+    pipe = _pipe(tiny["flux"])
+    pipe.load_lora_weights(str(tmp_path / "student" / COMFYUI_FILE))
+    x, s = torch.randn(2, *student.field.info.sample_shape, generator=g), torch.tensor([0.3, 0.8])
+    with torch.no_grad():
+        ours = student.field.velocity(x, s, Conditions(PROMPTS))
+        assert (student.field.with_transformer(pipe.transformer).velocity(x, s, Conditions(PROMPTS)) - ours).abs().max().item() < 1e-5

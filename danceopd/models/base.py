@@ -137,6 +137,8 @@ class ModelFamily:
         """The family's own sampling grid of `num_steps` steps (N + 1 values, ending at 0)."""
         raise NotImplementedError
 
+    comfyui_lora = None  # (lora state dict without prefix, scale alpha / rank) -> ComfyUI's key layout, where written
+
 
 class PromptCache:
     """A bounded LRU cache of per-prompt embeddings: the encoders are frozen, prompts repeat across steps, and

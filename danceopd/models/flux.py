@@ -77,6 +77,53 @@ class FluxFamily(ModelFamily):
         return scheduler_sigmas(pipe, num_steps, (h // 2) * (w // 2), linspace_sigmas=True)
 
 
+    def comfyui_lora(self, lora: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
+        """FLUX.1 in its original (BFL, ComfyUI) names: double_blocks.i.{img,txt}_attn.qkv (q, k, v fused),
+        *_attn.proj, *_mlp.{0,2}, *_mod.lin; single_blocks.i.linear1 (q, k, v and the MLP input fused), linear2,
+        modulation.lin; final_layer.linear and final_layer.adaLN_modulation.1 (danceopd.models.comfyui)."""
+        import re
+
+        from danceopd.models.comfyui import fuse, pairs, put
+
+        mods, out, groups = pairs(lora, scale), {}, {}
+        for module, pair in mods.items():
+            if module == "norm_out.linear":  # diffusers keeps (scale, shift), the original (shift, scale)
+                put(out, "final_layer.adaLN_modulation.1", (pair[0], torch.cat(pair[1].chunk(2, dim=0)[::-1])))
+            elif m := re.fullmatch(r"transformer_blocks\.(\d+)\.attn\.(to|add)_[qkv](_proj)?", module):
+                i, img = m.group(1), m.group(2) == "to"
+                groups[f"double_blocks.{i}.{'img' if img else 'txt'}_attn.qkv"] = [
+                    f"transformer_blocks.{i}.attn.to_{p}" if img else f"transformer_blocks.{i}.attn.add_{p}_proj" for p in "qkv"]
+            elif m := re.fullmatch(r"single_transformer_blocks\.(\d+)\.(attn\.to_[qkv]|proj_mlp)", module):
+                i = m.group(1)
+                groups[f"single_blocks.{i}.linear1"] = [f"single_transformer_blocks.{i}.{p}" for p in
+                                                        ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")]
+            else:
+                for pattern, target in FLUX_ORIGINAL_NAMES.items():
+                    if m := re.fullmatch(pattern, module):
+                        put(out, target.format(*m.groups()), pair)
+                        break
+                else:
+                    raise ValueError(f"{module}: no ComfyUI (original FLUX) name for this module; leave it out of the LoRA targets")
+        for target, names in groups.items():
+            put(out, target, fuse([mods.get(n) for n in names], target, names))
+        return out
+
+
+FLUX_ORIGINAL_NAMES = {  # diffusers module (regex) -> the original FLUX.1 layer it is
+    r"transformer_blocks\.(\d+)\.attn\.to_out\.0": "double_blocks.{}.img_attn.proj",
+    r"transformer_blocks\.(\d+)\.attn\.to_add_out": "double_blocks.{}.txt_attn.proj",
+    r"transformer_blocks\.(\d+)\.ff\.net\.0\.proj": "double_blocks.{}.img_mlp.0",
+    r"transformer_blocks\.(\d+)\.ff\.net\.2": "double_blocks.{}.img_mlp.2",
+    r"transformer_blocks\.(\d+)\.ff_context\.net\.0\.proj": "double_blocks.{}.txt_mlp.0",
+    r"transformer_blocks\.(\d+)\.ff_context\.net\.2": "double_blocks.{}.txt_mlp.2",
+    r"transformer_blocks\.(\d+)\.norm1\.linear": "double_blocks.{}.img_mod.lin",
+    r"transformer_blocks\.(\d+)\.norm1_context\.linear": "double_blocks.{}.txt_mod.lin",
+    r"single_transformer_blocks\.(\d+)\.proj_out": "single_blocks.{}.linear2",
+    r"single_transformer_blocks\.(\d+)\.norm\.linear": "single_blocks.{}.modulation.lin",
+    r"proj_out": "final_layer.linear",
+}
+
+
 class FluxKontextFamily(FluxFamily):
     name = "flux-kontext"
     pipeline_classes = ("FluxKontextPipeline",)

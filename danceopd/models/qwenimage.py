@@ -119,6 +119,16 @@ class QwenImageFamily(ModelFamily):
         c, h, w = sample_shape
         return scheduler_sigmas(pipe, num_steps, (h // 2) * (w // 2), linspace_sigmas=True)
 
+    def comfyui_lora(self, lora: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
+        """Qwen-Image keeps its original module names in diffusers (and ComfyUI): the kohya layout is a renaming
+        (danceopd.models.comfyui)."""
+        from danceopd.models.comfyui import pairs, put
+
+        out: dict[str, torch.Tensor] = {}
+        for module, pair in pairs(lora, scale).items():
+            put(out, module, pair)
+        return out
+
 
 class QwenImageEditFamily(QwenImageFamily):
     """Qwen-Image-Edit: source tokens, and the source (at ~1024^2 px, the pipeline's calculated size) in the prompt."""

@@ -50,3 +50,20 @@ class ZImageFamily(ModelFamily):
     def default_sigmas(self, pipe, num_steps, sample_shape):
         c, h, w = sample_shape
         return scheduler_sigmas(pipe, num_steps, (h // 2) * (w // 2), linspace_sigmas=True)
+
+    def comfyui_lora(self, lora: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
+        """Z-Image in ComfyUI's NextDiT names: the attention's q, k, v fused into `attention.qkv`, its output
+        `attention.out` (danceopd.models.comfyui)."""
+        from danceopd.models.comfyui import fuse, pairs, put
+
+        out: dict[str, torch.Tensor] = {}
+        mods = pairs(lora, scale)
+        for module, pair in mods.items():
+            head, _, leaf = module.rpartition(".")
+            if head.endswith("attention") and leaf in ("to_q", "to_k", "to_v"):
+                if leaf == "to_q" or (f"{head}.to_q" not in mods and leaf == "to_k"):
+                    put(out, f"{head}.qkv", fuse([mods.get(f"{head}.{p}") for p in ("to_q", "to_k", "to_v")], f"{head}.qkv",
+                                                ["to_q", "to_k", "to_v"]))
+                continue
+            put(out, module.replace("attention.to_out.0", "attention.out"), pair)
+        return out
