@@ -72,8 +72,30 @@ class DataConfig(_Strict):
                                                          "default: data.eval_fraction of data.manifest's rows, never trained on")
     eval_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="without data.eval_manifest: this share of each route's "
                                  "manifest rows (at least one) is held out of training for evaluation, chosen by uid")
+    buckets: Literal["auto"] | list[tuple[int, int]] | None = Field(None, description="aspect-ratio buckets: auto (the standard "
+                                 "ratios 1:1 to 16:9 at about student.resolution^2 pixels) or a list of [width, height]; each "
+                                 "image goes to the bucket nearest its aspect ratio (resized to cover it, centre-cropped), "
+                                 "every micro-batch is one bucket's. None: every image must be student.resolution square")
+    validate_images_below: int = Field(100_000, ge=0, description="a source with fewer rows has every image header checked "
+                                       "at start (a bad image fails the run before any model loads); a larger one is checked "
+                                       "where buckets need image sizes, and rows whose image cannot be read are skipped, "
+                                       "counted and reported (at start, or when drawn)")
+    index: Path | None = Field(None, description="the image-size index (headers read once, reused by later starts and the "
+                               "workers; default: <output_dir>/data-index.parquet)")
 
-    @field_validator("manifest", "latent_cache", "eval_manifest", "image_dir")
+    @field_validator("buckets")
+    @classmethod
+    def _sizes(cls, v):
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("give at least one [width, height], or auto")
+            bad = [list(b) for b in v if b[0] <= 0 or b[1] <= 0]
+            if bad:
+                raise ValueError(f"bucket sizes must be positive [width, height] pixels, got {bad}")
+            v = list(dict.fromkeys(tuple(b) for b in v))
+        return v
+
+    @field_validator("manifest", "latent_cache", "eval_manifest", "image_dir", "index")
     @classmethod
     def _absolute(cls, v: Path | None) -> Path | None:
         return None if v is None else v.expanduser().resolve()  # Ray workers run in other working directories
@@ -274,6 +296,7 @@ class TrainConfig(_Strict):
     keep_checkpoints: int = Field(2, ge=1)
     _manifest = PrivateAttr(None)  # the validated data.manifest's training rows (loaded once, at validation)
     _eval_manifest = PrivateAttr(None)  # its held-out rows, or data.eval_manifest
+    _bucket_sizes = PrivateAttr(None)  # data.buckets resolved to (width, height) pairs (auto: the family's standard set)
 
     @model_validator(mode="after")
     def _consistent(self) -> "TrainConfig":
@@ -295,6 +318,7 @@ class TrainConfig(_Strict):
         for name, route in self.routes.items():
             if route.capability is None and not self.data.given:
                 raise ValueError(f"routes.{name}.capability: required without data.manifest (the suite is the dataset)")
+        self._check_buckets(pixel)
         if self.data.given:
             self._check_manifest()
         elif self.student.text_embeddings == "precompute":
@@ -310,6 +334,35 @@ class TrainConfig(_Strict):
                              "embeddings are per (prompt, image) and a prompt-keyed store cannot hold them; use auto or on_device "
                              "(encoded where needed, cached per (prompt, source))")
         return self
+
+    def _check_buckets(self, pixel: bool) -> None:
+        from danceopd.data.buckets import standard_buckets
+
+        b = self.data.buckets
+        if b is None:
+            return
+        if pixel:
+            raise ValueError("data.buckets: the suite's pixel model has one image size; aspect-ratio buckets are for model "
+                             "families (sd3, flux, ...): remove data.buckets")
+        if not self.data.given:
+            raise ValueError("data.buckets: buckets come from the data's images; give data.sources or data.manifest (the suite's "
+                             "prompts have no images)")
+        family = self.student.model_family
+        m = family.size_multiple(self.student.base)
+        sizes = standard_buckets(self.student.resolution, m) if b == "auto" else list(b)
+        bad = [list(x) for x in sizes if x[0] % m or x[1] % m]
+        if bad:
+            raise ValueError(f"data.buckets: {bad}: a {family.name} model ({self.student.base}) takes image sides that are "
+                             f"multiples of {m} (its VAE's factor x its patch); round them, or use auto")
+        self._bucket_sizes = sizes
+
+    def bucket_sizes(self) -> list[tuple[int, int]] | None:
+        """The run's aspect-ratio buckets as (width, height) (data.buckets resolved), or None (one square size)."""
+        return self._bucket_sizes
+
+    def data_index(self) -> Path:
+        """Where image sizes are indexed (data.index, or <output_dir>/data-index.parquet)."""
+        return self.data.index or Path(self.output_dir).expanduser().resolve() / "data-index.parquet"
 
     def _check_manifest(self) -> None:
         if self.data.sources:
@@ -330,17 +383,20 @@ class TrainConfig(_Strict):
 
     def _check_sources(self) -> None:
         """Every source validated once, here; each source's held-out share split apart before they are merged."""
-        from danceopd.data.manifest import ManifestError
+        from danceopd.data.manifest import HeaderIndex, ManifestError
         from danceopd.data.sources import load_source, merge
 
         res, routes = self.student.resolution, list(self.routes)
         image_dir = self.data.image_dir or Path(self.output_dir).expanduser().resolve() / "data-images"
+        index = HeaderIndex(self.data_index())
         train, held = [], []
         for i, src in enumerate(self.data.sources):
             try:
-                manifest = load_source(src, f"data.sources.{i}", routes, (res, res), image_dir)
+                manifest = load_source(src, f"data.sources.{i}", routes, (res, res), image_dir, self.bucket_sizes(), index,
+                                       self.data.validate_images_below)
             except ManifestError as e:
                 raise ValueError(f"data.sources.{i}: {e}") from None
+            self._report_skipped(f"data.sources.{i}", manifest)
             if self.data.eval_manifest is None:
                 try:
                     t, h = manifest.held_out(self.data.eval_fraction)
@@ -350,12 +406,12 @@ class TrainConfig(_Strict):
                 held.append(h)
             else:
                 train.append(manifest)
-        self._manifest = merge(train, "data.sources")
+        self._manifest = merge(train, "data.sources", self.bucket_sizes())
         empty = sorted(set(self.routes) - set(self._manifest.routes()))
         if empty:
             raise ValueError(f"data.sources: no rows for routes {empty}: add a source that feeds them")
         if self.data.eval_manifest is None:
-            self._eval_manifest = merge(held, "data.sources (held out)")
+            self._eval_manifest = merge(held, "data.sources (held out)", self.bucket_sizes())
             return
         held_rows = self._load_manifest("eval_manifest")
         shared = sorted({r.uid for r in self._manifest.rows} & {r.uid for r in held_rows.rows})
@@ -364,17 +420,33 @@ class TrainConfig(_Strict):
         self._eval_manifest = held_rows
 
     def _load_manifest(self, key: str):
-        from danceopd.data.manifest import ManifestError, load_manifest
+        from danceopd.data.manifest import HeaderIndex, ManifestError
+        from danceopd.data.sources import DataSource, load_source
 
         res = self.student.resolution
-        try:
-            manifest = load_manifest(getattr(self.data, key), routes=list(self.routes), image_size=(res, res))
+        file = getattr(self.data, key)
+        if not file.is_file():
+            raise ValueError(f"data.{key}: {file}: manifest file does not exist")
+        try:  # as a manifest source: a large one's validated rows are kept for later starts and the workers
+            manifest = load_source(DataSource(path=str(file), kind="manifest"), f"data.{key}", list(self.routes), (res, res),
+                                   Path(), self.bucket_sizes(), HeaderIndex(self.data_index()), self.data.validate_images_below)
         except ManifestError as e:
             raise ValueError(f"data.{key}: {e}") from None
+        self._report_skipped(f"data.{key}", manifest)
         empty = sorted(set(self.routes) - set(manifest.routes()))
         if empty:
             raise ValueError(f"data.{key}: no rows for routes {empty} (rows name their route in the 'route' column)")
         return manifest
+
+    @staticmethod
+    def _report_skipped(key: str, manifest) -> None:
+        """Rows of a large source set aside because their image cannot be read: said once, never silently."""
+        if manifest.skipped:
+            import logging
+
+            first = "; ".join(str(p) for p in manifest.skipped[:3])
+            logging.getLogger("danceopd.data").warning(f"{key}: {len(manifest.skipped)} rows skipped, their image cannot be read "
+                                                       f"(first: {first})")
 
     def _check_teachers(self, pixel: bool) -> None:
         student = self.student.model_family
@@ -431,6 +503,9 @@ class TrainConfig(_Strict):
             return self
         import json
 
+        from danceopd.data.manifest import HeaderIndex
+        from danceopd.data.sources import remember_rows
+
         folder = Path(folder).expanduser().resolve()
         folder.mkdir(parents=True, exist_ok=True)
         files = {}
@@ -442,6 +517,9 @@ class TrainConfig(_Strict):
             tmp = files[name].with_suffix(".tmp")
             tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
             tmp.replace(files[name])
+            res = self.student.resolution  # the workers validate these files again: a large one finds its rows kept
+            remember_rows(files[name], manifest, list(self.routes), (res, res), self.bucket_sizes(), self.data.validate_images_below,
+                          HeaderIndex(self.data_index()))
         data = self.data.model_copy(update={"sources": [], "manifest": files["train"], "eval_manifest": files["held-out"]})
         return self.model_copy(update={"data": data})
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from danceopd.fields.base import Conditions, FieldInfo
+from danceopd.fields.base import Conditions, FieldInfo, shape_text
 from danceopd.remote import RequestError
 
 
@@ -58,11 +58,10 @@ class VelocityQuery:
             raise QueryError("adapter", f"teacher {info.name!r} serves several teachers on one base: name one of {adapters}")
         if adapters is None and self.adapter is not None:
             raise QueryError("adapter", f"teacher {info.name!r} is a single teacher: send no adapter")
-        c, h, w = info.sample_shape
         if not isinstance(self.x, np.ndarray) or self.x.dtype != np.float32:
             raise QueryError("x", f"must be float32, got {getattr(self.x, 'dtype', type(self.x).__name__)}")
-        if self.x.ndim != 4 or tuple(self.x.shape[1:]) != (c, h, w):
-            raise QueryError("x", f"must have shape [B, {c}, {h}, {w}] for teacher {info.name!r}, got {list(self.x.shape)}")
+        if self.x.ndim != 4 or tuple(self.x.shape[1:]) not in info.shapes:  # the default shape or one of the run's buckets
+            raise QueryError("x", f"must have shape {shape_text(info)} for teacher {info.name!r}, got {list(self.x.shape)}")
         b = self.x.shape[0]
         if b < 1:
             raise QueryError("x", "batch is empty")
@@ -93,8 +92,8 @@ def _np32(t: torch.Tensor) -> np.ndarray:
 
 def merge_key(query: VelocityQuery) -> tuple:
     """Queries with the same key can share one model call: the same adapter, and a source for all or none (a
-    Kontext teacher appends source tokens: a zero source is not the same as none)."""
-    return (query.adapter, query.source is None)
+    Kontext teacher appends source tokens: a zero source is not the same as none) and the same sample shape."""
+    return (query.adapter, query.source is None, tuple(query.x.shape[1:]))  # one shape per call (aspect-ratio buckets)
 
 
 def concat_queries(queries: list[VelocityQuery]) -> VelocityQuery:
@@ -103,7 +102,7 @@ def concat_queries(queries: list[VelocityQuery]) -> VelocityQuery:
     sigma = np.concatenate([np.asarray(q.sigma, dtype=np.float32) for q in queries])
     prompts = [p for q in queries for p in q.prompts]
     if len({merge_key(q) for q in queries}) != 1:
-        raise ValueError("concat_queries: queries differ in adapter or source presence; group them by merge_key first")
+        raise ValueError("concat_queries: queries differ in adapter, source presence or sample shape; group them by merge_key first")
     source = None if queries[0].source is None else np.concatenate([q.source for q in queries])
     return VelocityQuery(x, sigma, prompts, source, queries[0].adapter)
 
@@ -118,6 +117,7 @@ def split_rows(array: np.ndarray, queries: list[VelocityQuery]) -> list[np.ndarr
 
 def info_to_dict(info: FieldInfo) -> dict:
     return {"name": info.name, "kind": info.kind, "sample_shape": list(info.sample_shape),
+            **({"bucket_shapes": [list(s) for s in info.shapes[1:]]} if len(info.shapes) > 1 else {}),
             "takes_source": info.takes_source, "requires_source": info.requires_source,
             "guidance": None if info.guidance is None or not math.isfinite(info.guidance) else info.guidance,
             # a model teacher's family, resolution and weights checksum (which merged weights answer)
@@ -129,4 +129,5 @@ INFO_EXTRA = ("family", "resolution", "weights_sha256", "adapters")  # model tea
 
 def info_from_dict(d: dict) -> FieldInfo:
     extra = {k: d[k] for k in INFO_EXTRA if k in d}
-    return FieldInfo(d["name"], d["kind"], tuple(d["sample_shape"]), d["takes_source"], d["requires_source"], d.get("guidance"), extra)
+    return FieldInfo(d["name"], d["kind"], tuple(d["sample_shape"]), d["takes_source"], d["requires_source"], d.get("guidance"), extra,
+                     tuple(tuple(s) for s in d.get("bucket_shapes", ())))

@@ -12,7 +12,8 @@ from PIL import Image, ImageDraw
 
 from danceopd.config import EvalConfig, RouteConfig
 from danceopd.fields.base import Conditions, VelocityField
-from danceopd.flow import rollout_states, sigma_schedule
+from danceopd.data.buckets import bucket_name
+from danceopd.flow import grid_for, rollout_states, sigma_schedule
 from danceopd.seeding import generator
 from danceopd.suite import CapabilitySuite
 from danceopd.suite.judges import diversity
@@ -22,10 +23,11 @@ T2I_LIKE = ("t2i", "realism", "uncond")
 
 def sample(field: VelocityField, conditions: Conditions, steps: int, seed: int, schedule: str = "uniform",
            shift: float = 1.0, batch: int = 128, device: str | torch.device = "cpu", sigmas: torch.Tensor | None = None) -> torch.Tensor:
-    """Euler samples from fresh seeded noise, one per condition, computed in chunks of `batch`."""
-    c, h, w = field.info.sample_shape
+    """Euler samples from fresh seeded noise, one per condition, computed in chunks of `batch` (at the conditions'
+    bucket shape where they have one)."""
+    c, h, w = conditions.shape or field.info.sample_shape
     noise = torch.randn(len(conditions), c, h, w, generator=generator(seed, "eval-noise"))
-    sigmas = sigma_schedule(steps, schedule, shift) if sigmas is None else sigmas
+    sigmas = sigma_schedule(steps, schedule, shift) if sigmas is None else grid_for(sigmas, conditions.shape)
     out = []
     for i in range(0, len(conditions), batch):
         sub = conditions.select(slice(i, i + batch)).to(device)
@@ -191,7 +193,8 @@ def velocity_error(student: VelocityField, teacher: VelocityField, cond: Conditi
     """The student's relative velocity error against a teacher on held-out states: sum |v_s - v_t|^2 / sum |v_t|^2
     over every state of the teacher's own rollout (fresh seeded noise, held-out conditions). Scale-free, so it
     means the same for the pixel model and a 1024 px latent model; 0 = the teacher's field, 1 = as far as zero."""
-    c, h, w = teacher.info.sample_shape
+    c, h, w = cond.shape or teacher.info.sample_shape
+    sigmas = grid_for(sigmas, cond.shape)
     noise = torch.randn(len(cond), c, h, w, generator=generator(seed, "velocity-error-noise"))
     err = ref = 0.0
     with torch.no_grad():
@@ -226,8 +229,16 @@ def evaluate_routes(student, teachers: dict[str, VelocityField], cfg, suite: Cap
     else:
         entries, blocks = {n: {} for n in routes}, []
     for name in routes:
-        cond = data[name].evaluation_set(e.velocity_error_samples, e.seed + 101)
-        entries[name]["velocity_error"] = velocity_error(student.field, teachers[name], cond, sigmas, e.seed, device)
+        sets = data[name].evaluation_sets(e.velocity_error_samples, e.seed + 101)
+        errors = {size: velocity_error(student.field, teachers[name], cond, sigmas, e.seed, device) for size, cond in sets.items()}
+        if None in errors:
+            entries[name]["velocity_error"] = errors[None]
+        else:  # aspect-ratio buckets: each bucket's error, and their mean weighted by the buckets' shares of the draws
+            weights = {b: (data[name].size_shares() or {}).get(b, 0.0) for b in errors}
+            total = sum(weights.values())
+            entries[name]["velocity_error"] = (sum(weights[b] * v for b, v in errors.items()) / total if total
+                                               else sum(errors.values()) / len(errors))
+            entries[name]["velocity_error_by_bucket"] = {bucket_name(b): v for b, v in errors.items()}
     if e.clip_model is not None:
         for name in routes:
             entries[name]["clip_score"] = clip_scores(student, teachers[name], data[name], e, device)
@@ -265,7 +276,7 @@ def clip_scores(student, teacher, data, e: EvalConfig, device) -> dict | None:
 
 def _decoded_samples(student, teacher, cond: Conditions, e: EvalConfig, seed: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher and student samples from the same noise, decoded to [-1, 1] images through the student's VAE."""
-    sigmas = eval_sigmas(e, student)
+    sigmas = eval_sigmas(e, student, cond.shape)
     with torch.no_grad():
         t = decode(student, sample(teacher, cond, e.sampling_steps, seed, sigmas=sigmas, device=device))
         s = decode(student, sample(student.field, cond, e.sampling_steps, seed, sigmas=sigmas, device=device))
@@ -290,9 +301,9 @@ def _latent_grid_block(student, teacher, data, e: EvalConfig, device, conditions
     return [(base.prompts[i], None if src is None else src[i], t[i * n:(i + 1) * n], s[i * n:(i + 1) * n]) for i in range(len(base))]
 
 
-def eval_sigmas(e: EvalConfig, student) -> torch.Tensor:
+def eval_sigmas(e: EvalConfig, student, shape: tuple[int, int, int] | None = None) -> torch.Tensor:
     if e.schedule == "family":
-        return student.family.default_sigmas(student.pipe, e.sampling_steps, student.field.info.sample_shape)
+        return student.family.default_sigmas(student.pipe, e.sampling_steps, shape or student.field.info.sample_shape)
     return sigma_schedule(e.sampling_steps, e.schedule, e.shift)
 
 

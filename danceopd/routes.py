@@ -20,7 +20,7 @@ def build_route_field(name: str, cfg, suite: CapabilitySuite, device: str | torc
         field = suite.field(route.capability)
     else:
         field = load_teacher_field(route.model_teacher, name, cfg.student.resolution, default_base=cfg.student.base,
-                                   device=device, dtype=dtype, text=text)
+                                   device=device, dtype=dtype, text=text, buckets=cfg.bucket_sizes() or ())
     if route.cfg_alpha is not None:
         field = CFGField(field, route.cfg_alpha, name=name)
     return field

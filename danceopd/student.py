@@ -195,7 +195,8 @@ def _lora_config(cfg: StudentConfig, family: ModelFamily):
 
 
 def assemble_student(cfg: StudentConfig, family: ModelFamily, pipe: Any, device: torch.device, dtype: torch.dtype, name: str,
-              lora_weights: dict | None = None, input_layer: dict | None = None, text: TextEmbeddings | None = None) -> Student:
+              lora_weights: dict | None = None, input_layer: dict | None = None, text: TextEmbeddings | None = None,
+              buckets: list[tuple[int, int]] = ()) -> Student:
     """A student from a pipeline already in memory (loaded, or built by the GPU check): freeze the base in `dtype`, add
     the trainable part in fp32 (LoRA adapters or the whole transformer, and a grown input layer for edits on a family
     without native image input)."""
@@ -245,7 +246,8 @@ def assemble_student(cfg: StudentConfig, family: ModelFamily, pipe: Any, device:
     field = ModelField(name, "student", family, pipe, transformer, shape, device, dtype, guidance=cfg.guidance,
                        max_sequence_length=cfg.max_sequence_length, cache_size=cfg.prompt_cache_size,
                        prompt_cache=PromptCache(store, cfg.prompt_cache_size) if store else None,
-                       extra={"family": family.name, "base": cfg.base, "resolution": cfg.resolution})
+                       extra={"family": family.name, "base": cfg.base, "resolution": cfg.resolution},
+                       bucket_shapes=[family.latent_shape(pipe, b) for b in buckets])
     return Student(family, pipe, field, cfg)
 
 
@@ -260,7 +262,7 @@ def _cast_params(module: torch.nn.Module, dtype: torch.dtype, trainable: bool = 
 
 
 def build_student(cfg: StudentConfig, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32",
-                  name: str = "student", text: TextEmbeddings | None = None) -> Student:
+                  name: str = "student", text: TextEmbeddings | None = None, buckets: list[tuple[int, int]] = ()) -> Student:
     """A new student: the pixel model randomly initialised from cfg.seed, or the base pipeline with fresh adapters
     (peft's init: B = 0, so the student starts exactly as its base). `text`: where its prompt embeddings come from
     (TrainConfig.text_embeddings(); default: its own encoders on its device)."""
@@ -271,7 +273,7 @@ def build_student(cfg: StudentConfig, device: str | torch.device = "cpu", dtype:
         pipe = build_pixel_pipeline(cfg.pixel_model)
     else:
         pipe = family.load_pipeline(cfg.base, dev, dt, vae=True, text_encoders=text.loads_encoders if text else "device")
-    return assemble_student(cfg, family, pipe, dev, dt, name, text=text)
+    return assemble_student(cfg, family, pipe, dev, dt, name, text=text, buckets=buckets)
 
 
 def read_student_config(path: str | Path) -> StudentConfig:
@@ -286,8 +288,8 @@ def is_student_folder(path: str | Path) -> bool:
 
 
 def load_student(path: str | Path, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
-                 name: str = "student", text: TextEmbeddings | None = None) -> Student:
-    """A saved student, trainable again (init_from, resume) or to evaluate and serve."""
+                 name: str = "student", text: TextEmbeddings | None = None, buckets: list[tuple[int, int]] = ()) -> Student:
+    """A saved student, trainable again (init_from, resume) or to evaluate and serve (`buckets`: build_student's)."""
     path = Path(path)
     cfg = read_student_config(path)
     dev = resolve_device(device)
@@ -299,11 +301,12 @@ def load_student(path: str | Path, device: str | torch.device = "auto", dtype: s
     pipe = family.load_pipeline(cfg.base, dev, dt, vae=True, text_encoders=text.loads_encoders if text else "device")
     if not cfg.trains_lora:
         pipe.transformer = type(pipe.transformer).from_pretrained(path / "transformer", dtype=torch.float32)
-        return assemble_student(cfg, family, pipe, dev, dt, name, text=text)
+        return assemble_student(cfg, family, pipe, dev, dt, name, text=text, buckets=buckets)
     lora = family.pipeline_class().lora_state_dict(str(path))
     lora = lora[0] if isinstance(lora, tuple) else lora
     weights = {k.removeprefix("transformer."): v for k, v in lora.items()}
-    return assemble_student(cfg, family, pipe, dev, dt, name, lora_weights=weights, input_layer=_input_layer(path, cfg), text=text)
+    return assemble_student(cfg, family, pipe, dev, dt, name, lora_weights=weights, input_layer=_input_layer(path, cfg), text=text,
+                            buckets=buckets)
 
 
 def _input_layer(path: Path, cfg: StudentConfig) -> dict | None:

@@ -129,9 +129,10 @@ def _load_base(spec: TeacherModelSpec, base: str, what: str, device: torch.devic
 
 def load_teacher_field(spec: TeacherModelSpec, name: str, resolution: int, default_base: str | None = None,
                        device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
-                       text: TextEmbeddings | None = None) -> ModelField:
+                       text: TextEmbeddings | None = None, buckets: list[tuple[int, int]] = ()) -> ModelField:
     """Load, merge and freeze a teacher; its FieldInfo carries the family, resolution and a weights checksum. `text`: an
-    embedding store to read prompts from instead of loading text encoders (a DanceOPD student folder keeps its own)."""
+    embedding store to read prompts from instead of loading text encoders (a DanceOPD student folder keeps its own).
+    `buckets`: the (width, height) of the run's aspect-ratio buckets, whose shapes it answers besides `resolution`'s."""
     from danceopd.student import is_student_folder, load_student
 
     dev = resolve_device(device)
@@ -140,7 +141,7 @@ def load_teacher_field(spec: TeacherModelSpec, name: str, resolution: int, defau
     if base is None:
         raise ValueError(f"teacher {name!r}: no base (set the teacher's base or the student's)")
     if is_student_folder(base):  # a trained DanceOPD student served as a teacher
-        student = load_student(base, device=dev, dtype=dt, name=name)
+        student = load_student(base, device=dev, dtype=dt, name=name, buckets=buckets)
         student.transformer.requires_grad_(False).eval()
         return student.field
     family, pipe, prompts = _load_base(spec, base, f"teacher {name!r}", dev, dt, text)
@@ -150,7 +151,8 @@ def load_teacher_field(spec: TeacherModelSpec, name: str, resolution: int, defau
     shape = family.latent_shape(pipe, resolution)
     extra = {"family": family.name, "resolution": resolution, "base": base, "weights_sha256": weights_checksum(transformer)}
     return ModelField(name, "diffusers", family, pipe, transformer, shape, dev, dt, guidance=spec.guidance,
-                      max_sequence_length=spec.max_sequence_length, prompt_cache=prompts, extra=extra)
+                      max_sequence_length=spec.max_sequence_length, prompt_cache=prompts, extra=extra,
+                      bucket_shapes=[family.latent_shape(pipe, b) for b in buckets])
 
 
 class AdapterBank:
@@ -161,7 +163,8 @@ class AdapterBank:
 
     def __init__(self, teachers: dict[str, TeacherModelSpec], resolution: int, default_base: str | None = None,
                  device: str | torch.device = "auto", dtype: str | torch.dtype = "auto", name: str = "bank",
-                 cfg_alphas: dict[str, float] | None = None, text: TextEmbeddings | None = None):
+                 cfg_alphas: dict[str, float] | None = None, text: TextEmbeddings | None = None,
+                 buckets: list[tuple[int, int]] = ()):
         import threading
         from dataclasses import replace
 
@@ -183,12 +186,13 @@ class AdapterBank:
             self.active[name] = (names, weights)
         self.pipe, self.transformer = pipe, pipe.transformer.requires_grad_(False).eval()
         shape = self.family.latent_shape(pipe, resolution)
+        shapes = [self.family.latent_shape(pipe, b) for b in buckets]
         base_field = ModelField("bank", "diffusers", self.family, pipe, self.transformer, shape, dev, dt,
-                                max_sequence_length=first.max_sequence_length, prompt_cache=prompts)
+                                max_sequence_length=first.max_sequence_length, prompt_cache=prompts, bucket_shapes=shapes)
         self.fields = {t: AdapterTeacherField(self, t, ModelField(
             t, "diffusers", self.family, pipe, self.transformer, shape, dev, dt, guidance=spec.guidance,
             max_sequence_length=spec.max_sequence_length, prompt_cache=base_field.prompts,
-            extra={"family": self.family.name, "resolution": resolution, "base": base, "shared_base": True}))
+            extra={"family": self.family.name, "resolution": resolution, "base": base, "shared_base": True}, bucket_shapes=shapes))
             for t, spec in teachers.items()}
         for t, alpha in (cfg_alphas or {}).items():  # a CFG teacher on the shared base: both halves in one call, under the lock
             from danceopd.fields.operators import CFGField

@@ -49,6 +49,9 @@ TRAINER_STEP_TIME = MetricSpec("danceopd_trainer_step_time_seconds", "gauge", ("
                                "Seconds per step by part (rollout, teacher, forward_backward, optimizer, router), last log window")
 TRAINER_NONFINITE = MetricSpec("danceopd_trainer_skipped_updates", "gauge", RUN_ROUTE,
                               "Updates skipped since the workers (re)started because the loss or gradient was not finite")
+TRAINER_DATA_SKIPPED = MetricSpec("danceopd_trainer_data_rows_skipped", "gauge", ("run", "route", "rank"),
+                                  "Rows drawn since the worker (re)started whose image could not be read (each replaced by "
+                                  "another row of its bucket)")
 TRAINER_TEACHER_CIRCUIT = MetricSpec("danceopd_trainer_teacher_circuit_open", "gauge", ("run", "teacher", "rank"),
                                      "1 while a worker's circuit to a teacher application is open (the teacher is failing)")
 TRAINER_CHECKPOINT_TIME = MetricSpec("danceopd_trainer_checkpoint_timestamp_seconds", "gauge", ("run",),
@@ -56,7 +59,7 @@ TRAINER_CHECKPOINT_TIME = MetricSpec("danceopd_trainer_checkpoint_timestamp_seco
 
 ALL = [TEACHER_QUERIES, TEACHER_SAMPLES, TEACHER_ERRORS, TEACHER_LATENCY, TEACHER_BATCH, TEACHER_QUEUE,
        ROUTER_ASSIGNMENTS, ROUTER_WEIGHT, ROUTER_LOSS,
-       TRAINER_STEP, TRAINER_LOSS, TRAINER_ROUTE_STEPS, TRAINER_SAMPLES_PER_S, TRAINER_STEP_TIME, TRAINER_NONFINITE, TRAINER_TEACHER_CIRCUIT, TRAINER_CHECKPOINT_TIME]
+       TRAINER_STEP, TRAINER_LOSS, TRAINER_ROUTE_STEPS, TRAINER_SAMPLES_PER_S, TRAINER_STEP_TIME, TRAINER_NONFINITE, TRAINER_DATA_SKIPPED, TRAINER_TEACHER_CIRCUIT, TRAINER_CHECKPOINT_TIME]
 
 # Ray Serve's own metric the teachers dashboard uses for replica counts (per application).
 SERVE_REPLICAS_HEALTHY = "ray_serve_deployment_replica_healthy"

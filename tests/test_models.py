@@ -726,3 +726,40 @@ def test_a_flux_student_exported_for_comfyui_converts_back_through_diffusers(tin
     with torch.no_grad():
         ours = student.field.velocity(x, s, Conditions(PROMPTS))
         assert (student.field.with_transformer(pipe.transformer).velocity(x, s, Conditions(PROMPTS)) - ours).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux", "z-image", "flux2-klein", "flux2", "qwen-image"])
+def test_non_square_rollouts_reproduce_the_pipelines_at_a_wide_size(tiny, name):
+    """An aspect-ratio bucket (data.buckets) 1.5x wider than high: packing, position ids (FLUX, FLUX.2), SD3's cropped
+    position embedding, img_shapes (Qwen-Image), the token-count shift of the sigma grid, against each pipeline's own
+    __call__ at that height and width; the teacher answers the bucket's shape because it is in its bucket list."""
+    from danceopd.models.flux2 import _bn, unpatchify
+    from danceopd.models.qwenimage import pack as qwen_pack
+
+    side = 64 if name.startswith("flux2") else 32
+    width, height = side * 3 // 2, side
+    seq = 160 if name.startswith("flux2") else None  # the pipelines' call below pads prompts to 160 tokens
+    field = load_teacher_field(TeacherModelSpec(base=str(tiny[name]), max_sequence_length=seq), "t", side, dtype="float32", device="cpu",
+                               buckets=[(width, height)])
+    family, pipe = get_family(name), _pipe(tiny[name])
+    shape = family.latent_shape(field.pipe, (width, height))
+    assert shape in field.info.shapes and shape[2] == shape[1] * 3 // 2
+    noise = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0))
+    sigmas = family.default_sigmas(field.pipe, 4, shape)
+    ours = rollout_states(lambda x, s: field.velocity(x, s, Conditions(PROMPTS, shape=shape)), noise, sigmas).final
+    call = dict(prompt=list(PROMPTS), height=height, width=width, num_inference_steps=4, output_type="latent")
+    if name == "sd3":
+        theirs, ours = pipe(**call, guidance_scale=1.0, latents=noise.clone()).images, ours
+    elif name in ("flux", "qwen-image"):
+        theirs, ours = pipe(**call, **({"guidance_scale": 3.5} if name == "flux" else {}), latents=pack(noise)).images, qwen_pack(ours)
+    elif name == "z-image":
+        theirs = pipe(**call, guidance_scale=0.0, latents=noise.clone()).images
+    elif name == "flux2-klein":
+        theirs = pipe(**call, guidance_scale=1.0, latents=noise.clone(), max_sequence_length=160).images
+        mean, std = _bn(pipe.vae, ours)
+        ours = unpatchify(ours * std + mean)
+    else:
+        theirs = pipe(**call, guidance_scale=4.0, latents=noise.clone(), max_sequence_length=160).images
+        ours = ours.flatten(2).transpose(1, 2)
+    rel = ((ours - theirs).norm() / theirs.norm()).item()
+    assert rel < 1e-4, rel

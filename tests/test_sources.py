@@ -124,3 +124,39 @@ def test_the_reference_trainer_samples_every_n_steps_at_the_training_resolution(
     assert read_images(run / "tensorboard" / "samples") == {"samples": [0, 2, 4, 5]}
     grid, n = Image.open(run / "samples" / "step-000005.png"), sampled.cfg.eval.samples_per_condition_in_grid
     assert grid.width == 150 + 32 + 4 + 2 * n * (32 + 4) + 4 * 3  # save_grid's layout with 32 px tiles (the default: 64)
+
+
+def test_a_large_source_skips_unreadable_images_counted_and_said(data, tmp_path, caplog):
+    """Above data.validate_images_below rows the images are not all read at start: a corrupt source image is skipped when
+    drawn (another row of its bucket instead), counted and logged; with buckets (whose sizes need every header) it is set
+    aside at start with one warning. Never silently, never a crash."""
+    rows = [json.loads(line) for line in (data["root"] / "files" / "manifest.jsonl").read_text().splitlines()]
+    for r in rows:  # absolute paths: this manifest lives elsewhere
+        r.update({c: str((data["root"] / "files" / r[c]).resolve()) for c in ("source_image", "target_image") if c in r})
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    edits = [r for r in rows if r["route"] == "edit"]
+    for r in edits:
+        r["source_image"] = str(tmp_path / "broken.png") if r["uid"] in ("e0", "e1", "e2") else r["source_image"]
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in edits) + "\n")
+    over = {"data.manifest": str(tmp_path / "m.jsonl"), "data.validate_images_below": 3, "data.eval_fraction": 0.2,
+            "routes": {"edit": {"teacher": {}}}}
+    cfg = _config(data, tmp_path / "a", **over)
+    said = []
+    trainer = ReferenceTrainer(cfg, log=said.append)
+    for _ in range(4):
+        trainer.train_step()
+    skipped = trainer.data["edit"].skipped
+    assert skipped > 0 and len([s for s in said if "cannot be read; skipped" in s]) == skipped
+    assert all("broken.png" in s for s in said if "skipped" in s)
+    with caplog.at_level("WARNING", logger="danceopd.data"):
+        bucketed = _config(data, tmp_path / "b", **over, **{"data.buckets": [[32, 32]]})
+    assert {r.uid for r in bucketed.manifest.rows} | {r.uid for r in bucketed.eval_manifest.rows} == {"e3", "e4", "e5"}
+    assert any("3 rows skipped, their image cannot be read" in m and "broken.png" in m for m in caplog.messages)
+    # a large source's validated rows are kept: the workers' copy of them (with_rows_written) is read, not re-checked
+    from danceopd.config import TrainConfig
+
+    src = _config(data, tmp_path / "c", **{**over, "data.manifest": None, "data.sources": [{"path": str(tmp_path / "m.jsonl")}]})
+    kept = sorted((tmp_path / "c" / "data-rows").glob("*.parquet"))
+    again = TrainConfig.model_validate(json.loads(src.with_rows_written(tmp_path / "rows").model_dump_json()))
+    assert again.manifest.rows == src.manifest.rows and len(kept) == 1
+    assert len(sorted((tmp_path / "c" / "data-rows").glob("*.parquet"))) == 3  # the source's rows and the workers' two files

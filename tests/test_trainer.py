@@ -151,7 +151,7 @@ def test_query_batch_shapes_follow_k_and_position(tmp_path):
     assert q.x.shape == (15, 3, 16, 16) and q.sigma.shape == (15,)
     assert q.conditions.prompts[:3] == [cond.prompts[0]] * 3
     assert torch.equal(q.conditions.source[1], cond.source[0])
-    assert set(q.sigma.tolist()) <= set(tr.sigmas[:-1].tolist())
+    assert set(q.sigma.tolist()) <= set(tr.sigmas()[:-1].tolist())
 
 
 def test_off_policy_share_replaces_the_first_samples_states_with_noised_data(tmp_path):

@@ -60,9 +60,19 @@ def worker_loop(config: dict) -> None:
     device = ray.train.torch.get_device()
     suite = CapabilitySuite(job.suite.tier, job.suite.tau, job.suite.seed)
     text = job.text_embeddings()  # precompute: no text encoder here, prompts read from the store
-    student = (load_student(job.init_from, device, job.dtype, text=text) if job.init_from
-               else build_student(job.student, device, job.dtype, text=text))
-    data = build_route_data(job, suite, student)
+    buckets = job.bucket_sizes() or ()
+    student = (load_student(job.init_from, device, job.dtype, text=text, buckets=buckets) if job.init_from
+               else build_student(job.student, device, job.dtype, text=text, buckets=buckets))
+    skipped_rows, skipped = make(T.TRAINER_DATA_SKIPPED), {r: 0 for r in job.routes}
+    for r in job.routes:  # 0 until a row is skipped: the dashboard shows 0, not "no data"
+        skipped_rows.set(0, tags={"run": run_id, "route": r, "rank": str(rank)})
+
+    def on_skip(route: str, why: str) -> None:  # a large source's unreadable image, found when drawn: never silent
+        skipped[route] += 1
+        skipped_rows.set(skipped[route], tags={"run": run_id, "route": route, "rank": str(rank)})
+        say(f"rank {rank}: route {route}: {why}")
+
+    data = build_route_data(job, suite, student, on_skip)
     sigmas = run_sigmas(job, student).to(device)
     ckpt = ray.train.get_checkpoint()
     circuit = make(T.TRAINER_TEACHER_CIRCUIT)

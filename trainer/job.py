@@ -159,6 +159,10 @@ class JobConfig(TrainConfig):
             default.pop("autoscaling_config", None)
         return {**default, **own}
 
+    def _bucket_field(self) -> dict:
+        """The run's aspect-ratio buckets for a model teacher's spec: the shapes its replicas answer besides the square."""
+        return {"buckets": [list(b) for b in self.bucket_sizes()]} if self.bucket_sizes() else {}
+
     def teachers_config(self) -> TeachersConfig:
         """The teachers (one per route) as a validated TeachersConfig: what `deploy_teachers` deploys."""
         teachers = []
@@ -169,7 +173,7 @@ class JobConfig(TrainConfig):
         for bank, routes in banks.items():
             spec = self.routes[routes[0]].model_teacher
             field = {"kind": "adapter_bank", "path": spec.base or self.student.base, "family": spec.family, "checkpoint": spec.checkpoint,
-                     "resolution": self.student.resolution,
+                     "resolution": self.student.resolution, **self._bucket_field(),
                      "adapters": {r: {**self.routes[r].model_teacher.model_dump(include={"loras", "guidance"}),
                                       **({"cfg_alpha": self.routes[r].cfg_alpha} if self.routes[r].cfg_alpha is not None else {})}
                                   for r in routes}, **store}
@@ -182,7 +186,7 @@ class JobConfig(TrainConfig):
                 field = {"kind": "suite", "capability": route.capability, "tier": self.suite.tier, "tau": self.suite.tau, "seed": self.suite.seed}
             else:  # a model teacher in the student's latent space, at the student's resolution
                 field = {"kind": "diffusers", "path": spec.base or self.student.base, "resolution": self.student.resolution,
-                         **spec.model_dump(exclude={"base"}, exclude_none=True, exclude_defaults=True)}
+                         **self._bucket_field(), **spec.model_dump(exclude={"base"}, exclude_none=True, exclude_defaults=True)}
                 if not is_student_folder(field["path"]):  # a served student folder keeps its own encoders
                     field.update(store)
             opts = self._deploy_options(name)

@@ -180,11 +180,16 @@ def ensure_services(job: JobConfig, log=print) -> None:
     if attached:
         log(f"attached to running teachers {attached}")
     shape = expected_sample_shape(job.student)
+    buckets = [job.student.model_family.sample_shape_of(job.student.base, b) for b in job.bucket_sizes() or ()]
     for r in job.routes:
         info = job.teacher_client(r).info
         if shape is not None and tuple(info.sample_shape) != shape:
             raise ServiceError(f"routes.{r}: teacher application {job.teacher_app(r)!r} serves {tuple(info.sample_shape)} images, "
                                f"the student makes {shape}: point the route at a matching teacher")
+        missing = [b for b in buckets if b is not None and b not in info.shapes]
+        if missing:
+            raise ServiceError(f"routes.{r}: teacher application {job.teacher_app(r)!r} answers the shapes {list(info.shapes)}, not "
+                               f"the run's bucket shapes {missing} (data.buckets): redeploy it with this run's buckets")
 
 
 def precompute_text_embeddings(job: JobConfig, log=print) -> dict | None:

@@ -23,7 +23,8 @@ class TrainerMetrics:
         self.nonfinite = make(T.TRAINER_NONFINITE)
 
     def _route(self, route: str) -> dict:
-        return {"run": self.run, "route": route, "capability": self.capability[route]}
+        # a route fed by data (no suite capability) is labelled with its own name: Ray refuses a None tag value
+        return {"run": self.run, "route": route, "capability": self.capability[route] or route}
 
     def window(self, step: int, losses: dict[str, float], route_steps: dict[str, int], samples_per_s: float,
                seconds_per_step: dict[str, float], skipped: dict[str, int]) -> None:

@@ -52,12 +52,12 @@ class ReferenceTrainer:
             dt = dtype_name(resolve_dtype(cfg.dtype, dev))
             precompute(text.store, cfg.text_encoder_keys(dt, dict.fromkeys(cfg.routes, dt)), cfg.run_prompts(), device=dev)
         if cfg.init_from is not None:
-            self.student = load_student(cfg.init_from, device=cfg.device, dtype=cfg.dtype, text=text)
+            self.student = load_student(cfg.init_from, device=cfg.device, dtype=cfg.dtype, text=text, buckets=cfg.bucket_sizes() or ())
         else:
-            self.student = build_student(cfg.student, device=cfg.device, dtype=cfg.dtype, text=text)
+            self.student = build_student(cfg.student, device=cfg.device, dtype=cfg.dtype, text=text, buckets=cfg.bucket_sizes() or ())
         self.device = self.student.field.device
         self.teachers = build_route_fields(cfg, self.suite, device=self.device, dtype=cfg.dtype, text=text)
-        self.data = build_route_data(cfg, self.suite, self.student)
+        self.data = build_route_data(cfg, self.suite, self.student, lambda route, why: self.log(f"route {route}: {why}"))
         self.router = HardRouter({n: r.weight for n, r in cfg.routes.items()}, cfg.seed)
         self.adaptive = None
         if cfg.method.routing == "adaptive":  # the router service's policy, in process (its state is checkpointed)

@@ -13,8 +13,8 @@ import torch
 
 from danceopd.config import TrainConfig
 from danceopd.fields.base import Conditions, VelocityField
-from danceopd.flow import (dense_velocity_loss, forward_noise, gather_states, rollout_states, rollout_to_queries, sample_query_indices,
-                           sigma_schedule, velocity_mse)
+from danceopd.flow import (SigmaGrids, dense_velocity_loss, forward_noise, gather_states, grid_for, rollout_states, rollout_to_queries,
+                           sample_query_indices, sigma_schedule, velocity_mse)
 from danceopd.seeding import derive_seed, generator
 from danceopd.suite import CapabilitySuite
 
@@ -46,15 +46,18 @@ def refills(cfg: TrainConfig, step: int) -> bool:
     return step % cfg.checkpoint_every == 0 or step >= cfg.steps
 
 
-def query_batch(cfg: TrainConfig, suite: CapabilitySuite, sigmas: torch.Tensor, roller: VelocityField, route: str,
+def query_batch(cfg: TrainConfig, suite: CapabilitySuite, sigmas: torch.Tensor | SigmaGrids, roller: VelocityField, route: str,
                 cond: Conditions, step: int, rank: int, micro: int, device: torch.device) -> QueryBatch:
     """The states to query: from a no-grad rollout of `roller` (the current student on-policy, the teacher for
-    teacher_rollout) or forward-noised dataset targets (off_policy); K per sample at the configured position."""
+    teacher_rollout) or forward-noised dataset targets (off_policy); K per sample at the configured position. The
+    batch's shape is its aspect-ratio bucket's (cond.shape) where it has one, with that shape's grid."""
     m, b = cfg.method, len(cond)
+    sigmas = grid_for(sigmas, cond.shape)
     n = len(sigmas) - 1
     k = n if m.query_position == "dense" else m.k
     idx = sample_query_indices(n, b, k, m.query_position, generator(cfg.seed, "query", step, rank, micro))
-    noise = torch.randn(b, *roller.info.sample_shape, generator=generator(cfg.seed, "noise", step, rank, micro)).to(device)
+    shape = cond.shape or roller.info.sample_shape
+    noise = torch.randn(b, *shape, generator=generator(cfg.seed, "noise", step, rank, micro)).to(device)
     cond_dev = cond.to(device)
     dt = (sigmas[idx] - sigmas[idx + 1]).reshape(-1)
     sigma = sigmas[idx].reshape(-1)
@@ -97,12 +100,14 @@ def distillation_loss(cfg: TrainConfig, pred: torch.Tensor, target: torch.Tensor
     return velocity_mse(pred, target)
 
 
-def run_sigmas(cfg: TrainConfig, student) -> torch.Tensor:
-    """The rollout grid: uniform / SD3-shifted, or the student family's own (method.schedule: family)."""
+def run_sigmas(cfg: TrainConfig, student) -> SigmaGrids:
+    """The rollout grid per sample shape: uniform / SD3-shifted, or the student family's own (method.schedule: family;
+    one per aspect-ratio bucket where its shift follows the token count)."""
     m = cfg.method
     if m.schedule == "family":
-        return student.family.default_sigmas(student.pipe, m.rollout_steps, student.field.info.sample_shape)
-    return sigma_schedule(m.rollout_steps, m.schedule, m.shift)
+        return SigmaGrids(lambda shape: student.family.default_sigmas(student.pipe, m.rollout_steps, shape or student.field.info.sample_shape))
+    grid = sigma_schedule(m.rollout_steps, m.schedule, m.shift)
+    return SigmaGrids(lambda shape: grid)
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:

@@ -22,13 +22,15 @@ kinds (`auto` picks by what the path is):
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from danceopd.data.manifest import (IMAGE_COLUMNS, Manifest, ManifestBucket, ManifestError, _problem, _read_records,
-                                    validate_records)
+from danceopd.data.manifest import (IMAGE_COLUMNS, HeaderIndex, Manifest, ManifestBucket, ManifestError, ManifestRow, _problem,
+                                    _read_records, validate_records)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 FIELDS = ("uid", "route", "prompt", "source_image", "target_image")
@@ -73,8 +75,24 @@ def resolve_kind(source: DataSource) -> str:
 
 
 def load_source(source: DataSource, key: str, routes: list[str], image_size: tuple[int, int] | None,
-                image_dir: Path) -> Manifest:
-    """One source's validated rows. `key` names it in errors (data.sources.<i>)."""
+                image_dir: Path, buckets: list[tuple[int, int]] | None = None, index: HeaderIndex | None = None,
+                validate_images_below: int | None = None) -> Manifest:
+    """One source's validated rows. `key` names it in errors (data.sources.<i>); the rest as validate_records."""
+    checks = dict(buckets=buckets, index=index, validate_images_below=validate_images_below)
+    rows_file = _rows_file(source, resolve_kind(source), routes, image_size, buckets, validate_images_below, index)
+    if rows_file is not None and rows_file.exists():
+        try:
+            return read_rows(rows_file, Path(source.path), buckets)
+        except Exception:  # a torn or foreign file: validate again and overwrite it
+            pass
+    manifest = _load_source(source, key, routes, image_size, image_dir, checks)
+    if rows_file is not None and validate_images_below is not None and len(manifest) + len(manifest.skipped) >= validate_images_below:
+        write_rows(rows_file, manifest)  # a large source only: a small one has every image checked at every start
+    return manifest
+
+
+def _load_source(source: DataSource, key: str, routes: list[str], image_size: tuple[int, int] | None, image_dir: Path,
+                 checks: dict) -> Manifest:
     kind = resolve_kind(source)
     path = Path(source.path).expanduser().absolute()
     if kind == "manifest":
@@ -84,16 +102,96 @@ def load_source(source: DataSource, key: str, routes: list[str], image_size: tup
         if source.route is not None:  # the source's route for rows that name none
             records = [(n, {"route": source.route, **r} if isinstance(r, dict) and "route" not in r and "task" not in r else r)
                        for n, r in records]
-        return validate_records(path, path.parent, records, problems, routes, image_size)
+        return validate_records(path, path.parent, records, problems, routes, image_size, **checks)
     if kind in ("captions", "edit_folder"):
         if source.route is None:
             raise ValueError(f"{key}.route: a {kind} source feeds one route: name it")
         if not path.is_dir():
             raise ValueError(f"{key}.path: folder {source.path} does not exist")
         records, problems = (_caption_records if kind == "captions" else _edit_records)(path, source.route)
-        return validate_records(path, path, records, problems, routes, image_size)
+        return validate_records(path, path, records, problems, routes, image_size, **checks)
     records, folder = _dataset_records(source, key, image_dir)
-    return validate_records(Path(source.path), folder, records, [], routes, image_size)
+    return validate_records(Path(source.path), folder, records, [], routes, image_size, **checks)
+
+
+ROWS_FORMAT = 1  # bump when validation or the row table changes: older tables are then ignored
+
+
+def _rows_file(source: DataSource, kind: str, routes: list[str], image_size, buckets, validate_images_below,
+               index: HeaderIndex | None) -> Path | None:
+    """Where a large dataset's or manifest's validated rows are kept for later starts (beside the header index): named by a
+    digest of everything validation depends on (the source's settings, the run's routes, image size and buckets, and each
+    data file's size and mtime). None for folders (listing them costs what validating does) and hub datasets."""
+    if index is None or index.file is None or kind not in ("dataset", "manifest"):
+        return None
+    p = Path(source.path).expanduser()
+    if kind == "manifest":
+        files = [p] if p.is_file() else []
+    else:
+        top = list(p.iterdir()) if p.is_dir() else []  # the data files sit at the top, or one split folder down (never the images)
+        files = sorted(f for d in [p, *(d for d in top if d.is_dir() and (d / "state.json").exists())] for f in d.iterdir()
+                       if f.is_file() and f.suffix in (".parquet", ".arrow", ".json"))
+    if not files:
+        return None
+    stats = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    key = json.dumps([ROWS_FORMAT, source.model_dump(), kind, sorted(routes), image_size, buckets, validate_images_below, stats],
+                     default=str)
+    return index.file.parent / "data-rows" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.parquet"
+
+
+def remember_rows(file: Path, manifest: Manifest, routes: list[str], image_size, buckets, validate_images_below,
+                  index: HeaderIndex | None) -> None:
+    """Keep a manifest's rows, validated by the driver, as the validated rows of `file` (the manifest they were written
+    to): the Ray workers that validate `file` again reuse them instead of re-checking every image (a million rows each),
+    and a large source's rows set aside at start stay aside."""
+    rows_file = _rows_file(DataSource(path=str(file), kind="manifest"), "manifest", routes, image_size, buckets,
+                           validate_images_below, index)
+    if rows_file is not None:
+        write_rows(rows_file, manifest)
+
+
+def write_rows(file: Path, manifest: Manifest) -> None:
+    """A validated source's rows as a Parquet table (and the rows it set aside), written atomically."""
+    import tempfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = manifest.rows
+    text = lambda v: None if v is None else str(v)  # noqa: E731
+    table = pa.table({"uid": [r.uid for r in rows], "route": [r.route for r in rows], "prompt": [r.prompt for r in rows],
+                      "source_image": [text(r.source_image) for r in rows], "target_image": [text(r.target_image) for r in rows],
+                      "bucket_width": [None if r.bucket is None else r.bucket[0] for r in rows],
+                      "bucket_height": [None if r.bucket is None else r.bucket[1] for r in rows]},
+                     metadata={"skipped": json.dumps([str(e) for e in manifest.skipped])})
+    file.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=f".{file.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, file)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_rows(file: Path, path: Path, buckets: list[tuple[int, int]] | None) -> Manifest:
+    """The Manifest write_rows kept: no file is opened but this one (a million rows in seconds). Images removed since are
+    found when drawn (skipped and counted, danceopd.data.routes)."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(file)
+    t = table.to_pydict()
+    rows = [ManifestRow(u, r, p, None if s is None else Path(s), None if g is None else Path(g), None if w is None else (w, h))
+            for u, r, p, s, g, w, h in zip(t["uid"], t["route"], t["prompt"], t["source_image"], t["target_image"],
+                                            t["bucket_width"], t["bucket_height"])]
+    by_route: dict[str, list[ManifestRow]] = {}
+    for r in rows:
+        by_route.setdefault(r.route, []).append(r)
+    manifest = Manifest(path, rows, {route: ManifestBucket(route, members) for route, members in by_route.items()}, buckets)
+    skipped = json.loads((table.schema.metadata or {}).get(b"skipped", b"[]"))
+    manifest.skipped = [ManifestError(m) for m in skipped]
+    return manifest
 
 
 def _images(folder: Path) -> list[Path]:
@@ -187,23 +285,25 @@ def _dataset_records(source: DataSource, key: str, image_dir: Path) -> tuple[lis
         if field in mapping and isinstance(ds.features[mapping[field]], datasets.Image):
             ds = ds.cast_column(mapping[field], datasets.Image(decode=False))
     ds = ds.select_columns(sorted(set(mapping.values())))
-    records = []
-    for number, raw in enumerate(ds, start=1):
-        row = {"uid": str(raw[mapping["uid"]]) if "uid" in mapping else f"{source.split}-{number - 1}",
-               "route": raw[mapping["route"]] if "route" in mapping else source.route, "prompt": raw[mapping["prompt"]]}
-        for field in IMAGE_COLUMNS:
-            if field in mapping and raw[mapping[field]] is not None:
-                row[field] = _image_file(raw[mapping[field]], folder, image_dir)
-        records.append((number, row))
+    records, number = [], 0
+    for batch in ds.iter(batch_size=10_000):  # columns of 10k rows at a time: a million rows read in seconds
+        for i in range(len(batch[mapping["prompt"]])):
+            number += 1
+            row = {"uid": str(batch[mapping["uid"]][i]) if "uid" in mapping else f"{source.split}-{number - 1}",
+                   "route": batch[mapping["route"]][i] if "route" in mapping else source.route, "prompt": batch[mapping["prompt"]][i]}
+            for field in IMAGE_COLUMNS:
+                if field in mapping and batch[mapping[field]][i] is not None:
+                    row[field] = _image_file(batch[mapping[field]][i], folder, image_dir)
+            records.append((number, row))
     return records, folder
 
 
 def _image_file(value: Any, folder: Path, image_dir: Path) -> str:
     """A dataset cell as an image file: a path (relative to the dataset), or image bytes written content-addressed."""
     if isinstance(value, str):
-        return str(folder / value)
+        return os.path.join(folder, value)
     if isinstance(value, dict) and value.get("bytes") is None and value.get("path"):
-        return str(folder / value["path"])
+        return os.path.join(folder, value["path"])
     if isinstance(value, dict):
         data = value["bytes"]
         suffix = Path(value.get("path") or "").suffix.lower()
@@ -223,7 +323,7 @@ def _image_file(value: Any, folder: Path, image_dir: Path) -> str:
     return str(file)
 
 
-def merge(manifests: list[Manifest], name: str) -> Manifest:
+def merge(manifests: list[Manifest], name: str, sizes: list[tuple[int, int]] | None = None) -> Manifest:
     """One manifest of several sources' rows (a route's bucket holds every source's rows for it, in source order)."""
     rows = [r for m in manifests for r in m.rows]
     seen: dict[str, int] = {}
@@ -235,4 +335,4 @@ def merge(manifests: list[Manifest], name: str) -> Manifest:
     by_route: dict[str, list] = {}
     for r in rows:
         by_route.setdefault(r.route, []).append(r)
-    return Manifest(Path(name), rows, {route: ManifestBucket(route, members) for route, members in by_route.items()})
+    return Manifest(Path(name), rows, {route: ManifestBucket(route, members) for route, members in by_route.items()}, sizes)

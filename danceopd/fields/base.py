@@ -14,10 +14,13 @@ class Conditions:
 
     `prompts[i]` is the text of sample i; the empty string means unconditional (used by CFG).
     `source` is `[B, C, H, W]` for edit fields (the image being edited) and None otherwise.
+    `shape` is the (C, H, W) of the batch's samples where it is not the field's default: an aspect-ratio bucket's
+    (data.buckets); every sample of a batch has one shape.
     """
 
     prompts: list[str]
     source: torch.Tensor | None = None
+    shape: tuple[int, int, int] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.prompts, str):
@@ -38,21 +41,21 @@ class Conditions:
         else:
             idx = [int(i) for i in index]
         source = None if self.source is None else self.source[idx]
-        return Conditions([self.prompts[i] for i in idx], source)
+        return Conditions([self.prompts[i] for i in idx], source, self.shape)
 
     def repeat(self, k: int) -> "Conditions":
         """Each sample repeated k times in a row (for K query states per sample)."""
         prompts = [p for p in self.prompts for _ in range(k)]
         source = None if self.source is None else self.source.repeat_interleave(k, dim=0)
-        return Conditions(prompts, source)
+        return Conditions(prompts, source, self.shape)
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "Conditions":
         if self.source is None:
             return self
-        return Conditions(self.prompts, self.source.to(device=device, dtype=dtype or self.source.dtype))
+        return Conditions(self.prompts, self.source.to(device=device, dtype=dtype or self.source.dtype), self.shape)
 
     def with_prompts(self, prompts: list[str]) -> "Conditions":
-        return Conditions(prompts, self.source)
+        return Conditions(prompts, self.source, self.shape)
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,12 @@ class FieldInfo:
     requires_source: bool = False  # cannot answer without one
     guidance: float | None = None  # CFG scale where the field applies one
     extra: dict = field(default_factory=dict)
+    bucket_shapes: tuple[tuple[int, int, int], ...] = ()  # further (C, H, W) it answers: the run's aspect-ratio buckets
+
+    @property
+    def shapes(self) -> tuple[tuple[int, int, int], ...]:
+        """Every sample shape the field answers: its default first."""
+        return tuple(dict.fromkeys([tuple(self.sample_shape), *map(tuple, self.bucket_shapes)]))
 
 
 @runtime_checkable
@@ -77,10 +86,17 @@ class VelocityField(Protocol):
     def velocity(self, x: torch.Tensor, sigma: torch.Tensor, conditions: Conditions) -> torch.Tensor: ...
 
 
+def shape_text(info: FieldInfo) -> str:
+    """'[B, C, H, W]' of a one-shape field; the list of shapes of a bucketed one."""
+    if len(info.shapes) == 1:
+        return f"[B, {', '.join(map(str, info.sample_shape))}]"
+    return f"[B, C, H, W] with (C, H, W) one of its buckets {[list(s) for s in info.shapes]}"
+
+
 def check_query(info: FieldInfo, x: torch.Tensor, sigma: torch.Tensor, conditions: Conditions) -> None:
     """Validate one query against a field's contract; raises ValueError naming the bad part."""
-    if x.dim() != 4 or tuple(x.shape[1:]) != tuple(info.sample_shape):
-        raise ValueError(f"x must be [B, {', '.join(map(str, info.sample_shape))}] for field {info.name!r}, got {list(x.shape)}")
+    if x.dim() != 4 or tuple(x.shape[1:]) not in info.shapes:
+        raise ValueError(f"x must be {shape_text(info)} for field {info.name!r}, got {list(x.shape)}")
     if sigma.shape != (x.shape[0],):
         raise ValueError(f"sigma must be [B] = [{x.shape[0]}], got {list(sigma.shape)}")
     if conditions.source is not None and tuple(conditions.source.shape) != tuple(x.shape):

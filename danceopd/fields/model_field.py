@@ -22,12 +22,12 @@ class ModelField:
     def __init__(self, name: str, kind: str, family: ModelFamily, pipe: Any, transformer: torch.nn.Module,
                  sample_shape: tuple[int, int, int], device: torch.device, dtype: torch.dtype, guidance: float | None = None,
                  max_sequence_length: int | None = None, prompt_cache: PromptCache | None = None, cache_size: int = 512,
-                 extra: dict | None = None):
+                 extra: dict | None = None, bucket_shapes: tuple = ()):
         self.family, self.pipe, self.transformer = family, pipe, transformer
         self.device, self.dtype, self.guidance = device, dtype, guidance
         self.max_sequence_length = max_sequence_length = max_sequence_length or family.default_max_sequence_length
         self.info = FieldInfo(name, kind, tuple(sample_shape), takes_source=family.takes_source(transformer),
-                              guidance=None, extra=dict(extra or {}))
+                              guidance=None, extra=dict(extra or {}), bucket_shapes=tuple(map(tuple, bucket_shapes)))
         self.prompts = prompt_cache or PromptCache(lambda p, src=None: family.encode_prompts(pipe, p, max_sequence_length)
                                                    if src is None else family.encode_prompts(pipe, p, max_sequence_length, source=src),
                                                    cache_size)
@@ -35,7 +35,8 @@ class ModelField:
     def with_transformer(self, transformer: torch.nn.Module, name: str | None = None) -> "ModelField":
         """The same field (encoders, prompt cache) over another transformer: a DDP wrapper, an EMA copy."""
         return ModelField(name or self.info.name, self.info.kind, self.family, self.pipe, transformer, self.info.sample_shape,
-                          self.device, self.dtype, self.guidance, self.max_sequence_length, self.prompts, extra=self.info.extra)
+                          self.device, self.dtype, self.guidance, self.max_sequence_length, self.prompts, extra=self.info.extra,
+                          bucket_shapes=self.info.bucket_shapes)
 
     def encode_prompts(self, prompts: list[str], source: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """Embeddings per prompt; per (prompt, source) where the family's text encoder also reads the source image."""

@@ -35,11 +35,11 @@ class SoftMixField:
             raise ValueError(f"SoftMixField weights must be >= 0 with a positive sum, got {weights}")
         total = float(sum(weights))
         self.fields, self.weights = fields, [w / total for w in weights]
-        shapes = {f.info.sample_shape for f in fields}
+        shapes = {f.info.shapes for f in fields}
         if len(shapes) != 1:
-            raise ValueError(f"SoftMixField fields disagree on the sample shape: {shapes}")
+            raise ValueError(f"SoftMixField fields disagree on the sample shapes: {shapes}")
         self.info = FieldInfo(name, "soft_mix", fields[0].info.sample_shape,
-                              takes_source=any(f.info.takes_source for f in fields))
+                              takes_source=any(f.info.takes_source for f in fields), bucket_shapes=fields[0].info.bucket_shapes)
 
     def velocity(self, x: torch.Tensor, sigma: torch.Tensor, conditions: Conditions) -> torch.Tensor:
         return sum(w * f.velocity(x, sigma, conditions) for f, w in zip(self.fields, self.weights))

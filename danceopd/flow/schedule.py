@@ -3,6 +3,7 @@ decreasing, ending at 0."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import numpy as np
@@ -46,3 +47,31 @@ def sigma_schedule(num_steps: int, kind: ScheduleKind = "uniform", shift: float 
     if kind == "uniform":
         return uniform_sigmas(num_steps, shift)
     raise ValueError(f"unknown schedule kind {kind!r}: use 'uniform' or 'sd3'")
+
+
+class SigmaGrids:
+    """A run's sigma grid for each sample shape: `grid(shape)` once per shape, kept. Under the family's own schedule the
+    grid depends on the image's token count (FLUX, Qwen-Image: the shift mu), so each aspect-ratio bucket gets its own;
+    the uniform and SD3 grids are the same for every shape. shape None: the field's default."""
+
+    def __init__(self, grid: Callable[[tuple[int, int, int] | None], torch.Tensor], device: torch.device | str | None = None):
+        self.grid, self.device = grid, device
+        self._cache: dict = {}
+
+    def __call__(self, shape: tuple[int, int, int] | None = None) -> torch.Tensor:
+        key = None if shape is None else tuple(shape)
+        if key not in self._cache:
+            g = self.grid(key)
+            self._cache[key] = g if self.device is None else g.to(self.device)
+        return self._cache[key]
+
+    def to(self, device: torch.device | str) -> "SigmaGrids":
+        return SigmaGrids(self.grid, device)
+
+    def __len__(self) -> int:  # the number of states + 1, the same for every shape
+        return len(self())
+
+
+def grid_for(sigmas: "torch.Tensor | SigmaGrids", shape: tuple[int, int, int] | None) -> torch.Tensor:
+    """The grid for one shape from a tensor (every shape) or SigmaGrids."""
+    return sigmas(shape) if isinstance(sigmas, SigmaGrids) else sigmas

@@ -97,22 +97,31 @@ class ModelFamily:
     # ----------------------------------------------------------------------------- latent space
     latent_patch: int = 1  # the transformer packs or patchifies latents in patches of this side (FLUX, Z-Image: 2)
 
-    def latent_shape(self, pipe: Any, resolution: int) -> tuple[int, int, int]:
+    def latent_shape(self, pipe: Any, resolution: int | tuple[int, int]) -> tuple[int, int, int]:
+        """(C, H, W) of the samples at `resolution`: a square's side, or an aspect-ratio bucket's (width, height)."""
         f = pipe.vae_scale_factor
-        if resolution % (self.latent_patch * f):
-            raise ValueError(f"{self.name} takes {self.latent_patch}x{self.latent_patch} latent patches: the resolution must be a "
-                             f"multiple of {self.latent_patch * f}, got {resolution}")
+        w, h = image_size(resolution)
+        m = self.latent_patch * f
+        if w % m or h % m:
+            raise ValueError(f"{self.name} takes {self.latent_patch}x{self.latent_patch} latent patches: image sides must be "
+                             f"multiples of {m}, got {w}x{h}")
         c = pipe.vae.config.latent_channels if pipe.vae is not None else self._latent_channels(pipe)
-        return (c, resolution // f, resolution // f)
+        return (c, h // f, w // f)
 
-    def sample_shape_of(self, path: str, resolution: int) -> tuple[int, int, int] | None:
+    def sample_shape_of(self, path: str, resolution: int | tuple[int, int]) -> tuple[int, int, int] | None:
         """The sample shape at `resolution` from a local pipeline's VAE config alone (None for a hub id): what the job
         checks the teachers' shapes against before training."""
         geometry = vae_geometry(path)
         if geometry is None:
             return None
         channels, f = geometry
-        return (channels, resolution // f, resolution // f)
+        w, h = image_size(resolution)
+        return (channels, h // f, w // f)
+
+    def size_multiple(self, path: str | None) -> int:
+        """Image sides must be multiples of this (the VAE's downscale x the transformer's patch); 8 x patch for a hub id."""
+        geometry = None if path is None else vae_geometry(path)
+        return self.latent_patch * (8 if geometry is None else geometry[1])
 
     def _latent_channels(self, pipe: Any) -> int:
         cfg = pipe.transformer.config
@@ -194,6 +203,14 @@ def stack_rows(rows: list[tuple[torch.Tensor, ...]]) -> Embeds:
             parts = [torch.cat([p, p.new_zeros(longest - p.shape[0], *p.shape[1:])]) for p in parts]
         out.append(torch.stack(parts))
     return tuple(out)
+
+
+def image_size(resolution: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    """(width, height) of a square side or of a (width, height) bucket."""
+    if isinstance(resolution, int):
+        return resolution, resolution
+    w, h = resolution
+    return int(w), int(h)
 
 
 def model_index(path: str | Path) -> dict | None:

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from danceopd.models.base import Embeds, ModelFamily, scheduler_sigmas, text_device
+from danceopd.models.base import Embeds, ModelFamily, image_size, scheduler_sigmas, text_device
 from danceopd.models.flux import pack, unpack  # QwenImagePipeline._pack_latents packs 2x2 patches in FLUX's order
 
 
@@ -96,10 +96,11 @@ class QwenImageFamily(ModelFamily):
     # ----------------------------------------------------------------------------- latent space: normalised 5-D latents
     def latent_shape(self, pipe, resolution):
         f = pipe.vae_scale_factor
-        if resolution % (2 * f):
-            raise ValueError(f"{self.name} packs 2x2 latent patches: the resolution must be a multiple of {2 * f}, got {resolution}")
+        w, h = image_size(resolution)
+        if w % (2 * f) or h % (2 * f):
+            raise ValueError(f"{self.name} packs 2x2 latent patches: image sides must be multiples of {2 * f}, got {w}x{h}")
         c = pipe.vae.config.z_dim if pipe.vae is not None else pipe.transformer.config.out_channels
-        return (c, resolution // f, resolution // f)
+        return (c, h // f, w // f)
 
     def encode_images(self, pipe, images):
         vae = pipe.vae

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from danceopd.models.base import Embeds, ModelFamily, scheduler_sigmas, text_device
+from danceopd.models.base import Embeds, ModelFamily, scheduler_sigmas, text_device, vae_geometry
 
 
 def call_sd3_transformer(transformer: torch.nn.Module, x: torch.Tensor, sigma: torch.Tensor, hidden: torch.Tensor,
@@ -62,6 +62,16 @@ class SD3Family(ModelFamily):
     def call_transformer(self, transformer, x, sigma, embeds, source, guidance):
         hidden, pooled = embeds
         return call_sd3_transformer(transformer, x, sigma, hidden, pooled, source, self.takes_source(transformer))
+
+    def size_multiple(self, path):
+        """The VAE's factor x the transformer's patch_size (2 in SD3 / 3.5): the patch embedding's stride."""
+        import json
+        from pathlib import Path
+
+        config = None if path is None else Path(path).expanduser() / "transformer" / "config.json"
+        patch = json.loads(config.read_text()).get("patch_size", 2) if config is not None and config.exists() else 2
+        geometry = None if path is None else vae_geometry(path)
+        return patch * (8 if geometry is None else geometry[1])
 
     def default_sigmas(self, pipe, num_steps, sample_shape):
         c, h, w = sample_shape

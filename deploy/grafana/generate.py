@@ -73,6 +73,8 @@ def training() -> dict:
         panel("Step", [(f"max by (run) ({sel(T.TRAINER_STEP, **run)})", "{{run}}")], "short"),
         panel("Skipped updates (non-finite loss or gradient)",
               [(f"max by (route) ({sel(T.TRAINER_NONFINITE, **run)})", "{{route}}")], "short"),
+        panel("Skipped data rows (unreadable images, all workers)",
+              [(f"sum by (route) ({sel(T.TRAINER_DATA_SKIPPED, **run)})", "{{route}}")], "short"),
         panel("Failing teachers (workers with an open circuit)",
               [(f"sum by (teacher) ({sel(T.TRAINER_TEACHER_CIRCUIT, **run)})", "{{teacher}}")], "short"),
         panel("Checkpoint age", [(f"time() - max by (run) ({sel(T.TRAINER_CHECKPOINT_TIME, **run)})", "{{run}}")], "s"),

@@ -54,6 +54,8 @@ class DiffusersFieldSpec(_Strict):
     loras: list[LoraAdapterSpec] = Field(default_factory=list)
     guidance: float | None = None
     resolution: int | None = Field(None, ge=8, description="image side in pixels the student trains at; default the transformer's native size")
+    buckets: list[tuple[int, int]] = Field(default_factory=list, description="further (width, height) sizes it answers: the "
+                                           "run's aspect-ratio buckets (data.buckets; the job sets them)")
     max_sequence_length: int | None = Field(None, ge=1, description="prompt tokens; default the pipeline's (SD3 256, FLUX 512)")
     text_embeddings: str | None = Field(None, description="a prompt-embedding store (danceopd.text_embeddings; the job sets it "
                                         "under student.text_embeddings: precompute): replicas load no text encoder and look "
@@ -92,6 +94,8 @@ class AdapterBankSpec(_Strict):
     family: str | None = None
     checkpoint: str | None = None
     resolution: int | None = Field(None, ge=8)
+    buckets: list[tuple[int, int]] = Field(default_factory=list, description="further (width, height) sizes it answers "
+                                           "(the run's aspect-ratio buckets)")
     max_sequence_length: int | None = Field(None, ge=1)
     adapters: dict[str, BankedTeacher] = Field(min_length=1, description="teacher name -> its LoRAs")
     text_embeddings: str | None = Field(None, description="a prompt-embedding store (danceopd.text_embeddings; the job sets it "

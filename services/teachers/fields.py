@@ -20,12 +20,12 @@ def build_field(teacher: TeacherConfig, all_teachers: TeachersConfig | None = No
     if isinstance(spec, DiffusersFieldSpec):
         resolution = spec.resolution or native_resolution(spec.path) or 0
         return load_teacher_field(spec.model_spec(), teacher.name, resolution, device=teacher.device, dtype=teacher.dtype,
-                                  text=_store(spec))
+                                  text=_store(spec), buckets=spec.buckets)
     if isinstance(spec, AdapterBankSpec):  # several teachers on one base: the replica answers per query's adapter
         resolution = spec.resolution or native_resolution(spec.path) or 0
         return AdapterBank({n: spec.model_spec(n) for n in spec.adapters}, resolution, device=teacher.device, dtype=teacher.dtype,
                            name=teacher.name, cfg_alphas={n: a.cfg_alpha for n, a in spec.adapters.items() if a.cfg_alpha is not None},
-                           text=_store(spec))
+                           text=_store(spec), buckets=spec.buckets)
     if isinstance(spec, CFGFieldSpec):
         if all_teachers is None:
             raise ValueError(f"teacher {teacher.name!r} is CFG over {spec.base!r}: the full teachers config is needed")

@@ -102,8 +102,8 @@ class TeacherGateway:
                 infos.append(await self._info(n))
             except (asyncio.TimeoutError, RayError, RayServeException) as e:
                 return _teacher_failure(n, e, self.cfg.gateway.request_timeout_s)
-        keep = ("name", "kind", "sample_shape", "takes_source", "requires_source", "guidance", "device",
-                "family", "resolution", "weights_sha256")  # the last three: model teachers only
+        keep = ("name", "kind", "sample_shape", "bucket_shapes", "takes_source", "requires_source", "guidance", "device",
+                "family", "resolution", "weights_sha256")  # bucket_shapes and the last three: model teachers only
         return {"fields": [{k: i[k] for k in keep if k in i} for i in infos]}
 
     # The body is read by hand (its size enforced while reading), so FastAPI is told its schema.
