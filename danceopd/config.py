@@ -118,15 +118,31 @@ class DataConfig(_Strict):
 
 
 class MethodConfig(_Strict):
-    routing: Literal["hard", "soft", "adaptive"] = Field("hard", description="hard: one field per update, drawn by weight; soft: "
-                                                       "the weighted mix of all fields as target; adaptive: hard, with weights moved toward routes whose loss stays high")
+    routing: Literal["hard", "soft", "adaptive", "groups"] = Field("hard", description="hard: one field per update, drawn by "
+                                                       "weight; soft: the weighted mix of all fields as target; adaptive: hard, with "
+                                                       "weights moved toward routes whose loss stays high; groups (the official "
+                                                       "toolkit's accumulation groups): every rank runs, in one optimizer step, each "
+                                                       "route of method.groups for optim.grad_accum micro-batches, the loss divided by "
+                                                       "grad_accum x len(groups)")
+    groups: list[str] | None = Field(None, description="routing: groups: the routes of every step, in order (default: every route)")
     states: Literal["on_policy", "off_policy", "teacher_rollout"] = "on_policy"
     off_policy_share: float = Field(0.0, ge=0.0, lt=1.0, description="on_policy only: this share of each micro-batch's samples is "
                                     "queried at forward-noised dataset targets (same sigma, teacher target) instead of the rollout")
     target: Literal["teacher", "data"] = Field("teacher", description="'data' = plain flow matching (eps - x0), off_policy only")
     query_position: str = "low"
     k: int = Field(1, ge=1, le=64)
-    loss: Literal["mse", "dense_dt2"] = "mse"
+    query_sampling: Literal["distinct", "iid"] = Field("distinct", description="K > 1: distinct = K different states per "
+                                                       "sample, sorted (the official toolkit: draws repeated until K are "
+                                                       "distinct); iid = K independent draws (may repeat). Identical at K = 1")
+    loss: Literal["mse", "dense", "dense_dt2"] = Field("mse", description="mse: the velocity MSE at the queried states; dense "
+                                                        "(DiffusionOPD-style, query_position: dense): sum over the N states of "
+                                                        "w_i x MSE_i, w_i by method.dense_weight; dense_dt2 = dense with dt2")
+    dense_weight: Literal["uniform", "dt2"] = Field("uniform", description="dense loss weights: uniform = 0.5 / N^2 per state "
+                                                     "(the official toolkit's; exact for a uniform grid), dt2 = dt_i^2 / 2 with "
+                                                     "the grid's real step sizes dt_i = sigma_i - sigma_(i+1)")
+    student_cfg_scale: float = Field(1.0, gt=0.0, description="the student's rollout and its prediction use CFG with this scale "
+                                     "(an unconditional pass of the student, as the official toolkit's student_cfg_scale); 1.0 = "
+                                     "none. Sampling-time guidance of a trained student is eval.guidance_scale")
     rollout_steps: int = Field(8, ge=1, le=100)
     schedule: Literal["uniform", "sd3", "family"] = Field("uniform", description="family: the student family's own grid "
                                                           "(SD3: static shift; FLUX: shift by the image's token count)")
@@ -144,8 +160,14 @@ class MethodConfig(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> "MethodConfig":
-        if self.loss == "dense_dt2" and self.query_position != "dense":
-            raise ValueError("loss 'dense_dt2' weights every rollout state: set query_position: dense")
+        if self.loss == "dense_dt2":  # the older spelling: dense with the dt^2 / 2 weights
+            self.loss, self.dense_weight = "dense", "dt2"
+        if self.loss == "dense" and self.query_position != "dense":
+            raise ValueError("loss 'dense' weights every rollout state: set query_position: dense")
+        if self.groups is not None and self.routing != "groups":
+            raise ValueError(f"method.groups is used by routing: groups, not {self.routing!r}")
+        if self.groups is not None and not self.groups:
+            raise ValueError("method.groups: name at least one route (or leave it out for every route)")
         if self.target == "data" and self.states != "off_policy":
             raise ValueError("target 'data' (plain flow matching) needs states: off_policy")
         if self.off_policy_share > 0 and self.states != "on_policy":
@@ -315,6 +337,9 @@ class TrainConfig(_Strict):
                              "(services.teacher_defaults.dtype): they compute no gradients")
         if self.dtype not in ("float32", "fp32", "bfloat16", "bf16", "auto"):
             raise ValueError(f"dtype {self.dtype!r}: use bfloat16, float32 or auto (bfloat16 on a GPU that has it, else float32)")
+        unknown = [g for g in self.method.groups or [] if g not in self.routes]
+        if unknown:
+            raise ValueError(f"method.groups: unknown routes {unknown}; the routes are {list(self.routes)}")
         for name, route in self.routes.items():
             if route.capability is None and not self.data.given:
                 raise ValueError(f"routes.{name}.capability: required without data.manifest (the suite is the dataset)")
@@ -355,6 +380,12 @@ class TrainConfig(_Strict):
             raise ValueError(f"data.buckets: {bad}: a {family.name} model ({self.student.base}) takes image sides that are "
                              f"multiples of {m} (its VAE's factor x its patch); round them, or use auto")
         self._bucket_sizes = sizes
+
+    def group_routes(self) -> list[str] | None:
+        """routing: groups: the routes every optimizer step runs, in order (method.groups, default every route); else None."""
+        if self.method.routing != "groups":
+            return None
+        return list(self.method.groups or self.routes)
 
     def bucket_sizes(self) -> list[tuple[int, int]] | None:
         """The run's aspect-ratio buckets as (width, height) (data.buckets resolved), or None (one square size)."""

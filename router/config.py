@@ -30,7 +30,8 @@ class RoutingConfig(_Strict):
     policy: Literal["hard", "per_sample", "groups", "soft", "adaptive"] = "hard"
     seed: int = 0
     routes: dict[str, RouteSpec]
-    groups: list[str] | None = Field(None, description="groups policy: routes given one micro-batch each per update")
+    groups: list[str] | None = Field(None, description="groups policy (the official toolkit's accumulation groups): every rank "
+                                     "runs, in one update, each listed route for micro_batches micro-batches, in order")
     world_size: int = Field(1, ge=1)
     micro_batches: int = Field(1, ge=1, description="gradient-accumulation micro-batches per rank per update")
     batch_size: int = Field(32, ge=1, description="samples per micro-batch")
@@ -44,15 +45,17 @@ class RoutingConfig(_Strict):
             raise ValueError("routes: at least one route needs weight > 0")
         if self.policy == "groups":
             if not self.groups:
-                raise ValueError("policy 'groups' needs groups: the routes that get one micro-batch each per update")
+                raise ValueError("policy 'groups' needs groups: the routes every update runs, each for micro_batches micro-batches")
             unknown = [g for g in self.groups if g not in self.routes]
             if unknown:
                 raise ValueError(f"groups names unknown routes {unknown}; routes are {sorted(self.routes)}")
-            if len(self.groups) != self.world_size * self.micro_batches:
-                raise ValueError(f"groups has {len(self.groups)} entries but an update has world_size x micro_batches = "
-                                 f"{self.world_size * self.micro_batches} micro-batches")
         elif self.groups is not None:
             raise ValueError(f"groups is only used by policy 'groups', not {self.policy!r}")
         if self.policy == "adaptive" and self.adaptive.floor * len(self.routes) >= 1:
             raise ValueError(f"adaptive.floor {self.adaptive.floor} x {len(self.routes)} routes >= 1: lower the floor")
         return self
+
+    @property
+    def slots(self) -> int:
+        """Micro-batches per rank per update: micro_batches, times the number of groups under the groups policy."""
+        return self.micro_batches * (len(self.groups) if self.policy == "groups" else 1)

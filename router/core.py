@@ -79,8 +79,8 @@ class Router:
             raise RouterError("step", f"must be an integer >= 0, got {step!r}")
         if not isinstance(rank, int) or not 0 <= rank < cfg.world_size:
             raise RouterError("rank", f"must be in [0, {cfg.world_size}) for this run, got {rank!r}")
-        if not isinstance(micro, int) or not 0 <= micro < cfg.micro_batches:
-            raise RouterError("micro", f"must be in [0, {cfg.micro_batches}) for this run, got {micro!r}")
+        if not isinstance(micro, int) or not 0 <= micro < cfg.slots:
+            raise RouterError("micro", f"must be in [0, {cfg.slots}) for this run, got {micro!r}")
         value = self._compute(run_id, cfg, step, rank, micro)
         stored, _ = self.store.get_or_set_assignment(run_id, f"{step}:{rank}:{micro}", value)
         return stored
@@ -96,7 +96,7 @@ class Router:
             raise RouterError("count", "adaptive weights follow the reported losses: ask for one step at a time (count 1)")
         if not isinstance(first_step, int) or first_step < 0:
             raise RouterError("step", f"must be an integer >= 0, got {first_step!r}")
-        return [[self.assign(run_id, s, rank, m) for m in range(cfg.micro_batches)] for s in range(first_step, first_step + count)]
+        return [[self.assign(run_id, s, rank, m) for m in range(cfg.slots)] for s in range(first_step, first_step + count)]
 
     def weights(self, run_id: str, step: int | None = None) -> dict[str, float]:
         """Route weights in force (for the adaptive policy: as they stand now, or frozen at `step`)."""
@@ -117,8 +117,8 @@ class Router:
             sample_routes = [route] * b
             if cfg.policy == "soft":
                 soft = weights
-        elif cfg.policy == "groups":
-            route = cfg.groups[rank * cfg.micro_batches + micro]
+        elif cfg.policy == "groups":  # each group's route for micro_batches consecutive micro-batches, on every rank
+            route = cfg.groups[micro // cfg.micro_batches]
             sample_routes = [route] * b
         else:  # per_sample
             rng = np.random.default_rng(derive_seed(cfg.seed, "sample-route", step, rank, micro))

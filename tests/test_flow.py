@@ -193,3 +193,61 @@ def test_mixture_velocity_equals_score_identity(tau):
     expected = -(x + s.view(-1, 1) * grad) / (1 - s).view(-1, 1)
     got = gaussian_mixture_velocity(x.detach(), s, refs, tau)
     torch.testing.assert_close(got, expected.detach())
+
+
+def _toolkit_k_indices(n: int, k: int, a: float, b: float, rng) -> list[int]:
+    """The official toolkit's rule (worldbench/DanceOPD 4440ab5, core/timestep.py), restated: Beta draws, index
+    floor(u N), repeated until K are distinct (at most 50 K draws, then uniform indices), sorted."""
+    chosen: set[int] = set()
+    attempts = 0
+    while len(chosen) < k and attempts < 50 * k:
+        chosen.add(min(max(int(rng.beta(a, b) * n), 0), n - 1))
+        attempts += 1
+    while len(chosen) < k:
+        chosen.add(int(rng.integers(n)))
+    return sorted(chosen)
+
+
+def test_distinct_k_sampling_reproduces_the_toolkits_index_distribution():
+    """K = 4 of N = 8 (low: Beta(5, 2)): no repeats, sorted, and each index's share within sampling noise of the
+    toolkit's algorithm (these shares are not the Beta bins: rejection pushes mass to the rarer indices). The i.i.d.
+    rule repeats an index in most rows; at K = 1 the two rules draw the same index."""
+    n, k, rows = 8, 4, 40000
+    ours = sample_query_indices(n, rows, k, "low", torch.Generator().manual_seed(0), sampling="distinct")
+    assert all(len(set(r)) == k and r == sorted(r) for r in ours.tolist())
+    rng = np.random.default_rng(0)
+    theirs = np.array([_toolkit_k_indices(n, k, *BETA_LAWS["low"], rng) for _ in range(rows)])
+    ours_share = np.bincount(ours.flatten().numpy(), minlength=n) / ours.numel()
+    their_share = np.bincount(theirs.flatten(), minlength=n) / theirs.size
+    assert np.abs(ours_share - their_share).max() < 0.006, (ours_share, their_share)  # std of a share here ~0.0012
+    bins = np.diff(stats.beta(*BETA_LAWS["low"]).cdf(np.linspace(0, 1, n + 1)))
+    assert np.abs(their_share - bins).max() > 0.05  # not the Beta bins
+    iid = sample_query_indices(n, rows, k, "low", torch.Generator().manual_seed(0), sampling="iid")
+    assert np.mean([len(set(r)) < k for r in iid.tolist()]) > 0.4  # most i.i.d. rows repeat an index
+    for law in ("low", "uniform"):
+        a = sample_query_indices(n, 64, 1, law, torch.Generator().manual_seed(3), sampling="distinct")
+        assert torch.equal(a, sample_query_indices(n, 64, 1, law, torch.Generator().manual_seed(3), sampling="iid"))
+    uniform = sample_query_indices(n, 2000, 3, "uniform", torch.Generator().manual_seed(1), sampling="distinct")
+    assert all(len(set(r)) == 3 for r in uniform.tolist())
+    assert np.abs(np.bincount(uniform.flatten().numpy(), minlength=n) / uniform.numel() - 1 / n).max() < 0.015
+    assert sample_query_indices(n, 2, 9, "low", sampling="distinct").tolist() == [list(range(n))] * 2  # K >= N: all
+
+
+def test_dense_weights_uniform_are_the_toolkits_and_dt2_follows_the_grid():
+    """On the SD3 shift-3 grid of 16 steps: uniform weighs every state 0.5 / 16^2 (the toolkit's constant), dt2 weighs
+    state i by dt_i^2 / 2; on a uniform grid the two are the same loss."""
+    n, b = 16, 3
+    sigmas = sd3_sigmas(n, 3.0)
+    dt = (sigmas[:-1] - sigmas[1:]).repeat(b)
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(b * n, 4, 2, 2, generator=g), torch.randn(b * n, 4, 2, 2, generator=g)
+    per_state = ((pred - target) ** 2).flatten(1).mean(1).view(b, n)
+    uniform = dense_velocity_loss(pred, target, dt, n, weight="uniform")
+    assert uniform.item() == pytest.approx((per_state * (0.5 / 16 ** 2)).sum(1).mean().item(), rel=1e-6)
+    dt2 = dense_velocity_loss(pred, target, dt, n, weight="dt2")
+    assert dt2.item() == pytest.approx((per_state * (sigmas[:-1] - sigmas[1:]) ** 2 / 2).sum(1).mean().item(), rel=1e-6)
+    ratio = ((sigmas[:-1] - sigmas[1:]) * n) ** 2  # each dt2 weight over the uniform one
+    assert ratio[0].item() == pytest.approx(0.138, abs=0.002) and ratio.max().item() == pytest.approx(7.75, abs=0.05)
+    flat = torch.full((b * n,), 1.0 / n)
+    assert dense_velocity_loss(pred, target, flat, n, weight="dt2").item() == pytest.approx(
+        dense_velocity_loss(pred, target, flat, n, weight="uniform").item(), rel=1e-6)

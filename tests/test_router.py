@@ -125,11 +125,15 @@ def test_every_policy_follows_its_weights():
     for name, p in probs.items():
         assert _freq_ok(samples.count(name), len(samples), p)
     assert any(len(set(r.assign("ps", s)["sample_routes"])) > 1 for s in range(5))
-    # groups: one micro-batch per listed route in every update
-    r.register_run("g", cfg(policy="groups", groups=["t2i", "local_edit", "global_edit", "t2i"]))
+    # groups (the toolkit's accumulation groups): every rank runs each listed route for micro_batches micro-batches
+    r.register_run("g", cfg(policy="groups", groups=["t2i", "local_edit", "global_edit"]))
     for s in range(20):
-        got = [r.assign("g", s, rank, micro)["route"] for rank in range(2) for micro in range(2)]
-        assert got == ["t2i", "local_edit", "global_edit", "t2i"]
+        for rank in range(2):
+            got = [r.assign("g", s, rank, micro)["route"] for micro in range(6)]
+            assert got == ["t2i", "t2i", "local_edit", "local_edit", "global_edit", "global_edit"]
+    with pytest.raises(RouterError, match=r"must be in \[0, 6\)"):
+        r.assign("g", 0, 0, 6)
+    assert len(r.assign_steps("g", 0, 1, 1)[0]) == 6
     # soft: every field, with the normalised weights, on a bucket drawn by weight
     r.register_run("soft", cfg(policy="soft"))
     a = r.assign("soft", 3)
@@ -190,11 +194,11 @@ def test_bad_requests_name_the_field(call, field):
 @pytest.mark.parametrize("policy", ["hard", "per_sample", "groups"])
 def test_a_block_of_steps_is_what_one_step_at_a_time_gives(policy):
     """What trainers ask ahead (assign_steps) is logged and answered exactly as step-by-step requests are."""
-    extra = {"groups": ["t2i", "local_edit", "global_edit", "t2i"]} if policy == "groups" else {}
+    extra = {"groups": ["t2i", "local_edit"]} if policy == "groups" else {}
     one, block = Router(), Router()
     for r in (one, block):
         r.register_run("x", cfg(policy=policy, **extra))
-    want = [[one.assign("x", s, 1, m) for m in range(2)] for s in range(3, 13)]
+    want = [[one.assign("x", s, 1, m) for m in range(4 if policy == "groups" else 2)] for s in range(3, 13)]
     assert block.assign_steps("x", 3, 10, 1) == want
     assert block.store.route_counts("x") == one.store.route_counts("x")
     assert block.assign_steps("x", 5, 2, 1) == want[2:4]  # asked again (a retry, a resume): the logged answers

@@ -367,3 +367,55 @@ def test_a_checkpoint_written_on_another_gpu_restores_onto_this_process_own_devi
     moments = [s["exp_avg"] for s in fresh.optimizer.state.values()]
     assert moments and all(m.device.type == "cpu" for m in moments)
     assert all(torch.equal(fresh.ema.params[n], v) for n, v in tr.ema.params.items())
+
+
+def test_student_side_cfg_is_a_no_op_at_one_and_the_cfg_combination_at_two(tmp_path):
+    """method.student_cfg_scale (the toolkit's student_cfg_scale): at 1.0 every loss is bit for bit the default's; at 2.0
+    the rollout (and the prediction) are v_u + 2 (v_c - v_u) of the student's own conditional and unconditional passes."""
+    from danceopd.fields.base import Conditions
+    from danceopd.flow import cfg_combine, rollout_states
+    from trainer.steps import student_guided
+
+    plain = ReferenceTrainer(small_config(tmp_path / "a", steps=3), log=lambda m: None)
+    one = ReferenceTrainer(small_config(tmp_path / "b", steps=3, **{"method.student_cfg_scale": 1.0}), log=lambda m: None)
+    assert [plain.train_step()["loss"] for _ in range(3)] == [one.train_step()["loss"] for _ in range(3)]
+    two = ReferenceTrainer(small_config(tmp_path / "c", steps=3, **{"method.student_cfg_scale": 2.0,
+                                                                  "execution.truncate_rollout": False}), log=lambda m: None)
+    cond = two.suite.bucket("t2i").sample(4, 0)
+    field = two.student.field
+    with torch.no_grad():
+        q = two.query_batch("t2i", cond, 0, 0)
+        x = torch.randn(4, *field.info.sample_shape)
+        s = torch.full((4,), 0.6)
+        guided = student_guided(two.cfg, field).velocity(x, s, cond)
+        both = cfg_combine(field.velocity(x, s, Conditions([""] * 4)), field.velocity(x, s, cond), 2.0)
+        assert torch.allclose(guided, both, atol=1e-5)
+        # the queried states are those of a rollout of that combination from the micro-batch's noise
+        from danceopd.seeding import generator
+
+        noise = torch.randn(4, *field.info.sample_shape, generator=generator(two.cfg.seed, "noise", 0, 0, 0))
+        traj = rollout_states(lambda z, t: cfg_combine(field.velocity(z, t, Conditions([""] * len(z))), field.velocity(z, t, cond), 2.0),
+                              noise, two.sigmas())
+        want = traj.states[q.sigma.new_tensor([list(two.sigmas()).index(v) for v in q.sigma]).long(), torch.arange(4)]
+        assert torch.allclose(q.x, want, atol=1e-4)
+    assert torch.isfinite(torch.tensor(two.train_step()["loss"]))
+
+
+def test_routing_groups_run_every_group_each_step_with_the_loss_divided_by_all_micro_batches(tmp_path):
+    """routing: groups (the toolkit's accumulation groups): each optimizer step runs every listed route for grad_accum
+    micro-batches, in order; the loss is the mean over all of them; each group's own mean is logged."""
+    cfg = small_config(tmp_path, steps=2, **{"method.routing": "groups", "method.groups": ["local_edit", "t2i"], "optim.grad_accum": 2})
+    tr = ReferenceTrainer(cfg, log=lambda m: None)
+    batches = tr.prepare(0, StepTimes())
+    assert [mb.route for mb in batches] == ["local_edit", "local_edit", "t2i", "t2i"]
+    with torch.no_grad():  # each micro-batch's MSE at the weights the step starts from
+        losses = [torch.mean((tr.student.field.velocity(mb.q.x, mb.q.sigma, mb.q.conditions) - mb.target.result()) ** 2).item()
+                  for mb in batches]
+    tr.prepared[0] = batches
+    out = tr.train_step()
+    assert out["loss"] == pytest.approx(sum(losses) / 4, rel=1e-5)  # divided by grad_accum x len(groups)
+    assert out["route_losses"] == pytest.approx({"local_edit": sum(losses[:2]) / 2, "t2i": sum(losses[2:]) / 2}, rel=1e-5)
+    with pytest.raises(ConfigError, match=r"method\.groups: unknown routes \['inpaint'\]"):
+        small_config(tmp_path, **{"method.routing": "groups", "method.groups": ["inpaint"]})
+    with pytest.raises(ConfigError, match=r"method\.groups is used by routing: groups"):
+        small_config(tmp_path, **{"method.groups": ["t2i"]})

@@ -42,7 +42,7 @@ from trainer.ema import EMA
 from trainer.job import JobConfig
 from trainer.metrics import TrainerMetrics
 from trainer.steps import (MicroBatch, NonFiniteSteps, StepTimes, distillation_loss, format_progress, lr_at, query_batch, refills,
-                           routing_config, run_sigmas, window_stats)
+                           routing_config, run_sigmas, student_guided, window_stats)
 
 
 def worker_loop(config: dict) -> None:
@@ -104,8 +104,8 @@ def worker_loop(config: dict) -> None:
     skip_frozen_broadcast(student.transformer)
     model = ray.train.torch.prepare_model(student.transformer, parallel_strategy_kwargs=ddp_options(find_unused))
     inner = model.module if hasattr(model, "module") else model
-    train_field = student.field.with_transformer(model)  # gradients flow through DDP
-    roll_field = student.field  # no-grad rollouts skip DDP's hooks
+    train_field = student_guided(job, student.field.with_transformer(model))  # gradients flow through DDP
+    roll_field = student_guided(job, student.field)  # no-grad rollouts skip DDP's hooks
     optimizer = torch.optim.AdamW(params, lr=job.optim.lr, betas=job.optim.betas, weight_decay=job.optim.weight_decay)
     ema = EMA(inner, job.optim.ema_decay) if job.optim.ema_decay > 0 else None
     # A restarted in-memory router forgets the run: the client registers it again (hard routes are a pure
@@ -119,7 +119,7 @@ def worker_loop(config: dict) -> None:
     ahead = ex.prefetch_routing and not adaptive
     assignments = Assignments(router, run_id, rank, job.steps, ahead)
     reports = LossReports(router, run_id, wait=not ahead)
-    accum, num_steps = job.optim.grad_accum, len(sigmas) - 1
+    num_steps, route_index = len(sigmas) - 1, {r: i for i, r in enumerate(job.routes)}
 
     def prepare(step: int, times: StepTimes) -> list[MicroBatch]:
         """Roll out this step's micro-batches with the current weights; each one's teacher query goes out as soon as
@@ -171,20 +171,23 @@ def worker_loop(config: dict) -> None:
             prepared[step + 1] = prepare(step + 1, times)
         optimizer.zero_grad(set_to_none=True)
         step_loss = torch.zeros((), device=device)
+        parts = torch.zeros(len(job.routes), device=device)  # the loss's share per route (groups: several routes a step)
         for micro, mb in enumerate(batches):
-            sync = contextlib.nullcontext() if micro == accum - 1 or not hasattr(model, "no_sync") else model.no_sync()
+            last_micro = micro == len(batches) - 1
+            sync = contextlib.nullcontext() if last_micro or not hasattr(model, "no_sync") else model.no_sync()
             with sync:  # the last micro-batch all-reduces the gradients across workers
                 with times.time("forward_backward"):
                     pred = train_field.velocity(mb.q.x, mb.q.sigma, mb.q.conditions)
                 with times.time("teacher"):  # in flight since its states existed: waits only for a slower teacher
                     target = teacher_target(mb, teachers[mb.route], job.cluster.step_retries, rank)
                 with times.time("forward_backward"):
-                    loss = distillation_loss(job, pred, target, mb.q, num_steps) / accum
+                    loss = distillation_loss(job, pred, target, mb.q, num_steps) / len(batches)  # groups: accum x groups
                     loss.backward()
             step_loss += loss.detach()
+            parts[route_index[mb.route]] += loss.detach()
         with times.time("optimizer"):
             grad_norm = torch.nn.utils.clip_grad_norm_(params, job.optim.grad_clip)
-            step_loss, grad_norm = torch.stack([step_loss, grad_norm.to(step_loss)]).tolist()  # the step's one host sync
+            step_loss, grad_norm, *parts = torch.cat([torch.stack([step_loss, grad_norm.to(step_loss)]), parts]).tolist()  # one host sync
             applied = nonfinite.check(grad_norm)  # of the all-reduced gradients: every rank decides alike
             if applied:
                 for g in optimizer.param_groups:
@@ -193,14 +196,21 @@ def worker_loop(config: dict) -> None:
                 if ema is not None:
                     ema.update(inner, step)
         route = batches[-1].route
+        counts = {r: sum(mb.route == r for mb in batches) for r in route_index}  # each route's mean loss this step:
+        route_losses = {r: parts[i] if counts[r] == len(batches) else parts[i] * len(batches) / counts[r]  # one route, or
+                        for r, i in route_index.items() if counts[r]}  # each group's under routing groups
         if not applied:
             window.skipped[route] += 1
             if rank == 0:
                 say(nonfinite.skipped(step, route, step_loss, grad_norm))
-        elif adaptive or rank == 0:  # hard routing: the statistics feed dashboards, rank 0's loss will do
-            with times.time("router"):  # adaptive: every rank reports the update's loss, the same value (the first counts)
-                reports.add(step, route, mean_over_ranks(step_loss, device) if adaptive else step_loss)
-        window.add(route, step_loss if applied else None, times, grad_norm)
+        elif adaptive:  # every rank reports the update's loss, the same value (the first counts)
+            with times.time("router"):
+                reports.add(step, route, mean_over_ranks(step_loss, device))
+        elif rank == 0:  # hard routing and groups: the statistics feed dashboards, rank 0's losses will do
+            with times.time("router"):
+                for r, v in route_losses.items():
+                    reports.add(step, r, v)
+        window.add(route_losses if applied else None, times, grad_norm)
         inject_faults(config.get("faults") or [], rank, step)
         if nonfinite.exhausted:  # every rank stops here; no checkpoint: a restart must not begin from this state
             if rank == 0:  # Ray Train keeps only checkpointed metrics: the driver reads the reason from the run's storage
@@ -406,11 +416,13 @@ class Window:
         self.skipped: dict[str, int] = defaultdict(int)  # updates skipped (non-finite) since this start
         self.text_encoder_parameters = 0  # the most any worker holds
 
-    def add(self, route: str, loss: float | None, times: StepTimes, grad_norm: float) -> None:
-        """A step's loss (None: the update was skipped), times and gradient norm."""
-        if loss is not None:
-            self.sums[route].append(loss)
-            self.since_report[route].append(loss)
+    def add(self, losses: dict[str, float] | None, times: StepTimes, grad_norm: float) -> None:
+        """A step's loss per route (one route; several under routing groups; None: the update was skipped), times and
+        gradient norm."""
+        if losses is not None:
+            for route, loss in losses.items():
+                self.sums[route].append(loss)
+                self.since_report[route].append(loss)
             self.grad_norms.append(grad_norm)
         self.times.add(times)
         self.total_times.add(times)

@@ -30,7 +30,7 @@ from danceopd.tracking import RunTracker, log_evaluation, start_new_run, tensorb
 from trainer.checkpoint import export_student, latest_checkpoint, restore_checkpoint, save_checkpoint
 from danceopd.remote import Resolved
 from trainer.steps import (MicroBatch, NonFiniteSteps, QueryBatch, StepTimes, distillation_loss, format_progress, lr_at, query_batch,
-                           refills, routing_config, run_sigmas, window_stats)
+                           refills, routing_config, run_sigmas, step_routes, student_guided, window_stats)
 from trainer.cli import load_or_report, parse_args, resume_config_or_report
 from trainer.console import ConsolePrinter
 from trainer.ema import EMA
@@ -41,8 +41,11 @@ RUN = "reference"  # the run id of the in-process adaptive router
 
 
 class ReferenceTrainer:
-    def __init__(self, cfg: TrainConfig, rank: int = 0, log=print):
-        self.cfg, self.rank, self.log = cfg, rank, log
+    def __init__(self, cfg: TrainConfig, rank: int = 0, log=print, world_size: int = 1):
+        """world_size > 1: one process computes what `world_size` Ray Train workers do (ranks 0..W-1 each draw their
+        share of optim.batch_size per micro-batch; the gradient is their mean, as DDP's all-reduce makes it): the
+        distributed job's reference."""
+        self.cfg, self.rank, self.log, self.world_size = cfg, rank, log, world_size
         if cfg.torch_threads:
             torch.set_num_threads(cfg.torch_threads)
         self.suite = CapabilitySuite(cfg.suite.tier, cfg.suite.tau, cfg.suite.seed)
@@ -87,15 +90,20 @@ class ReferenceTrainer:
             self.prepared[step + 1] = self.prepare(step + 1, times)
         self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device)
-        for mb in batches:
+        parts = torch.zeros(self.world_size, len(cfg.routes), device=self.device)  # loss shares per (rank, route)
+        names = list(cfg.routes)
+        student = student_guided(cfg, self.student.field)
+        for mb in batches:  # the loss is divided by every micro-batch of the update (groups: grad_accum x len(groups))
             with times.time("forward_backward"):
-                pred = self.student.field.velocity(mb.q.x, mb.q.sigma, mb.q.conditions)
-                loss = self.loss(pred, mb.target.result(), mb.q) / cfg.optim.grad_accum
+                pred = student.velocity(mb.q.x, mb.q.sigma, mb.q.conditions)
+                loss = self.loss(pred, mb.target.result(), mb.q) / len(batches)
                 loss.backward()
             total += loss.detach()
+            parts[mb.rank - self.rank, names.index(mb.route)] += loss.detach()
         with times.time("optimizer"):
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.grad_clip)
             total, grad_norm = torch.stack([total, grad_norm.to(total)]).tolist()  # the step's one host sync
+            parts = (parts * self.world_size).tolist()
             applied = self.nonfinite.check(total, grad_norm)
             if applied:
                 for g in self.optimizer.param_groups:
@@ -110,24 +118,33 @@ class ReferenceTrainer:
             self.adaptive.report_loss(RUN, step, route, total)
         self.route_log.append(route)
         self.step += 1
-        return {"step": step, "route": route, "loss": total, "grad_norm": grad_norm, "times": times, "applied": applied}
+        counts = {r: sum(mb.route == r for mb in batches) for r in names}  # each route's mean loss (groups: each group's)
+        route_losses = {r: sum(p[i] for p in parts) / self.world_size * (1 if counts[r] == len(batches) else len(batches) / counts[r])
+                        for i, r in enumerate(names) if counts[r]}
+        return {"step": step, "route": route, "loss": total, "grad_norm": grad_norm, "times": times, "applied": applied,
+                "route_losses": route_losses, "rank_losses": [sum(p) for p in parts],  # per rank: what each worker logs
+                "rank_route_losses": [{r: p[i] * len(batches) / counts[r] for i, r in enumerate(names) if counts[r]} for p in parts]}
 
     def prepare(self, step: int, times: StepTimes) -> list[MicroBatch]:
         """The micro-batches of `step`: hard route (one field for every micro-batch of the update), conditions,
         query states from a no-grad rollout of the current student, and the frozen field's velocity there."""
-        route = self.adaptive.assign(RUN, step)["route"] if self.adaptive else self.router.route(step)
+        groups = self.cfg.group_routes()
+        route = None if groups else self.adaptive.assign(RUN, step)["route"] if self.adaptive else self.router.route(step)
         out = []
-        for micro in range(self.cfg.optim.grad_accum):
-            cond = self.data[route].sample(self.cfg.optim.batch_size, derive_seed(self.cfg.seed, "batch", step, self.rank, micro))
-            with times.time("rollout"):
-                q = self.query_batch(route, cond, step, micro)
-            with times.time("teacher"), torch.no_grad():
-                out.append(MicroBatch(route, q, Resolved(self.target_velocity(route, q))))
+        batch = self.cfg.optim.batch_size // self.world_size  # optim.batch_size is global: each worker draws its share
+        for rank in range(self.rank, self.rank + self.world_size):
+            for micro, r in enumerate(step_routes(self.cfg, route)):
+                cond = self.data[r].sample(batch, derive_seed(self.cfg.seed, "batch", step, rank, micro))
+                with times.time("rollout"):
+                    q = self.query_batch(r, cond, step, micro, rank)
+                with times.time("teacher"), torch.no_grad():
+                    out.append(MicroBatch(r, q, Resolved(self.target_velocity(r, q)), rank))
         return out
 
-    def query_batch(self, route: str, cond: Conditions, step: int, micro: int) -> QueryBatch:
-        roller = self.student.field if self.cfg.method.states == "on_policy" else self.teachers[route]
-        return query_batch(self.cfg, self.suite, self.sigmas, roller, route, cond, step, self.rank, micro, self.device)
+    def query_batch(self, route: str, cond: Conditions, step: int, micro: int, rank: int | None = None) -> QueryBatch:
+        roller = student_guided(self.cfg, self.student.field) if self.cfg.method.states == "on_policy" else self.teachers[route]
+        return query_batch(self.cfg, self.suite, self.sigmas, roller, route, cond, step, self.rank if rank is None else rank, micro,
+                           self.device)
 
     def target_velocity(self, route: str, q: QueryBatch) -> torch.Tensor:
         if self.cfg.method.target == "data":
@@ -208,7 +225,8 @@ class ReferenceTrainer:
             while self.step < end:
                 out = self.train_step()
                 if out["applied"]:
-                    window[out["route"]].append(out["loss"])
+                    for r, v in out["route_losses"].items():  # one route per update; under groups, each group's part
+                        window[r].append(v)
                     grad_norms.append(out["grad_norm"])
                 elif self.nonfinite.exhausted:  # no checkpoint: a resume must not start from this state
                     return {"steps": self.step - start_step, "seconds": time.perf_counter() - start,

@@ -13,6 +13,7 @@ import torch
 
 from danceopd.config import TrainConfig
 from danceopd.fields.base import Conditions, VelocityField
+from danceopd.fields.operators import CFGField
 from danceopd.flow import (SigmaGrids, dense_velocity_loss, forward_noise, gather_states, grid_for, rollout_states, rollout_to_queries,
                            sample_query_indices, sigma_schedule, velocity_mse)
 from danceopd.seeding import derive_seed, generator
@@ -38,6 +39,7 @@ class MicroBatch:
     route: str
     q: QueryBatch
     target: Any
+    rank: int = 0  # the worker it belongs to (the reference trainer can stand for several: world_size)
 
 
 def refills(cfg: TrainConfig, step: int) -> bool:
@@ -55,7 +57,8 @@ def query_batch(cfg: TrainConfig, suite: CapabilitySuite, sigmas: torch.Tensor |
     sigmas = grid_for(sigmas, cond.shape)
     n = len(sigmas) - 1
     k = n if m.query_position == "dense" else m.k
-    idx = sample_query_indices(n, b, k, m.query_position, generator(cfg.seed, "query", step, rank, micro))
+    idx = sample_query_indices(n, b, k, m.query_position, generator(cfg.seed, "query", step, rank, micro), m.query_sampling)
+    k = idx.shape[1]  # distinct sampling with K > N queries every state once
     shape = cond.shape or roller.info.sample_shape
     noise = torch.randn(b, *shape, generator=generator(cfg.seed, "noise", step, rank, micro)).to(device)
     cond_dev = cond.to(device)
@@ -95,9 +98,23 @@ def dataset_states(cfg: TrainConfig, suite: CapabilitySuite, route: str, cond: C
 
 
 def distillation_loss(cfg: TrainConfig, pred: torch.Tensor, target: torch.Tensor, q: QueryBatch, num_steps: int) -> torch.Tensor:
-    if cfg.method.loss == "dense_dt2":
-        return dense_velocity_loss(pred, target, q.dt, k=num_steps)
+    if cfg.method.loss == "dense":
+        return dense_velocity_loss(pred, target, q.dt, k=num_steps, weight=cfg.method.dense_weight)
     return velocity_mse(pred, target)
+
+
+def student_guided(cfg: TrainConfig, field: VelocityField) -> VelocityField:
+    """The student as it rolls out and predicts: CFG(method.student_cfg_scale) over it (its unconditional pass in the same
+    call), or the field itself at 1.0 (bit for bit what it computes without the option)."""
+    scale = cfg.method.student_cfg_scale
+    return field if scale == 1.0 else CFGField(field, scale, name=field.info.name)
+
+
+def step_routes(cfg: TrainConfig, route: str | None = None) -> list[str]:
+    """The route of each micro-batch of one rank's update: routing groups: each group route for grad_accum micro-batches,
+    in order; otherwise `route` (the update's hard route) for all grad_accum."""
+    groups = cfg.group_routes()
+    return [g for g in groups for _ in range(cfg.optim.grad_accum)] if groups else [route] * cfg.optim.grad_accum
 
 
 def run_sigmas(cfg: TrainConfig, student) -> SigmaGrids:
@@ -206,6 +223,7 @@ def format_progress(step: int, end: int, losses: dict[str, float], samples_per_s
 def routing_config(cfg: TrainConfig, world_size: int, batch_size: int, teacher=lambda route: route) -> dict:
     """The router's view of a run (router.config.RoutingConfig): one route per update for all ranks and
     micro-batches, drawn by weight (hard) or by weights that follow the routes' losses (adaptive)."""
-    return {"policy": "adaptive" if cfg.method.routing == "adaptive" else "hard", "seed": cfg.seed, "world_size": world_size,
+    policy = cfg.method.routing if cfg.method.routing in ("adaptive", "groups") else "hard"
+    return {"policy": policy, "seed": cfg.seed, "world_size": world_size, **({"groups": cfg.group_routes()} if policy == "groups" else {}),
             "micro_batches": cfg.optim.grad_accum, "batch_size": batch_size,
             "routes": {n: {"teacher": teacher(n), "bucket": r.capability or n, "weight": r.weight} for n, r in cfg.routes.items()}}

@@ -20,7 +20,7 @@ class CFGField:
     def velocity(self, x: torch.Tensor, sigma: torch.Tensor, conditions: Conditions) -> torch.Tensor:
         b = x.shape[0]
         both = Conditions([""] * b + conditions.prompts,
-                          None if conditions.source is None else torch.cat([conditions.source, conditions.source]))
+                          None if conditions.source is None else torch.cat([conditions.source, conditions.source]), conditions.shape)
         v = self.base.velocity(torch.cat([x, x]), torch.cat([sigma, sigma]), both)
         return cfg_combine(v[:b], v[b:], self.alpha)
 

@@ -11,11 +11,18 @@ def velocity_mse(pred: torch.Tensor, target: torch.Tensor, k: int = 1) -> torch.
     return torch.mean((pred.float() - target.float()) ** 2)
 
 
-def dense_velocity_loss(pred: torch.Tensor, target: torch.Tensor, dt: torch.Tensor, k: int) -> torch.Tensor:
-    """DiffusionOPD-style dense loss: sum over the K = N states of (dt_i^2 / 2) * per-state MSE, mean over samples.
+def dense_velocity_loss(pred: torch.Tensor, target: torch.Tensor, dt: torch.Tensor, k: int, weight: str = "dt2") -> torch.Tensor:
+    """DiffusionOPD-style dense loss: sum over the K = N states of w_i * per-state MSE, mean over samples.
 
     pred/target are [B*K, ...] sample-major; dt is [B*K], the step size (sigma_i - sigma_{i+1}) of each state.
+    weight `dt2`: w_i = dt_i^2 / 2 (the grid's real steps); `uniform`: w_i = 0.5 / N^2 (the official toolkit's constant,
+    which assumes a uniform grid: the two agree there).
     """
     per_state = ((pred.float() - target.float()) ** 2).flatten(1).mean(1)  # [B*K]
-    weighted = (dt.float() ** 2 / 2) * per_state
-    return weighted.view(-1, k).sum(1).mean()
+    if weight == "uniform":
+        w = torch.full_like(per_state, 0.5 / k ** 2)
+    elif weight == "dt2":
+        w = dt.float() ** 2 / 2
+    else:
+        raise ValueError(f"unknown dense weight {weight!r}: use 'uniform' or 'dt2'")
+    return (w * per_state).view(-1, k).sum(1).mean()
