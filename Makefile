@@ -49,7 +49,7 @@ demo-diffusers: install tiny-models
 	$(BIN)/python -m trainer.main --config configs/demo-diffusers.yaml --no-resume --eval
 
 # The experiment report: every claim, 3 seeds each (finished runs under runs/experiments are reused).
-EXPERIMENTS = composition edit-pair states routing query-position query-k rollout-steps cfg-absorption \
+EXPERIMENTS = composition composition-sd3 edit-pair states routing query-position query-k rollout-steps cfg-absorption \
 	cfg-absorption-uniform realism diversity-remedies adaptive-routing distributed-stack staleness
 results: install
 	$(BIN)/danceopd experiment $(EXPERIMENTS:%=experiments/specs/%.yaml) --out runs/experiments --report docs/results.md

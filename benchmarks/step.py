@@ -80,7 +80,8 @@ def rollout_rows(job: JobConfig, batch: int, draws: int = 500) -> float:
     k = n if m.query_position == "dense" else m.k
     g = torch.Generator().manual_seed(0)
     rows = sum(rollout_to_queries(lambda x, s, r: torch.zeros_like(x), torch.zeros(batch, 1), torch.linspace(1, 0, n + 1),
-                                  sample_query_indices(n, batch, k, m.query_position, g)).rows_evaluated for _ in range(draws))
+                                  sample_query_indices(n, batch, k, m.query_position, g, m.query_sampling)).rows_evaluated
+               for _ in range(draws))
     return rows / (draws * batch * n)
 
 
