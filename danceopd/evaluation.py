@@ -234,7 +234,8 @@ def evaluate_routes(student, teachers: dict[str, VelocityField], cfg, suite: Cap
         if None in errors:
             entries[name]["velocity_error"] = errors[None]
         else:  # aspect-ratio buckets: each bucket's error, and their mean weighted by the buckets' shares of the draws
-            weights = {b: (data[name].size_shares() or {}).get(b, 0.0) for b in errors}
+            shares = data[name].size_shares() or {}
+            weights = {b: shares.get(b, 0.0) for b in errors}
             total = sum(weights.values())
             entries[name]["velocity_error"] = (sum(weights[b] * v for b, v in errors.items()) / total if total
                                                else sum(errors.values()) / len(errors))

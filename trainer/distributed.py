@@ -42,7 +42,7 @@ from trainer.ema import EMA
 from trainer.job import JobConfig
 from trainer.metrics import TrainerMetrics
 from trainer.steps import (MicroBatch, NonFiniteSteps, StepTimes, distillation_loss, format_progress, lr_at, query_batch, refills,
-                           routing_config, run_sigmas, student_guided, window_stats)
+                           route_step_losses, routing_config, run_sigmas, student_guided, window_stats)
 
 
 def worker_loop(config: dict) -> None:
@@ -196,9 +196,7 @@ def worker_loop(config: dict) -> None:
                 if ema is not None:
                     ema.update(inner, step)
         route = batches[-1].route
-        counts = {r: sum(mb.route == r for mb in batches) for r in route_index}  # each route's mean loss this step:
-        route_losses = {r: parts[i] if counts[r] == len(batches) else parts[i] * len(batches) / counts[r]  # one route, or
-                        for r, i in route_index.items() if counts[r]}  # each group's under routing groups
+        route_losses = route_step_losses(parts, list(route_index), [mb.route for mb in batches])  # groups: each group's
         if not applied:
             window.skipped[route] += 1
             if rank == 0:

@@ -30,7 +30,7 @@ from danceopd.tracking import RunTracker, log_evaluation, start_new_run, tensorb
 from trainer.checkpoint import export_student, latest_checkpoint, restore_checkpoint, save_checkpoint
 from danceopd.remote import Resolved
 from trainer.steps import (MicroBatch, NonFiniteSteps, QueryBatch, StepTimes, distillation_loss, format_progress, lr_at, query_batch,
-                           refills, routing_config, run_sigmas, step_routes, student_guided, window_stats)
+                           refills, route_step_losses, routing_config, run_sigmas, step_routes, student_guided, window_stats)
 from trainer.cli import load_or_report, parse_args, resume_config_or_report
 from trainer.console import ConsolePrinter
 from trainer.ema import EMA
@@ -118,12 +118,12 @@ class ReferenceTrainer:
             self.adaptive.report_loss(RUN, step, route, total)
         self.route_log.append(route)
         self.step += 1
-        counts = {r: sum(mb.route == r for mb in batches) for r in names}  # each route's mean loss (groups: each group's)
-        route_losses = {r: sum(p[i] for p in parts) / self.world_size * (1 if counts[r] == len(batches) else len(batches) / counts[r])
-                        for i, r in enumerate(names) if counts[r]}
+        routes = [mb.route for mb in batches]  # each route's mean loss (groups: each group's), of all ranks and of each
+        mean_parts = [sum(p[i] for p in parts) / self.world_size for i in range(len(names))]
         return {"step": step, "route": route, "loss": total, "grad_norm": grad_norm, "times": times, "applied": applied,
-                "route_losses": route_losses, "rank_losses": [sum(p) for p in parts],  # per rank: what each worker logs
-                "rank_route_losses": [{r: p[i] * len(batches) / counts[r] for i, r in enumerate(names) if counts[r]} for p in parts]}
+                "route_losses": route_step_losses(mean_parts, names, routes),
+                "rank_losses": [sum(p) for p in parts],  # per rank: what each worker logs
+                "rank_route_losses": [route_step_losses(p, names, routes) for p in parts]}
 
     def prepare(self, step: int, times: StepTimes) -> list[MicroBatch]:
         """The micro-batches of `step`: hard route (one field for every micro-batch of the update), conditions,

@@ -110,6 +110,14 @@ def student_guided(cfg: TrainConfig, field: VelocityField) -> VelocityField:
     return field if scale == 1.0 else CFGField(field, scale, name=field.info.name)
 
 
+def route_step_losses(parts: list[float], names: list[str], routes: list[str]) -> dict[str, float]:
+    """Each route's mean micro-batch loss in one update from its summed shares `parts` (aligned with `names`) of the loss,
+    which was divided by every micro-batch (len(routes), the update's route per micro-batch): the update's loss under one
+    route, each group's own mean under routing groups."""
+    counts = {r: routes.count(r) for r in names}
+    return {r: parts[i] if counts[r] == len(routes) else parts[i] * len(routes) / counts[r] for i, r in enumerate(names) if counts[r]}
+
+
 def step_routes(cfg: TrainConfig, route: str | None = None) -> list[str]:
     """The route of each micro-batch of one rank's update: routing groups: each group route for grad_accum micro-batches,
     in order; otherwise `route` (the update's hard route) for all grad_accum."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import tempfile
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
@@ -80,11 +81,6 @@ class ManifestRow:
     source_image: Path | None = None
     target_image: Path | None = None
     bucket: tuple[int, int] | None = None  # (width, height) of its aspect-ratio bucket (data.buckets), from its image
-
-    @property
-    def image(self) -> Path | None:
-        """The image that sets the row's shape: the source of an edit, else the target."""
-        return self.source_image if self.source_image is not None else self.target_image
 
 
 class _RowSchema(BaseModel):
@@ -440,7 +436,7 @@ class HeaderIndex:
         if entry is not None and entry[0] == st.st_size and entry[1] == st.st_mtime_ns:
             self.reused += 1
             return entry[2]
-        value = _image_header(Path(file))
+        value = _image_header(Path(file), st)
         self.read += 1
         self.entries[key] = (st.st_size, st.st_mtime_ns, value)
         self._changed = True
@@ -471,11 +467,9 @@ class HeaderIndex:
         self._changed = False
 
 
-def _image_header(file: Path) -> tuple[int, int] | str:
-    """The image's (width, height) from its header only (no pixel decode), or why it cannot be read."""
-    if not file.exists():
-        return "does not exist"
-    if not file.is_file():
+def _image_header(file: Path, st: os.stat_result) -> tuple[int, int] | str:
+    """The image's (width, height) from its header only (no pixel decode), or why it cannot be read; `st`: its stat."""
+    if not stat.S_ISREG(st.st_mode):
         return "is not a file"
     try:
         with Image.open(file) as im:

@@ -133,7 +133,7 @@ def _rows_file(source: DataSource, kind: str, routes: list[str], image_size, buc
                        if f.is_file() and f.suffix in (".parquet", ".arrow", ".json"))
     if not files:
         return None
-    stats = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    stats = [(str(f), st.st_size, st.st_mtime_ns) for f in files for st in [f.stat()]]
     key = json.dumps([ROWS_FORMAT, source.model_dump(), kind, sorted(routes), image_size, buckets, validate_images_below, stats],
                      default=str)
     return index.file.parent / "data-rows" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.parquet"
