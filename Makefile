@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install os-deps deploy-files demo demo-reference demo-diffusers tiny-models results test test-fast chaos bench-learning bench-teachers bench-step gpu-check gpu-wheels clean
+.PHONY: install os-deps deploy-files docs docs-reference pixel-base demo demo-reference demo-diffusers tiny-models results test test-fast chaos bench-learning bench-teachers bench-step gpu-check gpu-wheels clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,13 +26,22 @@ os-deps:
 	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server prometheus docker-compose >/dev/null; \
 	fi
 
-## demo: the distributed job on a local Ray: suite teachers on Serve, router, 2 Ray Train workers; eval: report.json + grid.png
+## demo: the distributed job on a local Ray: suite teachers on Serve, router, 2 Ray Train workers; a pre-trained T2I
+## student (assets/pixel-t2i-base) gains local and global editing; eval: base vs student vs teachers, report.json + grid.png
 demo: install
 	$(BIN)/danceopd train --config configs/demo.yaml --no-resume --eval
 
 ## demo-reference: the same run config on the single-process reference trainer (2 torch threads)
 demo-reference: install
 	$(BIN)/danceopd train --reference --config configs/demo.yaml --no-resume --eval torch_threads=2
+
+## pixel-base: the demo's pre-trained T2I student, remade: configs/pretrain-t2i.yaml (plain flow matching on the suite's
+## T2I data, reference trainer, 2 threads: the same bytes on the same machine) into assets/pixel-t2i-base (committed)
+PIXEL_BASE := assets/pixel-t2i-base
+pixel-base: install
+	$(BIN)/python -m trainer.reference --config configs/pretrain-t2i.yaml --no-resume output_dir=runs/pixel-base student.save_dtype=bfloat16
+	rm -rf $(PIXEL_BASE) && mkdir -p $(dir $(PIXEL_BASE)) && cp -r runs/pixel-base/pretrain-t2i/student $(PIXEL_BASE)
+	@du -sh $(PIXEL_BASE)
 
 ## tiny-models: random tiny FLUX / FLUX Kontext pipelines and LoRA "capabilities" (offline), for demo-diffusers
 TINY := runs/tiny-models
@@ -54,8 +63,16 @@ EXPERIMENTS = composition composition-sd3 edit-pair states routing query-positio
 results: install
 	$(BIN)/danceopd experiment $(EXPERIMENTS:%=experiments/specs/%.yaml) --out runs/experiments --report docs/results.md
 
-## test: the whole suite (CPU; CUDA tests skip without a GPU)
-test: install os-deps
+## docs: the documentation site (MkDocs Material) into site/, --strict: a broken link or anchor fails the build
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
+## docs-reference: regenerate the configuration and REST API reference pages from the code (a test fails when stale)
+docs-reference: install
+	$(BIN)/python -m danceopd_cli.docs_reference
+
+## test: the documentation site, then the whole suite (CPU; CUDA tests skip without a GPU)
+test: install os-deps docs
 	$(BIN)/python -m pytest -q -m "not chaos"
 
 ## chaos: the seeded chaos table: a teacher replica, a train worker, the router replica and Redis killed mid-run,
@@ -100,4 +117,4 @@ deploy-files: install
 	$(BIN)/python deploy/kuberay/generate.py
 
 clean:
-	rm -rf runs .pytest_cache benchmarks/results/*.tmp
+	rm -rf runs site .pytest_cache benchmarks/results/*.tmp

@@ -1,7 +1,7 @@
 """Learning benchmark: train a student from scratch with DanceOPD defaults for a wall-clock budget, then score
 it per capability against the exact teachers (accuracy / edit success beside PSNR and T2I mode coverage).
 
-    python benchmarks/learning.py --minutes 10 [--config configs/demo.yaml] [--device cuda] [key=value ...]
+    python benchmarks/learning.py --minutes 10 [--config experiments/base.yaml] [--device cuda] [key=value ...]
 
 Prints a table and writes benchmarks/results/learning-<tier>-<device>.json (and the run's grid.png).
 """
@@ -28,7 +28,7 @@ from trainer.reference import ReferenceTrainer  # noqa: E402
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("--config", type=Path, default=Path("configs/demo.yaml"))
+    p.add_argument("--config", type=Path, default=Path("experiments/base.yaml"))
     p.add_argument("--minutes", type=float, default=10.0, help="training wall-clock budget")
     p.add_argument("--device", default=None)
     p.add_argument("--out", type=Path, default=None)

@@ -2,7 +2,7 @@
 and equal sample budget, from the sequential full-rollout loop of before to the defaults, plus a simulated
 device-bound teacher (a teacher that sleeps for one student forward per call, using no core).
 
-    python benchmarks/step.py [--config configs/demo.yaml] [--steps 150] [--repeats 1] [key=value ...]
+    python benchmarks/step.py [--config experiments/base.yaml] [--steps 150] [--repeats 1] [key=value ...]
 
 Prints a table (samples/s, step-time shares, ratios) and writes benchmarks/results/step.json. Samples/s are
 steady-state: the first log window (start-up, first allocations) is left out. Ratios are taken within a repeat.
@@ -112,7 +112,7 @@ def student_forward_s(job: JobConfig) -> float:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", type=Path, default=Path("configs/demo.yaml"))
+    p.add_argument("--config", type=Path, default=Path("experiments/base.yaml"))
     p.add_argument("--steps", type=int, default=150, help="steps per case (the first log window is left out)")
     p.add_argument("--repeats", type=int, default=1, help="run every case this many times; ratios are per repeat")
     p.add_argument("--cases", default=None, help="comma-separated case numbers (1-based) to run; default all")

@@ -24,15 +24,17 @@ class _Strict(BaseModel):
 
 
 class SuiteConfig(_Strict):
-    tier: Literal["basic", "hard"] = "basic"
+    tier: Literal["basic", "hard"] = Field("basic", description="basic: 16x16 images with one object; hard: 32x32 with two "
+                                                                "objects and a relation")
     tau: float = Field(0.0, ge=0.0, le=0.5, description="Gaussian smoothing of the exact teachers' references")
-    seed: int = 0
+    seed: int = Field(0, description="seed of the suite's reference sets (its exact teachers and judges)")
 
 
 class RouteConfig(_Strict):
     capability: str | None = Field(None, description="suite capability: its data bucket, judge and (by default) exact teacher; "
                                                      "optional when data.manifest feeds the route")
-    weight: float = Field(1.0, ge=0.0)
+    weight: float = Field(1.0, ge=0.0, description="the route's share of updates (hard and adaptive routing), or its "
+                                                   "weight in the soft mix")
     teacher: Literal["suite"] | TeacherModelSpec = Field("suite", description="'suite' (the exact field), a model folder / hub id, "
                                                          "or {base, checkpoint, loras, guidance}")
     cfg_alpha: float | None = Field(None, gt=0.0, description="wrap the teacher in CFG(alpha): absorbed guidance")
@@ -125,12 +127,16 @@ class MethodConfig(_Strict):
                                                        "route of method.groups for optim.grad_accum micro-batches, the loss divided by "
                                                        "grad_accum x len(groups)")
     groups: list[str] | None = Field(None, description="routing: groups: the routes of every step, in order (default: every route)")
-    states: Literal["on_policy", "off_policy", "teacher_rollout"] = "on_policy"
+    states: Literal["on_policy", "off_policy", "teacher_rollout"] = Field("on_policy",
+            description="on_policy: the student's own rollout (DanceOPD); off_policy: forward-noised dataset targets; "
+                        "teacher_rollout: the teacher's rollout")
     off_policy_share: float = Field(0.0, ge=0.0, lt=1.0, description="on_policy only: this share of each micro-batch's samples is "
                                     "queried at forward-noised dataset targets (same sigma, teacher target) instead of the rollout")
     target: Literal["teacher", "data"] = Field("teacher", description="'data' = plain flow matching (eps - x0), off_policy only")
-    query_position: str = "low"
-    k: int = Field(1, ge=1, le=64)
+    query_position: str = Field("low", description="which rollout state is queried: low (Beta(5,2) over the N states, the "
+                                                   "paper's low noise), mid (Beta(5,5)), high (Beta(2,5)), uniform, "
+                                                   "stratified, dense (all N)")
+    k: int = Field(1, ge=1, le=64, description="states queried per sample (K); dense queries all N")
     query_sampling: Literal["distinct", "iid"] = Field("distinct", description="K > 1: distinct = K different states per "
                                                        "sample, sorted (the official toolkit: draws repeated until K are "
                                                        "distinct); iid = K independent draws (may repeat). Identical at K = 1")
@@ -143,10 +149,12 @@ class MethodConfig(_Strict):
     student_cfg_scale: float = Field(1.0, gt=0.0, description="the student's rollout and its prediction use CFG with this scale "
                                      "(an unconditional pass of the student, as the official toolkit's student_cfg_scale); 1.0 = "
                                      "none. Sampling-time guidance of a trained student is eval.guidance_scale")
-    rollout_steps: int = Field(8, ge=1, le=100)
+    rollout_steps: int = Field(8, ge=1, le=100, description="N: Euler steps of the student's rollout (states visited from "
+                                                            "sigma = 1)")
     schedule: Literal["uniform", "sd3", "family"] = Field("uniform", description="family: the student family's own grid "
                                                           "(SD3: static shift; FLUX: shift by the image's token count)")
-    shift: float = Field(1.0, gt=0.0)
+    shift: float = Field(1.0, gt=0.0, description="the time shift of the sd3 schedule (sigma' = shift sigma / (1 + (shift "
+                                                  "- 1) sigma))")
     staleness: int = Field(0, ge=0, le=1, description="1: the one-step-stale schedule: a step trains on states rolled out "
                            "(and sent to the teacher) before the previous update, so the teacher works while the student "
                            "trains; the pipeline refills at every checkpoint, which keeps resume exact")
@@ -205,27 +213,33 @@ class ExecutionConfig(_Strict):
 
 
 class OptimConfig(_Strict):
-    lr: float = Field(1e-3, gt=0.0)
-    weight_decay: float = Field(0.0, ge=0.0)
-    betas: tuple[float, float] = (0.9, 0.99)
-    grad_clip: float = Field(1.0, gt=0.0)
-    warmup_steps: int = Field(20, ge=0)
+    lr: float = Field(1e-3, gt=0.0, description="AdamW peak learning rate")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay")
+    betas: tuple[float, float] = Field((0.9, 0.99), description="AdamW betas")
+    grad_clip: float = Field(1.0, gt=0.0, description="gradient norm clipping")
+    warmup_steps: int = Field(20, ge=0, description="linear learning-rate warm-up steps")
     lr_schedule: Literal["constant", "cosine"] = Field("constant", description="cosine: decay to min_lr_ratio x lr at `steps`")
-    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="cosine schedule: the final learning rate as a share of "
+                                                                 "lr")
     batch_size: int = Field(32, ge=1, description="samples per micro-batch")
     ema_decay: float = Field(0.995, ge=0.0, lt=1.0, description="EMA of the weights that is evaluated and saved; 0 = off")
-    grad_accum: int = Field(1, ge=1)
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer update (the loss is averaged over them)")
     max_nonfinite_steps: int = Field(10, ge=1, description="updates in a row whose loss or gradient is not finite (each one "
                                                           "skipped: weights, optimizer and EMA unchanged) before the run stops")
 
 
 class EvalConfig(_Strict):
-    samples_per_capability: int = Field(96, ge=1)
-    sampling_steps: int = Field(16, ge=1)
-    schedule: Literal["uniform", "sd3", "family"] = "uniform"
-    shift: float = Field(1.0, gt=0.0)
-    samples_per_condition_in_grid: int = Field(4, ge=1)
-    seed: int = 12345
+    samples_per_capability: int = Field(96, ge=1, description="suite judges: samples scored per route")
+    sampling_steps: int = Field(16, ge=1, description="Euler steps when the evaluation samples (teachers and student "
+                                                      "alike)")
+    schedule: Literal["uniform", "sd3", "family"] = Field("uniform", description="sigma grid of evaluation sampling: "
+                                                                                 "uniform, sd3 (shifted) or the family's "
+                                                                                 "own")
+    shift: float = Field(1.0, gt=0.0, description="the sd3 schedule's shift for evaluation sampling")
+    samples_per_condition_in_grid: int = Field(4, ge=1, description="samples per condition in grid.png (several, so that "
+                                                                    "mode collapse shows)")
+    seed: int = Field(12345, description="seed of the evaluation's conditions and noise (the same for every run and "
+                                         "checkpoint)")
     velocity_error_samples: int = Field(16, ge=1, description="held-out conditions per route for the velocity error")
     every: int = Field(0, ge=0, description="during training (with or without --eval): every this many steps, and at step 0, "
                        "render each route's held-out conditions with fixed noise (teacher | student) into "
@@ -254,8 +268,8 @@ def _installed(module: str, key: str) -> None:
 
 
 class WandbOptions(_Strict):
-    project: str = "danceopd"
-    entity: str | None = None
+    project: str = Field("danceopd", description="W&B project")
+    entity: str | None = Field(None, description="W&B entity (team or user); default: the account's")
     mode: Literal["offline", "online"] = Field("offline", description="offline: written under <run_dir>/wandb, no network "
                                                                       "(`wandb sync` uploads it later)")
 
@@ -267,7 +281,7 @@ class WandbOptions(_Strict):
 
 class MlflowOptions(_Strict):
     tracking_uri: str | None = Field(None, description="default: a local file store, <run_dir>/mlruns")
-    experiment: str = "danceopd"
+    experiment: str = Field("danceopd", description="MLflow experiment name")
 
     @model_validator(mode="after")
     def _available(self) -> "MlflowOptions":
@@ -280,8 +294,8 @@ class TrackingConfig(_Strict):
     are added through their own libraries."""
 
     tensorboard: bool = Field(True, description="event files under <run_dir>/tensorboard (train/ and eval/)")
-    wandb: WandbOptions | None = None
-    mlflow: MlflowOptions | None = None
+    wandb: WandbOptions | None = Field(None, description="Weights & Biases (true, or its options); off by default")
+    mlflow: MlflowOptions | None = Field(None, description="MLflow (true, or its options); off by default")
 
     @field_validator("wandb", "mlflow", mode="before")
     @classmethod
@@ -290,35 +304,58 @@ class TrackingConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    run_name: str = Field("run", pattern=r"^[A-Za-z0-9_.-]+$")
-    output_dir: Path = Path("runs")
-    seed: int = 0
-    steps: int = Field(600, ge=1)
+    run_name: str = Field("run", pattern=r"^[A-Za-z0-9_.-]+$", description="the run's name: its outputs go to "
+                                                                           "<output_dir>/<run_name>; a re-run of the same "
+                                                                           "name resumes it")
+    output_dir: Path = Field(Path("runs"), description="where runs write (relative to the working directory; shared "
+                                                       "storage on a multi-node cluster)")
+    seed: int = Field(0, description="the run seed: every random draw is a function of (seed, purpose, step, rank, "
+                                     "micro-batch)")
+    steps: int = Field(600, ge=1, description="optimizer updates the run plans (the learning-rate schedule ends here)")
     max_minutes: float | None = Field(None, gt=0, description="stop early (after a checkpoint) past this wall time")
-    device: str = "auto"
+    device: str = Field("auto", description="auto (cuda when this process or worker has a GPU, else cpu), cpu, cuda or "
+                                            "cuda:N")
     dtype: str = Field("float32", description="the frozen base's dtype and the autocast dtype: bfloat16 (GPUs), float32, or "
                                              "auto; trainable weights, optimizer and EMA are float32 whatever it is")
-    torch_threads: int | None = Field(None, ge=1)
-    suite: SuiteConfig = SuiteConfig()
-    data: DataConfig = DataConfig()
-    student: StudentConfig = StudentConfig()
+    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads per trainer process; default torch's "
+                                                              "own choice")
+    suite: SuiteConfig = Field(SuiteConfig(), description="the capability suite (exact teachers, pixel judges): the "
+                                                          "dataset when no data is given")
+    data: DataConfig = Field(DataConfig(), description="training data: manifests, caption or edit folders, datasets; "
+                                                       "buckets and held-out rows")
+    student: StudentConfig = Field(StudentConfig(), description="the student: a diffusers base (LoRA or full) or the "
+                                                                "suite's pixel model")
     init_from: Path | None = Field(None, description="start from a saved student folder instead of random init")
     routes: dict[str, RouteConfig] = Field(default_factory=lambda: {
         "t2i": RouteConfig(capability="t2i"),
         "local_edit": RouteConfig(capability="local_edit"),
         "global_edit": RouteConfig(capability="global_edit"),
-    })
-    method: MethodConfig = MethodConfig()
-    execution: ExecutionConfig = ExecutionConfig()
-    optim: OptimConfig = OptimConfig()
-    eval: EvalConfig = EvalConfig()
-    tracking: TrackingConfig = TrackingConfig()
-    log_every: int = Field(10, ge=1)
-    checkpoint_every: int = Field(100, ge=1)
-    keep_checkpoints: int = Field(2, ge=1)
+    }, description="route name -> its capability, weight and frozen teacher (each update is routed to one)")
+    method: MethodConfig = Field(MethodConfig(), description="the distillation method: states, query positions, loss, "
+                                                             "routing, rollout and schedule")
+    execution: ExecutionConfig = Field(ExecutionConfig(), description="how the step executes (never what it computes)")
+    optim: OptimConfig = Field(OptimConfig(), description="AdamW, learning-rate schedule, micro-batches and EMA")
+    eval: EvalConfig = Field(EvalConfig(), description="evaluation with --eval, and sample grids during training")
+    tracking: TrackingConfig = Field(TrackingConfig(), description="experiment tracking: TensorBoard, Weights & Biases, "
+                                                                   "MLflow")
+    log_every: int = Field(10, ge=1, description="steps per log window (a progress line, metrics and tracked curves)")
+    checkpoint_every: int = Field(100, ge=1, description="steps between checkpoints (and the one-step-stale schedule's "
+                                                         "refills)")
+    keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept on disk")
     _manifest = PrivateAttr(None)  # the validated data.manifest's training rows (loaded once, at validation)
     _eval_manifest = PrivateAttr(None)  # its held-out rows, or data.eval_manifest
     _bucket_sizes = PrivateAttr(None)  # data.buckets resolved to (width, height) pairs (auto: the family's standard set)
+
+    @field_validator("init_from")
+    @classmethod
+    def _student_folder(cls, v: Path | None) -> Path | None:
+        if v is None:
+            return v
+        v = v.expanduser()
+        if not (v / "danceopd_student.json").exists():
+            raise ValueError(f"{v} is not a saved student folder (no danceopd_student.json): give a run's student/ folder "
+                             "(e.g. runs/pretrain-t2i/student), or run `make pixel-base` for assets/pixel-t2i-base")
+        return v.resolve()  # Ray workers run in other working directories
 
     @model_validator(mode="after")
     def _consistent(self) -> "TrainConfig":

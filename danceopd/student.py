@@ -13,6 +13,7 @@ saves `transformer/` (and, for the pixel model, its text encoder and tokenizer).
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,10 +38,10 @@ class LoraSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     rank: int = Field(128, ge=1, description="the paper's recipe: rank 128, alpha 128")
-    alpha: float = Field(128.0, gt=0)
+    alpha: float = Field(128.0, gt=0, description="LoRA alpha: the update is scaled by alpha / rank")
     target_modules: list[str] | None = Field(None, description="module-name suffixes; default: the family's attention and "
                                                                 "feed-forward projections")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the LoRA input")
 
 
 class StudentConfig(PixelModelConfig):
@@ -50,9 +51,10 @@ class StudentConfig(PixelModelConfig):
     base: str | None = Field(None, description="the base pipeline: a local diffusers folder or a hub id (then set family)")
     resolution: int = Field(32, ge=8, description="image side in pixels the student is trained at (diffusers families)")
     adapter: Literal["auto", "lora", "full"] = Field("auto", description="auto: LoRA on a diffusers base, full for the pixel model")
-    lora: LoraSettings = LoraSettings()
+    lora: LoraSettings = Field(LoraSettings(), description="the LoRA adapters trained on a diffusers base (peft)")
     guidance: float | None = Field(None, description="guidance-embedding value of the student's own calls (FLUX); default the family's")
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = Field(False, description="recompute the transformer's activations in the backward (less "
+                                                            "memory, one more forward per backward)")
     edit_input: bool = Field(False, description="grow the input layer for source latents (families without native image "
                                                 "input, SD3): zero-initialised, trained in full beside the LoRA; set "
                                                 "automatically when a route edits")
@@ -63,8 +65,8 @@ class StudentConfig(PixelModelConfig):
     save_merged: bool = Field(False, description="also export the final student merged into a full transformer/ (a standalone "
                               "model that loads without peft): once, at the end of training, on the CPU (FLUX.1-dev: ~24 GB of "
                               "host memory and disk in bf16), never inside a periodic checkpoint")
-    save_dtype: Literal["float32", "bfloat16"] = Field("float32", description="dtype of the exported LoRA (and grown input layer) "
-                                                     "in student/ folders: float32 is the trained weights exactly, bfloat16 "
+    save_dtype: Literal["float32", "bfloat16"] = Field("float32", description="dtype of the exported LoRA (and grown input "
+                                                     "layer; the pixel model's weights) in student/ folders: float32 is the trained weights exactly, bfloat16 "
                                                      "halves the file; a resume always restores the fp32 training weights")
     max_sequence_length: int | None = Field(None, ge=1, description="prompt tokens; default the pipeline's (SD3 256, FLUX 512)")
     prompt_cache_size: int = Field(512, ge=0, description="prompt embeddings kept (LRU); 0 = no cache")
@@ -174,8 +176,16 @@ class Student:
                 layer = model.get_submodule(INPUT_LAYER)
                 save_file({k: v.detach().to(dtype).contiguous().cpu() for k, v in layer.state_dict().items()}, str(path / INPUT_LAYER_FILE))
         elif self.family.name == "pixel":
-            self.pipe.transformer = model
+            # save_dtype bfloat16 halves the folder (the committed demo base fits the repository that way); a copy
+            # is cast, the trained fp32 weights stay as they are
+            saved = model
+            if cfg.save_dtype != "float32":
+                saved = copy.deepcopy(model)
+                for t in [*saved.parameters(), *saved.buffers()]:  # not .to(): diffusers warns about its kept-fp32 modules
+                    t.data = t.data.to(getattr(torch, cfg.save_dtype)) if t.is_floating_point() else t.data
+            self.pipe.transformer = saved
             self.pipe.save_pretrained(path)
+            self.pipe.transformer = model
         else:
             model.save_pretrained(path / "transformer")
         base = cfg.base

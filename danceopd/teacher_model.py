@@ -38,7 +38,7 @@ class LoraAdapterSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     path: str = Field(description="a diffusers LoRA file / folder (pytorch_lora_weights.safetensors) or a PEFT adapter folder")
-    scale: float = 1.0
+    scale: float = Field(1.0, description="the adapter's strength when fused")
     weight_name: str | None = Field(None, description="the file inside a folder, when it is not the standard name")
 
     @model_validator(mode="after")
@@ -58,7 +58,8 @@ class TeacherModelSpec(BaseModel):
     base: str | None = Field(None, description="pipeline folder or hub id; default: the student's base")
     family: str | None = Field(None, description="default: read from the base's model_index.json")
     checkpoint: str | None = Field(None, description="a fine-tuned transformer: a transformer folder, or a pipeline folder holding one")
-    loras: list[LoraAdapterSpec] = Field(default_factory=list)
+    loras: list[LoraAdapterSpec] = Field(default_factory=list, description="LoRA adapters fused into the frozen teacher "
+                                                                           "once at load: [{path, scale, weight_name}]")
     guidance: float | None = Field(None, description="guidance-embedding value (FLUX); default the family's")
     max_sequence_length: int | None = Field(None, ge=1, description="prompt tokens; default the pipeline's (SD3 256, FLUX 512)")
 

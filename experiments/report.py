@@ -96,7 +96,7 @@ def summarize(spec: ExperimentSpec, results: list[dict]) -> dict:
         rs = [r for r in results if r["arm"] == arm]
         arms[arm] = {"seeds": [r["seed"] for r in rs], "steps": [r["steps"] for r in rs],
                      "metrics": {m: arm_metric(rs, m) for m in names}}
-    out = {"name": spec.name, "base": str(spec.base), "budget": spec.budget, "trainer": spec.trainer,
+    out = {"name": spec.name, "about": spec.about, "base": str(spec.base), "budget": spec.budget, "trainer": spec.trainer,
            "trainers": {arm: spec.trainer_for(arm) for arm in spec.arms}, "arms": arms}
     out["claims"] = [judge_claim(c, results, arms) for c in spec.claims]
     return out
@@ -195,7 +195,8 @@ def markdown(summary: dict, plots: list[Path]) -> str:
     trainers = summary.get("trainers") or {}
     used = set(trainers.values()) or {summary["trainer"]}
     trainer = used.pop() if len(used) == 1 else ", ".join(f"{a}: {t}" for a, t in trainers.items())
-    lines = [f"## {summary['name']}", "", f"Base `{summary['base']}`, budget `{json.dumps(summary['budget'])}`, trainer {trainer}.", ""]
+    lines = [f"## {summary['name']}", ""] + ([" ".join(summary["about"].split()), ""] if summary.get("about") else [])
+    lines += [f"Base `{summary['base']}`, budget `{json.dumps(summary['budget'])}`, trainer {trainer}.", ""]
     names = list(next(iter(summary["arms"].values()))["metrics"])
     lines.append("| arm | seeds | steps | " + " | ".join(names) + " |")
     lines.append("| --- | --- | --- | " + " | ".join("---" for _ in names) + " |")

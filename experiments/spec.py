@@ -1,7 +1,7 @@
 """An experiment spec (YAML): arms x seeds of one base config at an equal budget, and the claim it tests.
 
     name: query-position
-    base: configs/demo.yaml            # a run or job config
+    base: experiments/base.yaml        # a run or job config
     budget: {steps: 300}               # applied to every run: the arms differ only in their own overrides
     seeds: [0, 1, 2]
     trainer: reference                 # reference (in-process) or distributed (python -m trainer.main per run)
@@ -83,6 +83,8 @@ class Prepare(BaseModel):
 class ExperimentSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    about: str = Field("", description="what the experiment measures, and how its settings stand to the paper's and the "
+                       "official toolkit's: printed under its section of the report")
     base: Path
     budget: dict = Field(default_factory=dict)
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
@@ -123,8 +125,11 @@ def load_spec(path: str | Path) -> ExperimentSpec:
     from danceopd.config import load_config
 
     for arm, over in spec.arms.items():  # every run's config validates now, before anything trains
+        values = {**spec.budget, **over, "seed": spec.seeds[0]}
+        # a path under {out} is made by the spec's prepare steps: it is checked when the runs start
+        values = {k: None if isinstance(v, str) and "{out}" in v else v for k, v in values.items()}
         try:
-            load_config(spec.base, {**spec.budget, **over, "seed": spec.seeds[0]}, model=JobConfig)
+            load_config(spec.base, values, model=JobConfig)
         except ConfigError as e:
             raise ConfigError(f"{path}: arm {arm!r}: {e}") from None
     return spec

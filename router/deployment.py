@@ -111,6 +111,7 @@ class RouterServer:
 
     @app.get("/v1/runs", responses=error_responses(s401="missing or wrong bearer token"))
     def runs(self, request: Request):
+        """Every run the router knows: id, status (running, finished, failed), routing policy and routes."""
         if (denied := self._unauthorized(request)) is not None:
             return denied
         out = []
@@ -123,6 +124,8 @@ class RouterServer:
     @app.get("/v1/runs/{run_id}/routing", responses=error_responses(s401="missing or wrong bearer token",
                                                                     s404="no run with this id is registered"))
     def routing(self, run_id: str, request: Request, recent: int = 20):
+        """One run's routing: assignments per route, the current weights, loss statistics, and its `recent` (at most 1000)
+        last assignments."""
         if (denied := self._unauthorized(request)) is not None:
             return denied
         try:

@@ -1,5 +1,5 @@
 """Deployment files, checked statically (no Docker engine or Kubernetes here): docker-compose.yml validates
-with `docker-compose config` (Debian package) and is wired as the README describes; the KubeRay manifests
+with `docker-compose config` (Debian package) and is wired as the cluster guide (docs/cluster.md) describes; the KubeRay manifests
 validate against the fields of the ray.io/v1 CRDs they use; generated files are current."""
 
 import json
@@ -92,9 +92,9 @@ def test_compose_services_are_wired_together(compose):
     assert (ROOT / "deploy/grafana/dashboards" / Path(home).name).exists() and home.startswith(provider["options"]["path"])
 
 
-def test_readme_port_table_matches_compose(compose):
-    """README's table of host ports is what compose publishes."""
-    readme = (ROOT / "README.md").read_text()
+def test_the_cluster_guide_port_table_matches_compose(compose):
+    """The cluster guide's table of host ports is what compose publishes."""
+    readme = (ROOT / "docs" / "cluster.md").read_text()
     table = dict(re.findall(r"^\| `(\d+)` \| `([a-z-]+)` \|", readme, re.M))
     published = {}
     for name, svc in compose["services"].items():

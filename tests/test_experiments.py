@@ -14,7 +14,7 @@ from danceopd_cli.main import main
 def spec(tmp_path):
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump({
-        "name": "tiny", "base": "configs/demo.yaml", "budget": {"torch_threads": 1}, "seeds": [0, 1],
+        "name": "tiny", "base": "experiments/base.yaml", "budget": {"torch_threads": 1}, "seeds": [0, 1],
         "arms": {"low": {"method.query_position": "low"}, "high": {"method.query_position": "high"}},
         "claim": {"metric": "mean_score", "better": "low", "worse": "high", "paper": "low beats high"}}))
     return path
@@ -75,7 +75,7 @@ def test_smoke_experiment_report_and_resume(spec, tmp_path, capsys):
 
 def test_bad_spec_exits_2_naming_the_problem(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
-    bad.write_text(yaml.safe_dump({"name": "bad", "base": "configs/demo.yaml", "arms": {"a": {"method.k": 0}},
+    bad.write_text(yaml.safe_dump({"name": "bad", "base": "experiments/base.yaml", "arms": {"a": {"method.k": 0}},
                                    "claim": {"metric": "mean_score", "better": "a", "worse": "a"}}))
     assert main(["experiment", str(bad)]) == 2
     err = capsys.readouterr().err
@@ -102,7 +102,7 @@ def test_prepare_makes_the_initial_student_once(tmp_path, capsys):
     runs start from it (init_from with {out})."""
     spec = tmp_path / "compose.yaml"
     spec.write_text(yaml.safe_dump({
-        "name": "compose", "base": "configs/demo.yaml", "seeds": [0],
+        "name": "compose", "base": "experiments/base.yaml", "seeds": [0],
         "prepare": [{"creates": "{out}/pretrain-t2i/student",
                      "run": ["python", "-m", "trainer.reference", "--config", "configs/pretrain-t2i.yaml", "output_dir={out}"]}],
         "budget": {"torch_threads": 1, "init_from": "{out}/pretrain-t2i/student"},
@@ -132,7 +132,7 @@ def test_several_claims_with_margins_thresholds_and_change_from_the_initial_stud
         return {"arm": arm, "seed": seed, "steps": 1, "routes": routes, "history": [], "probes": {},
                 "before": {"t2i": {"score": 0.9}, "local_edit": {"score": before}, "global_edit": {"score": 0.0}}}
 
-    spec = ExperimentSpec(name="x", base="configs/demo.yaml", eval_before=True, arms={"both": {}, "solo": {}}, claims=[
+    spec = ExperimentSpec(name="x", base="experiments/base.yaml", eval_before=True, arms={"both": {}, "solo": {}}, claims=[
         {"metric": "local_edit.score", "better": "both", "worse": "solo", "margin": -0.1},
         {"metric": "local_edit.score", "better": "both", "worse": "solo"},
         {"kind": "at_least", "metric": "change.local_edit.score", "value": 0.0},
@@ -188,7 +188,7 @@ def test_gap_closed_is_paired_by_seed_against_the_arm_without_the_field():
         return {"arm": arm, "seed": seed, "steps": 1, "history": [], "probes": {}, "before": None,
                 "routes": {"realism": {"score": reward, "reward": reward, "teacher_reward": 1.0}}}
 
-    spec = ExperimentSpec(name="r", base="configs/demo.yaml", arms={"with": {}, "without": {}}, claims=[
+    spec = ExperimentSpec(name="r", base="experiments/base.yaml", arms={"with": {}, "without": {}}, claims=[
         {"kind": "gap_closed", "metric": "realism.reward", "better": "with", "worse": "without", "value": 0.5}])
     # seed s: without = 0.1 s, with = 0.1 s + 0.6 (1 - 0.1 s): every seed closes exactly 60% of its own gap
     results = [run("without", s, 0.1 * s) for s in range(3)] + [run("with", s, 0.1 * s + 0.6 * (1 - 0.1 * s)) for s in range(3)]

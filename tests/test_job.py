@@ -1,6 +1,6 @@
 """The training job entry point: config errors exit 2 before Ray starts, and an experiment arm runs as a Ray job
-against its own `ray start --head` cluster (token authentication on, as Ray 2.60 defaults). The README's
-`ray job submit` of the demo config runs in tests/test_readme.py."""
+against its own `ray start --head` cluster (token authentication on, as Ray 2.60 defaults). The cluster guide's
+`ray job submit` of the demo config runs in tests/test_cluster_guide.py."""
 
 import json
 import os

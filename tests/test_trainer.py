@@ -1,5 +1,6 @@
 """The reference trainer: learning, determinism, exact resume, ablation switches, config errors."""
 
+import json
 import subprocess
 import sys
 
@@ -183,7 +184,7 @@ def test_truncated_rollouts_query_the_full_rollouts_states_bit_for_bit(tmp_path,
     try:
         for over in ({}, {"method.query_position": "uniform", "method.k": 3}, {"method.query_position": "dense"},
                      {"method.off_policy_share": 0.25}):
-            cfg = load_config("configs/demo.yaml", {**over, "torch_threads": threads, "output_dir": str(tmp_path)}, model=JobConfig)
+            cfg = load_config("experiments/base.yaml", {**over, "torch_threads": threads, "output_dir": str(tmp_path)}, model=JobConfig)
             tr = ReferenceTrainer(cfg, log=lambda m: None)
             full = cfg.model_copy(update={"execution": cfg.execution.model_copy(update={"truncate_rollout": False})})
             rows = {True: 0, False: 0}
@@ -314,7 +315,7 @@ def test_a_non_finite_update_is_skipped_and_the_run_goes_on(tmp_path):
 def test_a_diverged_run_stops_after_the_configured_non_finite_steps_with_a_message(tmp_path, capsys):
     """lr=1e30 blows the weights up at step 1: every later update is NaN. The run stops after
     optim.max_nonfinite_steps of them in a row, exit 1 with one clear line, no traceback, no checkpoint of that state."""
-    rc = main(["--config", "configs/demo.yaml", *[f"{k}={v}" for k, v in SMALL.items()], f"output_dir={tmp_path}", "steps=20",
+    rc = main(["--config", "experiments/base.yaml", *[f"{k}={v}" for k, v in SMALL.items()], f"output_dir={tmp_path}", "steps=20",
                "optim.lr=1e30", "optim.max_nonfinite_steps=3"])
     out, err = capsys.readouterr()
     assert rc == 1
@@ -419,3 +420,24 @@ def test_routing_groups_run_every_group_each_step_with_the_loss_divided_by_all_m
         small_config(tmp_path, **{"method.routing": "groups", "method.groups": ["inpaint"]})
     with pytest.raises(ConfigError, match=r"method\.groups is used by routing: groups"):
         small_config(tmp_path, **{"method.groups": ["t2i"]})
+
+
+def test_a_run_cut_by_max_minutes_says_so_under_its_table_and_in_its_report(tmp_path, capsys):
+    """A wall-clock stop makes another run than the config plans: the console says how far it got and that the cosine
+    schedule did not finish, and report.json keeps steps done, steps planned and the flags (a full run: none of it)."""
+    small = [f"{k}={v}" for k, v in SMALL.items()]
+    quick_eval = ["eval.samples_per_capability=4", "eval.sampling_steps=2", "eval.velocity_error_samples=2"]
+    rc = main(["--config", "experiments/base.yaml", *small, *quick_eval, f"output_dir={tmp_path}", "steps=40", "max_minutes=0.0001",
+               "optim.lr_schedule=cosine", "--eval"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    training = json.loads((tmp_path / "demo" / "report.json").read_text())["training"]
+    assert training["steps"] == 1 and training["steps_planned"] == 40
+    assert training["cut_by_max_minutes"] is True and training["schedule_finished"] is False
+    assert "note: cut by max_minutes=0.0001 after 1 of 40 steps, and its cosine learning-rate schedule stopped before its end" in out
+    assert out.index("note: cut by") > out.rindex("global_edit")  # under the table, where the results are read
+
+    rc = main(["--config", "experiments/base.yaml", *small, *quick_eval, f"output_dir={tmp_path}", "steps=2", "--eval", "--no-resume"])
+    training = json.loads((tmp_path / "demo" / "report.json").read_text())["training"]
+    assert rc == 0 and "note: cut" not in capsys.readouterr().out
+    assert training["steps"] == 2 and training["steps_planned"] == 2 and not training["cut_by_max_minutes"] and training["schedule_finished"]

@@ -32,7 +32,7 @@ class ClusterConfig(_Strict):
     local_num_cpus: int | None = Field(None, ge=1, description="logical CPUs of a local Ray started by the job "
                                                                 "(default: enough for the workers and the services)")
     num_workers: int = Field(2, ge=1, description="Ray Train workers (DDP ranks)")
-    cpus_per_worker: float = Field(1.0, gt=0)
+    cpus_per_worker: float = Field(1.0, gt=0, description="logical CPUs each Ray Train worker reserves")
     gpus_per_worker: float = Field(1.0, ge=0, description="used when device is cuda")
     max_failures: int = Field(2, ge=0, description="worker-group restarts (from the latest checkpoint) before the run fails")
     storage_path: Path | None = Field(None, description="Ray Train storage (checkpoints); default <output_dir>/<run_name>/ray. "
@@ -58,24 +58,29 @@ class ClusterConfig(_Strict):
 class TeacherDeployOptions(_Strict):
     """Deployment options of one teacher application (its field comes from the route)."""
 
-    device: str | None = None
-    dtype: str | None = None
-    num_replicas: int | None = Field(None, ge=1)
-    autoscaling_config: AutoscalingConfig | None = None
-    ray_actor_options: ActorOptions | None = None
-    batching: BatchingConfig | None = None
-    torch_threads: int | None = Field(None, ge=1)
-    access_log: bool | None = None
+    device: str | None = Field(None, description="the replica's device (auto: cuda when it holds a GPU); default the "
+                                                 "teacher's own (auto)")
+    dtype: str | None = Field(None, description="the teacher's weights dtype (auto: bf16 on a GPU that has it); default "
+                                                "auto")
+    num_replicas: int | None = Field(None, ge=1, description="fixed replica count (or autoscaling_config)")
+    autoscaling_config: AutoscalingConfig | None = Field(None, description="Serve autoscaling of this teacher's replicas "
+                                                                           "(instead of num_replicas)")
+    ray_actor_options: ActorOptions | None = Field(None, description="resources of each replica ({num_cpus, num_gpus})")
+    batching: BatchingConfig | None = Field(None, description="merge concurrent queries into model calls ({enabled, "
+                                                              "max_batch_size, batch_wait_timeout_s})")
+    torch_threads: int | None = Field(None, ge=1, description="torch threads in each replica; default the teacher's (1)")
+    access_log: bool | None = Field(None, description="one log line per query; default off")
     simulated_call_s: float | None = Field(None, ge=0.0, le=60.0, description="benchmarks only: see TeacherConfig.simulated_call_s")
 
 
 class ServicesConfig(_Strict):
     deploy: Literal["auto", "attach"] = Field("auto", description="auto: deploy the teacher/router applications that "
                                                                    "are not running and attach to those that are; attach: require them running")
-    app_prefix: str = "teacher-"
-    teacher_defaults: TeacherDeployOptions = TeacherDeployOptions(num_replicas=1, ray_actor_options=ActorOptions(num_cpus=0.25))
+    app_prefix: str = Field("teacher-", description="each route's teacher is the Serve application <app_prefix><route>")
+    teacher_defaults: TeacherDeployOptions = Field(TeacherDeployOptions(num_replicas=1, ray_actor_options=ActorOptions(num_cpus=0.25)),
+            description="deployment options of every teacher application (services.teachers overrides per route)")
     teachers: dict[str, TeacherDeployOptions] = Field(default_factory=dict, description="per-route overrides of teacher_defaults")
-    router_app: str = "router"
+    router_app: str = Field("router", description="the router's Serve application name")
     router_redis_url: str | None = Field(None, description="router state in Redis; default $DANCEOPD_REDIS_URL, else in memory")
     router_keep_finished_days: float = Field(7.0, gt=0, description="a finished or failed run's routing log and statistics "
                                                                       "expire from the router's store after this long")
@@ -83,16 +88,17 @@ class ServicesConfig(_Strict):
     shared_base: bool = Field(False, description="serve the model teachers that share a base (same base, family and checkpoint, "
                                                  "CFG routes included) from one deployment holding the base once, with each route's LoRAs "
                                                  "as adapters switched per query: less GPU memory, a per-call adapter cost")
-    gateway_route_prefix: str = "/"
+    gateway_route_prefix: str = Field("/", description="HTTP route prefix of the REST gateway")
     http_host: str = Field("127.0.0.1", description="Serve's HTTP proxy, when the job starts Serve (REST gateway, router API); "
                                                   "beyond loopback, api_auth requires a bearer token (auth: auto)")
     api_auth: AuthOptions = Field(AuthOptions(), description="the REST gateway's and router API's bearer-token authentication")
-    http_port: int = Field(8000, ge=1, le=65535)
+    http_port: int = Field(8000, ge=1, le=65535, description="Serve's HTTP port, when the job starts Serve")
 
 
 class JobConfig(TrainConfig):
-    cluster: ClusterConfig = ClusterConfig()
-    services: ServicesConfig = ServicesConfig()
+    cluster: ClusterConfig = Field(ClusterConfig(), description="the Ray cluster and the Ray Train worker group")
+    services: ServicesConfig = Field(ServicesConfig(), description="the teacher, router and gateway Serve applications the "
+                                                                   "job deploys or attaches to")
 
     @model_validator(mode="after")
     def _job_consistent(self) -> "JobConfig":

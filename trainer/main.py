@@ -28,6 +28,7 @@ from trainer.cli import load_or_report, parse_args, resume_config_or_report
 from trainer.console import log_warnings
 from trainer.evaluation import BEFORE
 from trainer.job import JobConfig, check_memory, load_job_config
+from trainer.steps import cut_note, training_extent
 
 
 # A local Ray shares the machine with the training workers. Serve's controller loop (0.1 s) and its replicas' and
@@ -279,9 +280,11 @@ def expected_sample_shape(cfg) -> tuple[int, int, int] | None:
     return cfg.model_family.sample_shape_of(cfg.base, cfg.resolution)
 
 
-def before_after_table(before: dict | None, after: dict) -> str:
-    """Per route: judge score (suite) and velocity error against the teacher, before and after training."""
-    lines = [f"{'route':<14}{'teacher':>9}{'before':>9}{'after':>9}  {'velocity error':<22} extra (after)"]
+def before_after_table(before: dict | None, after: dict, base: bool = False) -> str:
+    """Per route: the teacher's judge score (suite), the student's before and after training (`base`: it started from a
+    pre-trained base, whose score `before` is), the velocity error against the teacher, and T2I mode coverage."""
+    first, last = ("base", "student") if base else ("before", "after")
+    lines = [f"{'route':<14}{'teacher':>9}{first:>9}{last:>9}  {'velocity error':<22} extra ({last})"]
     for name, e in after["routes"].items():
         b = (before or {"routes": {}})["routes"].get(name, {})
         verr = f"{b['velocity_error']:.4f} -> " if "velocity_error" in b else ""
@@ -291,8 +294,11 @@ def before_after_table(before: dict | None, after: dict) -> str:
             continue
         extra = f"PSNR {e['student']['psnr_db']:.1f} dB" if "psnr_db" in e["student"] else ""
         if "diversity" in e:
-            d = e["diversity"]
-            extra = f"modes hit {d['student']['modes_hit']}/{d['teacher']['modes_hit']} of the teacher's"
+            d, t = e["diversity"], e["diversity"]["teacher"]["modes_hit"]
+            extra = f"coverage {d['coverage_vs_teacher']:.2f}, modes hit {d['student']['modes_hit']}/{t} of the teacher's"
+            if "diversity" in b:
+                bd = b["diversity"]
+                extra += f" ({first} {bd['coverage_vs_teacher']:.2f}, {bd['student']['modes_hit']}/{t})"
         bs = f"{b['student']['score']:.3f}" if "student" in b else "-"
         lines.append(f"{name:<14}{e['teacher']['score']:>9.3f}{bs:>9}{e['student']['score']:>9.3f}  {verr:<22} {extra}")
     return "\n".join(lines)
@@ -403,6 +409,9 @@ def _run(args) -> int:
     print(f"trained to step {m['step']} in {train_s / 60:.1f} min; student ({weights}){merged} saved to {final_dir}", flush=True)
     if job.tracking.tensorboard:
         print(f"tensorboard: {tensorboard_dir(job.run_dir).resolve()} (tensorboard --logdir {job.run_dir})", flush=True)
+    cut = cut_note(job, m["step"])
+    if cut is not None and not args.eval:
+        print(cut, flush=True)
     if args.eval:
         from danceopd.evaluation import write_report
 
@@ -412,7 +421,7 @@ def _run(args) -> int:
                   "and this driver share (a volume every node mounts, as cluster.storage_path)", file=sys.stderr)
             return 1
         report = json.loads(written.read_text())
-        report["training"] = {"run_id": run_id, "steps": m["step"], "train_seconds": train_s, "job_seconds": time.perf_counter() - t_job,
+        report["training"] = {"run_id": run_id, **training_extent(job, m["step"]), "train_seconds": train_s, "job_seconds": time.perf_counter() - t_job,
                                "workers": job.cluster.num_workers, "samples_per_s": m.get("samples_per_s"),
                                "time_share": m.get("time_share_total"), "checkpoint": result.checkpoint.path,
                                "history": [{"step": h["step"], "loss": h["loss"], "samples_per_s": h["samples_per_s"]} for h in history]}
@@ -423,7 +432,9 @@ def _run(args) -> int:
                                          "text_encoder_parameters") for r in job.routes}}
         path = write_report(report, job.run_dir / "report.json")
         before = report.get("before")
-        print(before_after_table(before, report))
+        print(before_after_table(before, report, base=job.init_from is not None))
+        if cut is not None:  # under the table it qualifies
+            print(cut, flush=True)
         grids = Path(report["grid"]).resolve()
         if before is not None and before.get("grid"):
             grids = f"{Path(before['grid']).resolve()} (before), {grids} (after)"

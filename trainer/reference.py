@@ -30,7 +30,8 @@ from danceopd.tracking import RunTracker, log_evaluation, start_new_run, tensorb
 from trainer.checkpoint import export_student, latest_checkpoint, restore_checkpoint, save_checkpoint
 from danceopd.remote import Resolved
 from trainer.steps import (MicroBatch, NonFiniteSteps, QueryBatch, StepTimes, distillation_loss, format_progress, lr_at, query_batch,
-                           refills, route_step_losses, routing_config, run_sigmas, step_routes, student_guided, window_stats)
+                           cut_note, refills, route_step_losses, routing_config, run_sigmas, step_routes, student_guided,
+                           training_extent, window_stats)
 from trainer.cli import load_or_report, parse_args, resume_config_or_report
 from trainer.console import ConsolePrinter
 from trainer.ema import EMA
@@ -291,6 +292,9 @@ def run(args) -> int:
     if cfg.student.save_merged and cfg.student.trains_lora:  # once, at the end, on the CPU
         save_merged_transformer(final, trainer.student.field.dtype)
     print(f"student: {final}")
+    cut = cut_note(cfg, trainer.step)
+    if cut is not None and not args.eval:
+        print(cut)
     if cfg.tracking.tensorboard:
         print(f"tensorboard: {tensorboard_dir(cfg.run_dir)} (tensorboard --logdir {cfg.run_dir})")
     if args.eval:
@@ -299,10 +303,12 @@ def run(args) -> int:
         with trainer.final_weights():
             report = trainer.evaluate(grid_path=cfg.run_dir / "grid.png")
         report["before"] = before
-        report["training"] = {"steps": trainer.step, "history": trainer.history[-1:] if trainer.history else []}
+        report["training"] = {**training_extent(cfg, trainer.step), "history": trainer.history[-1:] if trainer.history else []}
         path = write_report(report, cfg.run_dir / "report.json")
         log_evaluation(cfg.tracking, cfg.run_dir, cfg.run_name, trainer.step, report)
         print(summary_table(report))
+        if cut is not None:  # under the table it qualifies
+            print(cut)
         print(f"report: {path}\ngrid:   {report['grid']}")
     return 0
 

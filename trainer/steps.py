@@ -222,6 +222,24 @@ def window_stats(cfg: TrainConfig, step: int, steps_done: int, elapsed: float, e
             "route_mix": {r: counts.get(r, 0) / updates for r in cfg.routes} if updates else {}}
 
 
+def training_extent(cfg: TrainConfig, steps_done: int) -> dict:
+    """How far a run got against its plan, for report.json's `training`: a run cut by max_minutes is another run than
+    the one its config describes (fewer updates; a cosine schedule stopped before its end), and says so."""
+    cut = steps_done < cfg.steps
+    return {"steps": steps_done, "steps_planned": cfg.steps, "cut_by_max_minutes": cut,
+            "schedule_finished": not cut or cfg.optim.lr_schedule == "constant"}
+
+
+def cut_note(cfg: TrainConfig, steps_done: int) -> str | None:
+    """The console line of a run cut by max_minutes (None for a run that did every step)."""
+    if steps_done >= cfg.steps:
+        return None
+    schedule = (f", and its {cfg.optim.lr_schedule} learning-rate schedule stopped before its end"
+                if cfg.optim.lr_schedule != "constant" else "")
+    return (f"note: cut by max_minutes={cfg.max_minutes:g} after {steps_done} of {cfg.steps} steps{schedule}: the results are "
+            "those of a shorter run than the config plans")
+
+
 def format_progress(step: int, end: int, losses: dict[str, float], samples_per_s: float, shares: dict[str, float], eta_s: float) -> str:
     loss_txt = " ".join(f"{r}={v:.4f}" for r, v in sorted(losses.items()))
     parts = " ".join(f"{k.replace('forward_backward', 'fwd/bwd')} {v:.0%}" for k, v in shares.items() if v > 0.005)

@@ -42,7 +42,9 @@ class DataSource(BaseModel):
 
     path: str = Field(description="a folder, a manifest file, or a Hugging Face hub dataset id")
     route: str | None = Field(None, description="the route this source's rows feed (a manifest's or dataset's rows may name it)")
-    kind: Literal["auto", "captions", "edit_folder", "dataset", "manifest"] = "auto"
+    kind: Literal["auto", "captions", "edit_folder", "dataset", "manifest"] = Field("auto",
+            description="auto (from what the path holds), captions (image + same-name .txt), edit_folder (source/, "
+                        "target/), dataset (Hugging Face) or manifest")
     columns: dict[str, str] = Field(default_factory=dict, description="dataset only: row field -> dataset column, e.g. "
                                     "{prompt: caption, source_image: input_image}")
     split: str = Field("train", description="dataset only: the split to read")

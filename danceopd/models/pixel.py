@@ -22,15 +22,15 @@ class PixelModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     sample_size: int = Field(16, ge=4, le=128, description="image side in pixels (the suite tier's size)")
-    channels: int = Field(3, ge=1)
-    patch_size: int = Field(2, ge=1)
-    num_layers: int = Field(4, ge=1)
-    num_attention_heads: int = Field(4, ge=1)
-    attention_head_dim: int = Field(32, ge=4)
-    text_hidden_size: int = Field(64, ge=8)
-    text_layers: int = Field(1, ge=1)
-    max_prompt_tokens: int = Field(16, ge=4)
-    seed: int = 0
+    channels: int = Field(3, ge=1, description="pixel model: image channels")
+    patch_size: int = Field(2, ge=1, description="pixel model: patch side in pixels")
+    num_layers: int = Field(4, ge=1, description="pixel model: transformer blocks")
+    num_attention_heads: int = Field(4, ge=1, description="pixel model: attention heads per block")
+    attention_head_dim: int = Field(32, ge=4, description="pixel model: channels per attention head")
+    text_hidden_size: int = Field(64, ge=8, description="pixel model: width of its prompt encoder")
+    text_layers: int = Field(1, ge=1, description="pixel model: layers of its prompt encoder")
+    max_prompt_tokens: int = Field(16, ge=4, description="pixel model: prompt tokens (longer prompts are cut)")
+    seed: int = Field(0, description="pixel model: seed of its random initialisation (init_from replaces it)")
 
 
 def suite_vocabulary() -> list[str]:

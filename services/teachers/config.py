@@ -35,11 +35,11 @@ class _Strict(BaseModel):
 
 
 class SuiteFieldSpec(_Strict):
-    kind: Literal["suite"]
-    capability: str
-    tier: Literal["basic", "hard"] = "basic"
-    tau: float = Field(0.0, ge=0.0, le=0.5)
-    seed: int = 0
+    kind: Literal["suite"] = Field(description="suite: an exact capability-suite field")
+    capability: str = Field(description="the suite capability (t2i, local_edit, global_edit, realism, ...)")
+    tier: Literal["basic", "hard"] = Field("basic", description="the suite tier (basic or hard), as the run's suite.tier")
+    tau: float = Field(0.0, ge=0.0, le=0.5, description="Gaussian smoothing of the references, as the run's suite.tau")
+    seed: int = Field(0, description="seed of the reference sets, as the run's suite.seed")
 
     _known = field_validator("capability")(classmethod(lambda cls, v: check_capability(v)))
 
@@ -47,12 +47,15 @@ class SuiteFieldSpec(_Strict):
 class DiffusersFieldSpec(_Strict):
     """A model teacher: base pipeline (or a DanceOPD student folder) [+ fine-tuned checkpoint] [+ LoRAs], merged at load."""
 
-    kind: Literal["diffusers"]
+    kind: Literal["diffusers"] = Field(description="diffusers: a model teacher")
     path: str = Field(description="the base: a local diffusers pipeline folder, a DanceOPD student folder, or a hub id")
     family: str | None = Field(None, description="model family; default: read from the folder's model_index.json")
-    checkpoint: str | None = None
-    loras: list[LoraAdapterSpec] = Field(default_factory=list)
-    guidance: float | None = None
+    checkpoint: str | None = Field(None, description="a fine-tuned transformer (a transformer/ folder or a pipeline "
+                                                     "holding one) in place of the base's")
+    loras: list[LoraAdapterSpec] = Field(default_factory=list, description="LoRA adapters fused into the teacher once at "
+                                                                           "load: [{path, scale, weight_name}]")
+    guidance: float | None = Field(None, description="guidance-embedding value of the teacher's calls (FLUX.1-dev); "
+                                                     "default the family's")
     resolution: int | None = Field(None, ge=8, description="image side in pixels the student trains at; default the transformer's native size")
     buckets: list[tuple[int, int]] = Field(default_factory=list, description="further (width, height) sizes it answers: the "
                                            "run's aspect-ratio buckets (data.buckets; the job sets them)")
@@ -80,7 +83,8 @@ class DiffusersFieldSpec(_Strict):
 
 class BankedTeacher(_Strict):
     loras: list[LoraAdapterSpec] = Field(default_factory=list, description="none = the base itself")
-    guidance: float | None = None
+    guidance: float | None = Field(None, description="guidance-embedding value of this teacher's calls (FLUX.1-dev); "
+                                                     "default the family's")
     cfg_alpha: float | None = Field(None, gt=0.0, description="this teacher is CFG(alpha) over its adapters (absorbed guidance): "
                                                              "conditional and unconditional halves in one model call")
 
@@ -89,14 +93,17 @@ class AdapterBankSpec(_Strict):
     """Several teachers that share a base, served by one deployment: the base once, each teacher's LoRAs as
     unfused adapters switched per query (`VelocityQuery.adapter` names the teacher)."""
 
-    kind: Literal["adapter_bank"]
+    kind: Literal["adapter_bank"] = Field(description="adapter_bank: several teachers sharing one base")
     path: str = Field(description="the shared base: a local diffusers pipeline folder or a hub id")
-    family: str | None = None
-    checkpoint: str | None = None
-    resolution: int | None = Field(None, ge=8)
+    family: str | None = Field(None, description="model family; default: read from the folder's model_index.json")
+    checkpoint: str | None = Field(None, description="a fine-tuned transformer shared by every adapter, in place of the "
+                                                     "base's")
+    resolution: int | None = Field(None, ge=8, description="image side in pixels the student trains at; default the "
+                                                           "transformer's native size")
     buckets: list[tuple[int, int]] = Field(default_factory=list, description="further (width, height) sizes it answers "
                                            "(the run's aspect-ratio buckets)")
-    max_sequence_length: int | None = Field(None, ge=1)
+    max_sequence_length: int | None = Field(None, ge=1, description="prompt tokens; default the pipeline's (SD3 256, FLUX "
+                                                                    "512)")
     adapters: dict[str, BankedTeacher] = Field(min_length=1, description="teacher name -> its LoRAs")
     text_embeddings: str | None = Field(None, description="a prompt-embedding store (danceopd.text_embeddings; the job sets it "
                                         "under student.text_embeddings: precompute): replicas load no text encoder and look "
@@ -118,30 +125,35 @@ class AdapterBankSpec(_Strict):
 
 
 class CFGFieldSpec(_Strict):
-    kind: Literal["cfg"]
+    kind: Literal["cfg"] = Field(description="cfg: classifier-free guidance over another teacher")
     base: str = Field(description="name of another teacher in this file; its field is built in this replica")
-    alpha: float = Field(gt=0.0)
+    alpha: float = Field(gt=0.0, description="the guidance scale: v_u + alpha (v_c - v_u)")
 
 
 FieldSpec = Annotated[Union[SuiteFieldSpec, DiffusersFieldSpec, AdapterBankSpec, CFGFieldSpec], Field(discriminator="kind")]
 
 
 class BatchingConfig(_Strict):
-    enabled: bool = True
+    enabled: bool = Field(True, description="merge concurrent queries into one model call (split back exactly); off: "
+                                            "bit-reproducible calls")
     max_batch_size: int = Field(64, ge=1, description="samples (not requests) per model call; a larger query is answered in "
                                                       "consecutive calls of this size (batching on or off)")
     # 0 = opportunistic: never wait; queries that arrive while a batch computes form the next batch.
     # A positive wait only pays off when callers outnumber what one model call can absorb.
-    batch_wait_timeout_s: float = Field(0.0, ge=0.0, le=1.0)
+    batch_wait_timeout_s: float = Field(0.0, ge=0.0, le=1.0, description="how long a batch waits for more queries; 0: "
+                                                                         "never (queries arriving during a call form the "
+                                                                         "next batch)")
 
 
 class AutoscalingConfig(_Strict):
-    min_replicas: int = Field(1, ge=0)
-    initial_replicas: int | None = Field(None, ge=0)
-    max_replicas: int = Field(1, ge=1)
-    target_ongoing_requests: float = Field(2.0, gt=0)
-    upscale_delay_s: float = Field(10.0, ge=0)
-    downscale_delay_s: float = Field(60.0, ge=0)
+    min_replicas: int = Field(1, ge=0, description="fewest replicas")
+    initial_replicas: int | None = Field(None, ge=0, description="replicas at deploy time; default min_replicas")
+    max_replicas: int = Field(1, ge=1, description="most replicas")
+    target_ongoing_requests: float = Field(2.0, gt=0, description="ongoing queries per replica that Serve scales toward")
+    upscale_delay_s: float = Field(10.0, ge=0, description="how long the load must stay above target before a replica is "
+                                                           "added")
+    downscale_delay_s: float = Field(60.0, ge=0, description="how long the load must stay below target before a replica is "
+                                                             "removed")
     metrics_interval_s: float = Field(10.0, gt=0, description="how often the callers' handles report their ongoing queries")
     look_back_period_s: float = Field(30.0, gt=0, description="the window the ongoing queries are averaged over")
 
@@ -153,20 +165,25 @@ class AutoscalingConfig(_Strict):
 
 
 class ActorOptions(_Strict):
-    num_cpus: float = Field(1.0, ge=0)
-    num_gpus: float = Field(0.0, ge=0)
+    num_cpus: float = Field(1.0, ge=0, description="logical CPUs each replica reserves")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs each replica reserves (fractions share a GPU); a cuda device "
+                                                   "needs it > 0")
 
 
 class TeacherConfig(_Strict):
-    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")
-    field: FieldSpec
-    device: str = "auto"
-    dtype: str = "auto"
-    num_replicas: int | None = Field(None, ge=1)
-    autoscaling_config: AutoscalingConfig | None = None
-    max_ongoing_requests: int = Field(16, ge=1)
-    ray_actor_options: ActorOptions = ActorOptions()
-    batching: BatchingConfig = BatchingConfig()
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$", description="the teacher's name (lower case, digits, - and _): its "
+                                                                    "application is <app_prefix><name>")
+    field: FieldSpec = Field(description="the velocity field it serves: {kind: suite | diffusers | adapter_bank | cfg, "
+                                         "...}")
+    device: str = Field("auto", description="auto (cuda when the replica holds a GPU, else cpu), cpu or cuda")
+    dtype: str = Field("auto", description="weights dtype: auto (bf16 on a GPU that has it, else float32), float32, "
+                                           "bfloat16 or float16")
+    num_replicas: int | None = Field(None, ge=1, description="fixed replica count (default 1), or autoscaling_config")
+    autoscaling_config: AutoscalingConfig | None = Field(None, description="Serve autoscaling of the replicas (instead of "
+                                                                           "num_replicas)")
+    max_ongoing_requests: int = Field(16, ge=1, description="queries a replica accepts at once (Serve queues the rest)")
+    ray_actor_options: ActorOptions = Field(ActorOptions(), description="resources of each replica ({num_cpus, num_gpus})")
+    batching: BatchingConfig = Field(BatchingConfig(), description="merge concurrent queries into model calls")
     torch_threads: int = Field(1, ge=1, description="torch threads in the replica (1 is best on a shared CPU box)")
     access_log: bool = Field(False, description="one log line per query (a trainer sends several per step); metrics count them anyway")
     simulated_call_s: float = Field(0.0, ge=0.0, le=60.0, description="benchmarks only: every model call lasts at least this long "
@@ -186,17 +203,17 @@ class TeacherConfig(_Strict):
 
 
 class GatewayConfig(AuthOptions, _Strict):
-    route_prefix: str = "/"
-    max_payload_mb: float = Field(32.0, gt=0)
-    request_timeout_s: float = Field(30.0, gt=0)
-    num_cpus: float = Field(0.5, ge=0)
+    route_prefix: str = Field("/", description="HTTP route prefix of the gateway")
+    max_payload_mb: float = Field(32.0, gt=0, description="largest request body; a larger one is a 413")
+    request_timeout_s: float = Field(30.0, gt=0, description="how long the gateway waits for a teacher; then a 504")
+    num_cpus: float = Field(0.5, ge=0, description="logical CPUs the gateway replica reserves")
 
 
 class RouterServiceConfig(AuthOptions, _Strict):
     """The router application deployed beside the teachers (`serve deploy` declares every app at once)."""
 
-    enabled: bool = True
-    route_prefix: str = "/router"
+    enabled: bool = Field(True, description="deploy the router")
+    route_prefix: str = Field("/router", description="HTTP route prefix of the router API")
     redis_url: str | None = Field(None, description="state in Redis; default $DANCEOPD_REDIS_URL on the cluster, else `store`")
     store: Literal["ray", "memory"] = Field("ray", description="without Redis: ray = the cluster's own key-value store (survives "
                                                                "router restarts, no setup); memory = the replica's memory (lost with it)")
@@ -204,9 +221,11 @@ class RouterServiceConfig(AuthOptions, _Strict):
 
 class TeachersConfig(_Strict):
     app_prefix: str = Field("teacher-", description="each teacher is the Serve application <app_prefix><name>")
-    teachers: list[TeacherConfig]
-    gateway: GatewayConfig = GatewayConfig()
-    router: RouterServiceConfig = RouterServiceConfig()
+    teachers: list[TeacherConfig] = Field(description="the teachers, each its own Serve application")
+    gateway: GatewayConfig = Field(GatewayConfig(), description="the REST gateway application (velocity queries for "
+                                                                "debugging)")
+    router: RouterServiceConfig = Field(RouterServiceConfig(), description="the router application deployed beside the "
+                                                                           "teachers")
 
     @model_validator(mode="after")
     def _references(self):

@@ -88,12 +88,16 @@ class TeacherGateway:
 
     @app.get("/healthz")
     async def healthz(self) -> dict:
+        """Liveness, open without a token (for load balancers): `{"status": "ok", "teachers": [...]}`."""
         return {"status": "ok", "teachers": list(self.handles)}
 
     @app.get("/v1/fields", responses=error_responses(s401="missing or wrong bearer token",
                                                      s503="a teacher's replica is unavailable",
                                                      s504="a teacher did not answer within gateway.request_timeout_s"))
     async def fields(self, request: Request):
+        """Every deployed teacher: name, kind, sample shape (and its aspect-ratio bucket shapes), whether it takes or
+        requires a source image, guidance, device, and for model teachers the family, resolution and `weights_sha256` (the
+        merged weights it answers with)."""
         if (denied := self._unauthorized(request)) is not None:
             return denied
         infos = []
@@ -115,6 +119,9 @@ class TeacherGateway:
                                         s503="the teacher's replica is unavailable (restarting, out of memory)",
                                         s504="the teacher did not answer within gateway.request_timeout_s"))
     async def velocity(self, name: str, request: Request):
+        """The teacher `name`'s velocity v(x, sigma, prompt[, source]): `{"teacher", "velocity": {"b64", "shape"} in x's
+        layout, "elapsed_ms"}`, and `x0_png_b64` (the first sample's x0_hat = x - sigma v as a PNG) when asked. Bad input never reaches the model: shape, dtype,
+        NaN/inf, sigma range, prompt count, a missing source and the encoding are checked first (422)."""
         if (denied := self._unauthorized(request)) is not None:
             return denied
         if name not in self.handles:

@@ -1,5 +1,5 @@
-"""The README's cluster blocks (`ray start`, `serve deploy` + `danceopd query` + curl, `ray job submit`, `ray stop`)
-run as written in a clean shell: a fresh environment (PATH=/usr/local/bin:/usr/bin:/bin, HOME), from the
+"""The cluster guide's command blocks (docs/cluster.md: `ray start`, `serve deploy` + `danceopd query` + curl,
+`ray job submit`, `ray stop`) run as written in a clean shell: a fresh environment (PATH=/usr/local/bin:/usr/bin:/bin, HOME), from the
 repository root, with a shorter training job and the outputs in a temporary folder. The job's console is counted
 and checked for framework noise, and its outputs (report, student, TensorBoard files) are read back.
 
@@ -20,8 +20,8 @@ import pytest
 from tensorboard_files import read_images, read_scalars
 
 ROOT = Path(__file__).resolve().parents[1]
-BLOCK = re.compile(r"<!-- readme-test: cluster -->\n```bash\n(.*?)```", re.S)
-SHORT = ("steps=12 log_every=4 checkpoint_every=6 student.num_layers=2 method.rollout_steps=4 eval.samples_per_capability=12 "
+BLOCK = re.compile(r"<!-- docs-test: cluster -->\n```bash\n(.*?)```", re.S)
+SHORT = ("steps=12 log_every=4 checkpoint_every=6 method.rollout_steps=4 eval.samples_per_capability=12 "
          "eval.sampling_steps=4")
 NOISE = ("Traceback", "Reporting training result", " INFO ", "WARNING", "find_unused_parameters", "Writing model shards",
          "Loading weights", "PlacementGroupCleaner", "(raylet)")
@@ -38,8 +38,8 @@ def test_the_readme_cluster_blocks_run_as_written(tmp_path):
         pytest.skip(f"another Ray runs on this machine (ports in use: {busy}): the README's `ray stop` would stop it")
     if not (ROOT / ".venv" / "bin" / "activate").exists():
         pytest.skip("the README's blocks run after `make install` (.venv)")
-    blocks = BLOCK.findall((ROOT / "README.md").read_text())
-    assert len(blocks) == 3, "the README's tested cluster blocks moved: update this test"
+    blocks = BLOCK.findall((ROOT / "docs" / "cluster.md").read_text())
+    assert len(blocks) == 3, "the cluster guide's tested blocks moved: update this test"
     script = "\n".join(blocks)
     assert "output_dir=$PWD/runs" in script and "--out query-out" in script
     script = script.replace("output_dir=$PWD/runs", f"output_dir={tmp_path}/runs {SHORT}").replace("--out query-out", f"--out {tmp_path}/q")
