@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 from danceopd.flow.query import POSITIONS
 from danceopd.data.sources import DataSource
 from danceopd.models import compatible, latent_space_difference
-from danceopd.student import StudentConfig
+from danceopd.student import STUDENT_MARKER, StudentConfig, is_student_folder
 from danceopd.teacher_model import TeacherModelSpec
 from danceopd.text_embeddings import EncoderKey, TextEmbeddings
 from danceopd.suite.buckets import check_capability
@@ -352,8 +352,8 @@ class TrainConfig(_Strict):
         if v is None:
             return v
         v = v.expanduser()
-        if not (v / "danceopd_student.json").exists():
-            raise ValueError(f"{v} is not a saved student folder (no danceopd_student.json): give a run's student/ folder "
+        if not is_student_folder(v):
+            raise ValueError(f"{v} is not a saved student folder (no {STUDENT_MARKER}): give a run's student/ folder "
                              "(e.g. runs/pretrain-t2i/student), or run `make pixel-base` for assets/pixel-t2i-base")
         return v.resolve()  # Ray workers run in other working directories
 

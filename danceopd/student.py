@@ -66,8 +66,9 @@ class StudentConfig(PixelModelConfig):
                               "model that loads without peft): once, at the end of training, on the CPU (FLUX.1-dev: ~24 GB of "
                               "host memory and disk in bf16), never inside a periodic checkpoint")
     save_dtype: Literal["float32", "bfloat16"] = Field("float32", description="dtype of the exported LoRA (and grown input "
-                                                     "layer; the pixel model's weights) in student/ folders: float32 is the trained weights exactly, bfloat16 "
-                                                     "halves the file; a resume always restores the fp32 training weights")
+                                                     "layer; the pixel model's weights) in student/ folders: float32 is the "
+                                                     "trained weights exactly, bfloat16 halves the file; a resume always "
+                                                     "restores the fp32 training weights")
     max_sequence_length: int | None = Field(None, ge=1, description="prompt tokens; default the pipeline's (SD3 256, FLUX 512)")
     prompt_cache_size: int = Field(512, ge=0, description="prompt embeddings kept (LRU); 0 = no cache")
     text_embeddings: Literal["auto", "precompute", "on_device", "cpu"] = Field(
@@ -156,10 +157,10 @@ class Student:
         path.mkdir(parents=True, exist_ok=True)
         model = getattr(self.transformer, "module", self.transformer)
         cfg = self.config
+        dtype = getattr(torch, cfg.save_dtype)
         if cfg.trains_lora:
             from peft.utils import get_peft_model_state_dict
 
-            dtype = getattr(torch, cfg.save_dtype)
             lora = {k: v.detach().to(dtype) for k, v in get_peft_model_state_dict(model).items()}
             peft = model.peft_config["default"]
             self.family.pipeline_class().save_lora_weights(path, transformer_lora_layers=lora,
@@ -179,10 +180,10 @@ class Student:
             # save_dtype bfloat16 halves the folder (the committed demo base fits the repository that way); a copy
             # is cast, the trained fp32 weights stay as they are
             saved = model
-            if cfg.save_dtype != "float32":
+            if dtype != torch.float32:
                 saved = copy.deepcopy(model)
                 for t in [*saved.parameters(), *saved.buffers()]:  # not .to(): diffusers warns about its kept-fp32 modules
-                    t.data = t.data.to(getattr(torch, cfg.save_dtype)) if t.is_floating_point() else t.data
+                    t.data = t.data.to(dtype) if t.is_floating_point() else t.data
             self.pipe.transformer = saved
             self.pipe.save_pretrained(path)
             self.pipe.transformer = model

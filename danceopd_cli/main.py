@@ -45,15 +45,15 @@ def _eval(args) -> int:
     from danceopd.data.routes import build_route_data
     from danceopd.evaluation import evaluate_run, summary_table, write_report
     from danceopd.routes import build_route_fields
-    from danceopd.student import load_student
+    from danceopd.student import STUDENT_MARKER, is_student_folder, load_student
     from danceopd.suite import CapabilitySuite
     from trainer.steps import run_sigmas
 
     from trainer.job import JobConfig
 
     cfg = load_config(args.config, dict(parse_override(o) for o in args.overrides), model=JobConfig)  # run or job file
-    if not (args.student / "danceopd_student.json").exists():
-        raise ConfigError(f"--student {args.student}: not a saved student folder (expected {args.student}/danceopd_student.json); "
+    if not is_student_folder(args.student):
+        raise ConfigError(f"--student {args.student}: not a saved student folder (expected {args.student}/{STUDENT_MARKER}); "
                           "pass a checkpoint's student/ folder")
     student = load_student(args.student, device=cfg.device, dtype=cfg.dtype)
     if student.family.name == "pixel" and student.config.sample_size != world_size(cfg.suite.tier):
