@@ -71,9 +71,9 @@ docs: install
 docs-reference: install
 	$(BIN)/python -m danceopd_cli.docs_reference
 
-## test: the documentation site, then the whole suite (CPU; CUDA tests skip without a GPU)
+## test: the documentation site, then the whole suite (CPU; CUDA tests skip without a GPU) and its 25 slowest tests
 test: install os-deps docs
-	$(BIN)/python -m pytest -q -m "not chaos"
+	$(BIN)/python -m pytest -q -m "not chaos" --durations=25
 
 ## chaos: the seeded chaos table: a teacher replica, a train worker, the router replica and Redis killed mid-run,
 ## each alone and all at once; final weights and routing log against an uninterrupted run (runs/chaos/chaos.json)

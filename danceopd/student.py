@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from danceopd.fields.model_field import ModelField
 from danceopd.models import FAMILIES, ModelFamily, family_of_folder, get_family
-from danceopd.models.base import PromptCache, dtype_name, resolve_device, resolve_dtype
+from danceopd.models.base import PromptCache, dtype_name, quiet_loading, resolve_device, resolve_dtype
 from danceopd.models.pixel import PixelModelConfig, build_pixel_pipeline, load_pixel_pipeline
 from danceopd.text_embeddings import EncoderKey, TextEmbeddings
 
@@ -153,6 +153,7 @@ class Student:
         return self.family.decode_latents(self.pipe, latents)
 
     def save_pretrained(self, path: str | Path) -> None:
+        quiet_loading()  # and saving: transformers' "Writing model shards" bar
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         model = getattr(self.transformer, "module", self.transformer)

@@ -763,3 +763,19 @@ def test_non_square_rollouts_reproduce_the_pipelines_at_a_wide_size(tiny, name):
         ours = ours.flatten(2).transpose(1, 2)
     rel = ((ours - theirs).norm() / theirs.norm()).item()
     assert rel < 1e-4, rel
+
+
+def test_loading_and_saving_a_student_prints_no_progress_bars(tmp_path):
+    """transformers 5 draws "Loading weights" / "Writing model shards" bars on stderr for every from_pretrained /
+    save_pretrained: in an experiment's or a job's console they are noise. A fresh interpreter, so that no earlier
+    test has already turned them off."""
+    import subprocess
+    import sys
+
+    code = ("from danceopd.student import load_student; "
+            f"load_student('assets/pixel-t2i-base', device='cpu', dtype='float32').save_pretrained({str(tmp_path / 's')!r})")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "s" / "transformer").is_dir()
+    assert "Loading weights" not in done.stderr and "Writing model shards" not in done.stderr, done.stderr[-2000:]

@@ -21,6 +21,15 @@ from danceopd.flow.schedule import shift_sigmas
 Embeds = tuple[torch.Tensor, ...]  # per-family prompt embeddings, batch first
 
 
+def quiet_loading() -> None:
+    """No "Loading weights" bars from diffusers' and transformers' from_pretrained: noise in a training log."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+
 class ModelFamily:
     name: str = ""
     pipeline_classes: tuple[str, ...] = ()  # model_index.json `_class_name`s this family loads; [0] saves LoRAs
@@ -42,11 +51,7 @@ class ModelFamily:
                       text_encoders: str | None = "device") -> Any:
         """The pipeline's transformer, text encoders and (optionally) VAE, frozen, in `dtype`, on `device`; text encoders
         kept in host memory (`text_encoders="cpu"`) or not loaded at all (None: prompts come from an embedding store)."""
-        import diffusers
-        import transformers
-
-        diffusers.utils.logging.disable_progress_bar()  # loading bars are noise in a training log
-        transformers.utils.logging.disable_progress_bar()
+        quiet_loading()
         kwargs = {} if vae else {"vae": None}
         if text_encoders is None:
             kwargs.update(dict.fromkeys(text_components(path)))

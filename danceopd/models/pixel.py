@@ -13,7 +13,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from danceopd.flow.schedule import uniform_sigmas
-from danceopd.models.base import Embeds, ModelFamily
+from danceopd.models.base import Embeds, ModelFamily, quiet_loading
 from danceopd.models.sd3 import call_sd3_transformer
 from danceopd.suite import world
 
@@ -96,6 +96,7 @@ def load_pixel_pipeline(path: str | Path, cfg: PixelModelConfig, dtype: torch.dt
     from diffusers import SD3Transformer2DModel
     from transformers import AutoTokenizer, CLIPTextModel
 
+    quiet_loading()
     path = Path(path)
     transformer = SD3Transformer2DModel.from_pretrained(path / "transformer", dtype=dtype)
     text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", dtype=dtype).requires_grad_(False).eval()
