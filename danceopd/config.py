@@ -166,6 +166,14 @@ class MethodConfig(_Strict):
             raise ValueError(f"unknown query_position {v!r}: choose from {list(POSITIONS)}")
         return v
 
+    @property
+    def queried_states(self) -> int:
+        """States each sample's student prediction and teacher query carry: N under dense, else K (distinct sampling
+        queries each of the N states at most once)."""
+        if self.query_position == "dense":
+            return self.rollout_steps
+        return min(self.k, self.rollout_steps) if self.query_sampling == "distinct" else self.k
+
     @model_validator(mode="after")
     def _consistent(self) -> "MethodConfig":
         if self.loss == "dense_dt2":  # the older spelling: dense with the dt^2 / 2 weights

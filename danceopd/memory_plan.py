@@ -17,8 +17,9 @@ the store, cached in host memory); with cpu the encoders and cache are in host m
   autocast copies         adapter: full in 16 bits: the 16-bit weight copies autocast holds during a step
   prompt cache            student.prompt_cache_size prompts' embeddings (compact copies)
   adapters (<dtype>)      an adapter-bank teacher's unfused LoRAs (local files; a hub LoRA counts 0 until prefetched)
-  activations             what the training step keeps for its backward at the worker's micro-batch
-  query activations       a teacher's no-grad forward at its largest batch (x2 under CFG)
+  activations             what the training step keeps for its backward: the student predicts the worker's micro-batch
+                          x the states queried per sample (K; N under dense), x2 under student CFG
+  query activations       a teacher's no-grad forward at its largest batch (the micro-batch x K states; x2 under CFG)
   sampling / vae decode   evaluation's no-grad forward at its batch, and the VAE decoding images 4 at a time
 
 Activations are a per-token estimate, calibrated on this repository's CPU measurements of tiny and mid-size
@@ -239,6 +240,8 @@ def plan_job(job, gpu_memory_gib: float | None = None) -> MemoryPlan:
     any_source = any(r.capability and "edit" in r.capability for r in job.routes.values())
     seq = st.max_sequence_length or family.default_max_sequence_length
     worker = Role("train_worker", job.cluster.gpus_per_worker if on_gpu else 0.0)
+    queried = job.method.queried_states  # rows per sample of the prediction (with grad) and of the teacher query
+    student_cfg = 1 if job.method.student_cfg_scale == 1.0 else 2  # its unconditional pass rides in the same call
     resident: dict[str, int] = {}
     text = job.text_embeddings()
     # precompute: no text encoder in a worker (prompt embeddings read from the store, cached in host memory); cpu: the
@@ -270,7 +273,7 @@ def plan_job(job, gpu_memory_gib: float | None = None) -> MemoryPlan:
         if encoders_on_gpu:
             resident["prompt cache"] = st.prompt_cache_size * _prompt_bytes(family, comps, seq, nbytes)
         image, tokens, hidden, blocks = _tokens(family, t, comps.get("vae"), st.resolution, seq, any_source)
-        per_block = job.worker_batch_size * (image + tokens) * hidden * nbytes
+        per_block = job.worker_batch_size * queried * student_cfg * (image + tokens) * hidden * nbytes
         act = ACT_TRAIN_FULL if full else ACT_TRAIN
         worker.parts.update(resident)
         worker.parts["activations"] = int(per_block * ((ACT_CKPT * blocks + act) if st.gradient_checkpointing else act * blocks))
@@ -279,7 +282,9 @@ def plan_job(job, gpu_memory_gib: float | None = None) -> MemoryPlan:
 
     # teachers: one replica of each deployed teacher
     tc = job.teachers_config()
-    steps_per_student = job.method.rollout_steps + 3 + (1 if st.gradient_checkpointing else 0)  # forward-equivalents
+    # a student step in forward-equivalents: the rollout, then the prediction's forward + backward (x3) on the queried
+    # states, plus its recomputation under gradient checkpointing
+    steps_per_student = student_cfg * (job.method.rollout_steps + queried * (3 + (1 if st.gradient_checkpointing else 0)))
     weights = {name: r.weight for name, r in job.routes.items()}
     total_weight = sum(weights.values()) or 1.0
     by_name = {t.name: t for t in tc.teachers}
@@ -298,7 +303,9 @@ def plan_job(job, gpu_memory_gib: float | None = None) -> MemoryPlan:
         work = sum(weights[r] * (2 if job.routes[r].cfg_alpha is not None else 1) for r in routes) / total_weight  # CFG: 2 halves
         cfg_factor = 2 if any(job.routes[r].cfg_alpha is not None for r in routes) else 1
         replicas = teacher.num_replicas or (teacher.autoscaling_config.min_replicas if teacher.autoscaling_config else 1)
-        batch = teacher.batching.max_batch_size if teacher.batching.enabled else job.worker_batch_size
+        # one query is a micro-batch x its queried states, answered max_batch_size samples per call (batching or not)
+        batch = min(job.worker_batch_size * queried, teacher.batching.max_batch_size) if not teacher.batching.enabled \
+            else teacher.batching.max_batch_size
         if base_field.kind == "suite":
             role.parts["suite field"] = 0
             cost = 0.0
@@ -321,8 +328,7 @@ def plan_job(job, gpu_memory_gib: float | None = None) -> MemoryPlan:
                 role.parts["prompt cache"] = st.prompt_cache_size * _prompt_bytes(t_family, comps, seq, tb)
             # forward cost relative to the student's: parameters x tokens (the same tokens: same resolution)
             cost = t.floats / student_blocks[0].floats if student_blocks else 1.0
-        k = job.method.k
-        role.busy_fraction = job.cluster.num_workers * work * k * cost / (replicas * steps_per_student)
+        role.busy_fraction = job.cluster.num_workers * work * queried * cost / (replicas * steps_per_student)
         roles[role.name] = role
 
     # evaluation on a train worker: its resident state plus the sampling forward and the VAE decoding

@@ -157,3 +157,36 @@ def test_plans_of_the_2026_family_recipes_from_their_published_configs():
 
     zimage = plan_job(load_job_config(ROOT / "configs/z-image-lora.yaml", {}), 80)
     assert zimage.fits and zimage.roles["train_worker"].parts["transformer (bfloat16)"] == pytest.approx(6.155e9 * 2, rel=0.005)  # bytes
+
+
+def test_the_plan_grows_with_the_states_each_sample_queries():
+    """The student predicts, with grad, every queried state of its micro-batch in one call (K per sample, all N under
+    the dense loss, twice under student CFG), and an unbatched teacher answers them in one call: the plan's
+    activations and teacher busy fractions scale with them. At full size this is what decides whether a dense
+    (DiffusionOPD-style) baseline fits an 80 GiB card."""
+    from danceopd.memory_plan import plan_job
+    from trainer.job import load_job_config
+
+    sd35 = "configs/sd35-medium-lora.yaml"  # 16 rollout steps, gradient checkpointing, 1 sample per worker
+    dense = {"method.query_position": "dense", "method.loss": "dense"}
+    plans = {name: plan_job(load_job_config(ROOT / sd35, ov), 80) for name, ov in
+             {"k1": {}, "k4": {"method.k": 4}, "dense": dense, "cfg2": {"method.student_cfg_scale": 2.0},
+              "unbatched": {"services.teacher_defaults.batching.enabled": False, "method.k": 4},
+              "unbatched_k1": {"services.teacher_defaults.batching.enabled": False},
+              "unbatched_k16": {"services.teacher_defaults.batching.enabled": False, "method.k": 16}}.items()}
+    act = {name: p.roles["train_worker"].parts["activations"] for name, p in plans.items()}
+    assert act["k4"] == pytest.approx(4 * act["k1"], rel=1e-9) and act["dense"] == pytest.approx(16 * act["k1"], rel=1e-9)
+    assert act["cfg2"] == pytest.approx(2 * act["k1"], rel=1e-9)
+    busy = {name: p.roles["teacher:text"].busy_fraction for name, p in plans.items()}
+    # forward-equivalents of a student step: 16 rollout + K x (3 + 1 recomputation); the teacher answers K states
+    assert busy["k4"] / busy["k1"] == pytest.approx(4 * 20 / 32) and busy["dense"] / busy["k1"] == pytest.approx(16 * 20 / 80)
+    assert busy["cfg2"] / busy["k1"] == pytest.approx(0.5)
+    q = {name: plans[name].roles["teacher:text"].parts["query activations"] for name in ("unbatched", "unbatched_k1", "unbatched_k16", "k4")}
+    assert q["unbatched"] == pytest.approx(4 * q["unbatched_k1"], rel=1e-9)  # one call of 1 sample x 4 states
+    assert q["unbatched_k16"] == pytest.approx(8 * q["unbatched_k1"], rel=1e-9)  # 16 states: calls of max_batch_size 8
+    assert q["k4"] == plans["k1"].roles["teacher:text"].parts["query activations"]  # batched: max_batch_size rows at most
+
+    # FLUX.1 at 1024 px: the dense loss over 16 states does not fit an 80 GiB worker even with checkpointing; K = 1 does
+    flux = {name: plan_job(load_job_config(ROOT / "configs/flux-kontext-lora.yaml", ov), 80) for name, ov in (("k1", {}), ("dense", dense))}
+    assert flux["k1"].fits and not flux["dense"].fits
+    assert flux["dense"].roles["train_worker"].largest()[0][0] == "activations"
