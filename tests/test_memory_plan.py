@@ -190,3 +190,7 @@ def test_the_plan_grows_with_the_states_each_sample_queries():
     flux = {name: plan_job(load_job_config(ROOT / "configs/flux-kontext-lora.yaml", ov), 80) for name, ov in (("k1", {}), ("dense", dense))}
     assert flux["k1"].fits and not flux["dense"].fits
     assert flux["dense"].roles["train_worker"].largest()[0][0] == "activations"
+    refused = run("--config", "configs/flux-kontext-lora.yaml", *[f"{k}={v}" for k, v in dense.items()], "cluster.gpu_memory_gib=80",
+                  "output_dir=/nonexistent", module="trainer.main")
+    assert refused.returncode == 2 and "train_worker needs 86.0 GiB" in refused.stderr, refused.stderr
+    assert "query fewer than 16 states per sample (method.k" in refused.stderr
