@@ -232,6 +232,11 @@ class OptimConfig(_Strict):
     batch_size: int = Field(32, ge=1, description="samples per micro-batch")
     ema_decay: float = Field(0.995, ge=0.0, lt=1.0, description="EMA of the weights that is evaluated and saved; 0 = off")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer update (the loss is averaged over them)")
+    states_per_backward: int | None = Field(None, ge=1, description="at most this many queried states (rows of a micro-batch x "
+                                            "its queried states) per forward + backward of the student, the micro-batch's loss "
+                                            "summed over the chunks: the same gradient up to rounding, activations for this many "
+                                            "states only. For the dense loss (N states per sample) on a large model; null: all "
+                                            "at once")
     max_nonfinite_steps: int = Field(10, ge=1, description="updates in a row whose loss or gradient is not finite (each one "
                                                           "skipped: weights, optimizer and EMA unchanged) before the run stops")
 

@@ -18,7 +18,8 @@ the store, cached in host memory); with cpu the encoders and cache are in host m
   prompt cache            student.prompt_cache_size prompts' embeddings (compact copies)
   adapters (<dtype>)      an adapter-bank teacher's unfused LoRAs (local files; a hub LoRA counts 0 until prefetched)
   activations             what the training step keeps for its backward: the student predicts the worker's micro-batch
-                          x the states queried per sample (K; N under dense), x2 under student CFG
+                          x the states queried per sample (K; N under dense), at most optim.states_per_backward of
+                          them per backward, x2 under student CFG
   query activations       a teacher's no-grad forward at its largest batch (the micro-batch x K states; x2 under CFG)
   sampling / vae decode   evaluation's no-grad forward at its batch, and the VAE decoding images 4 at a time
 
@@ -241,6 +242,7 @@ def plan_job(job, gpu_memory_gib: float | None = None) -> MemoryPlan:
     seq = st.max_sequence_length or family.default_max_sequence_length
     worker = Role("train_worker", job.cluster.gpus_per_worker if on_gpu else 0.0)
     queried = job.method.queried_states  # rows per sample of the prediction (with grad) and of the teacher query
+    rows_per_backward = min(job.worker_batch_size * queried, job.optim.states_per_backward or job.worker_batch_size * queried)
     student_cfg = 1 if job.method.student_cfg_scale == 1.0 else 2  # its unconditional pass rides in the same call
     resident: dict[str, int] = {}
     text = job.text_embeddings()
@@ -273,7 +275,7 @@ def plan_job(job, gpu_memory_gib: float | None = None) -> MemoryPlan:
         if encoders_on_gpu:
             resident["prompt cache"] = st.prompt_cache_size * _prompt_bytes(family, comps, seq, nbytes)
         image, tokens, hidden, blocks = _tokens(family, t, comps.get("vae"), st.resolution, seq, any_source)
-        per_block = job.worker_batch_size * queried * student_cfg * (image + tokens) * hidden * nbytes
+        per_block = rows_per_backward * student_cfg * (image + tokens) * hidden * nbytes  # optim.states_per_backward: a chunk's
         act = ACT_TRAIN_FULL if full else ACT_TRAIN
         worker.parts.update(resident)
         worker.parts["activations"] = int(per_block * ((ACT_CKPT * blocks + act) if st.gradient_checkpointing else act * blocks))

@@ -83,7 +83,7 @@ def run_probes(spec: ExperimentSpec, cfg: JobConfig, student_field, suite, devic
 
 # Settings added after results were recorded: left out of the key while at their default, so that adding a knob
 # does not make every finished run stale (a run that sets the knob gets its own key).
-KEY_OMITTED_AT_DEFAULT = {("method", "off_policy_share"): 0.0, ("method", "staleness"): 0,
+KEY_OMITTED_AT_DEFAULT = {("method", "off_policy_share"): 0.0, ("method", "staleness"): 0, ("optim", "states_per_backward"): None,
                           ("services", "teacher_defaults", "simulated_call_s"): None, ("eval", "velocity_error_samples"): 16, ("eval", "clip_model"): None,
                           **{("student", k): v for k, v in {"family": None, "base": None, "resolution": 32, "adapter": "auto",
                                                             "lora": {"rank": 128, "alpha": 128.0, "target_modules": None, "dropout": 0.0},

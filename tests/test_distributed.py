@@ -417,12 +417,13 @@ def test_routing_groups_on_two_workers_match_the_reference_and_survive_a_killed_
     """method.routing: groups (the official toolkit's accumulation groups) on 2 workers x grad_accum 2: every step each
     rank runs every route for 2 micro-batches (6 per rank), the loss divided by 6. Rank 0's per-route losses and the
     final weights are those of the reference trainer standing for both ranks (world_size=2; DDP's all-reduce sums in
-    another order, so to rounding); rank 1 killed at step 4 changes nothing (weights bit for bit)."""
+    another order, so to rounding); rank 1 killed at step 4 changes nothing (weights bit for bit). Each worker's micro-batch
+    of 4 states is predicted in chunks of 3 and 1 (optim.states_per_backward), the gradients all-reduced once per step."""
     from trainer.distributed import run_distributed
     from trainer.reference import ReferenceTrainer
 
     over = {"steps": 6, "log_every": 6, "checkpoint_every": 6, "method.routing": "groups", "optim.grad_accum": 2,
-            "optim.batch_size": 8, "cluster.max_failures": 1}
+            "optim.batch_size": 8, "optim.states_per_backward": 3, "cluster.max_failures": 1}
     cfg = job(tmp_path / "straight", **over)
     ref = ReferenceTrainer(cfg, log=lambda m: None, world_size=2)
     torch.set_num_threads(1)

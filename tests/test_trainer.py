@@ -402,6 +402,39 @@ def test_student_side_cfg_is_a_no_op_at_one_and_the_cfg_combination_at_two(tmp_p
     assert torch.isfinite(torch.tensor(two.train_step()["loss"]))
 
 
+@pytest.mark.parametrize("method", [{"method.k": 4}, {"method.query_position": "dense", "method.loss": "dense"},
+                                    {"method.query_position": "dense", "method.loss": "dense", "method.dense_weight": "dt2",
+                                     "method.student_cfg_scale": 2.0}], ids=["k4", "dense", "dense-dt2-cfg"])
+def test_states_per_backward_gives_the_same_training_with_smaller_student_calls(tmp_path, method):
+    """optim.states_per_backward: the student predicts a micro-batch's queried states a chunk at a time, each chunk's
+    share of the loss backpropagated on its own. Losses and weights equal the all-at-once step's to rounding (a chunk
+    that does not divide the rows included); no call with grad sees more rows than the chunk (x2: student CFG's
+    unconditional pass rides in the same call); a chunk of every row is the all-at-once step bit for bit."""
+    base = {"steps": 3, "optim.grad_accum": 2, "optim.batch_size": 4, **method}
+    whole = ReferenceTrainer(small_config(tmp_path / "a", **base), log=lambda m: None)
+    chunked = ReferenceTrainer(small_config(tmp_path / "b", **base, **{"optim.states_per_backward": 3}), log=lambda m: None)
+    rows_with_grad = []
+    chunked.student.transformer.register_forward_pre_hook(  # the rows of the samples a call with grad carries
+        lambda module, args, kwargs: rows_with_grad.append(kwargs["hidden_states"].shape[0]) if torch.is_grad_enabled() else None,
+        with_kwargs=True)
+    def grads(trainer):
+        return torch.cat([p.grad.flatten() for p in trainer.student.transformer.parameters() if p.grad is not None])
+
+    for step in range(3):
+        a, b = whole.train_step(), chunked.train_step()
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["route_losses"] == pytest.approx(a["route_losses"], rel=1e-5)
+        if step == 0:  # from the same weights: the same gradient (largest entries ~0.1; measured differences ~2e-8)
+            assert torch.allclose(grads(whole), grads(chunked), atol=2e-7, rtol=0)
+    # AdamW's first steps move a near-zero gradient's weight by ~lr whatever its rounding: measured differences ~2e-6
+    assert torch.allclose(params(whole), params(chunked), atol=2e-5, rtol=0)
+    states = 4 * whole.cfg.method.queried_states * 2  # rows per micro-batch: 4 samples x queried states, x2 micro-batches
+    per_call = 3 * (2 if "method.student_cfg_scale" in method else 1)
+    assert max(rows_with_grad) == per_call and sum(rows_with_grad) == 3 * states * per_call // 3
+    once = ReferenceTrainer(small_config(tmp_path / "c", **base, **{"optim.states_per_backward": 10_000}), log=lambda m: None)
+    fresh = ReferenceTrainer(small_config(tmp_path / "d", **base), log=lambda m: None)
+    assert [once.train_step()["loss"] for _ in range(2)] == [fresh.train_step()["loss"] for _ in range(2)]
+
+
 def test_routing_groups_run_every_group_each_step_with_the_loss_divided_by_all_micro_batches(tmp_path):
     """routing: groups (the toolkit's accumulation groups): each optimizer step runs every listed route for grad_accum
     micro-batches, in order; the loss is the mean over all of them; each group's own mean is logged."""

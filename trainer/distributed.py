@@ -41,7 +41,7 @@ from trainer.evaluation import BEFORE, evaluate_on_workers, final_report, sample
 from trainer.ema import EMA
 from trainer.job import JobConfig
 from trainer.metrics import TrainerMetrics
-from trainer.steps import (MicroBatch, NonFiniteSteps, StepTimes, distillation_loss, format_progress, lr_at, query_batch, refills,
+from trainer.steps import (MicroBatch, NonFiniteSteps, StepTimes, chunk_loss, format_progress, lr_at, query_batch, refills,
                            route_step_losses, routing_config, run_sigmas, student_guided, window_stats)
 
 
@@ -172,16 +172,18 @@ def worker_loop(config: dict) -> None:
         optimizer.zero_grad(set_to_none=True)
         step_loss = torch.zeros((), device=device)
         parts = torch.zeros(len(job.routes), device=device)  # the loss's share per route (groups: several routes a step)
-        for micro, mb in enumerate(batches):
-            last_micro = micro == len(batches) - 1
-            sync = contextlib.nullcontext() if last_micro or not hasattr(model, "no_sync") else model.no_sync()
-            with sync:  # the last micro-batch all-reduces the gradients across workers
+        backwards = [(mb, rows) for mb in batches for rows in mb.q.state_chunks(job.optim.states_per_backward)]
+        for i, (mb, rows) in enumerate(backwards):  # a chunk per micro-batch unless optim.states_per_backward
+            final = i == len(backwards) - 1
+            sync = contextlib.nullcontext() if final or not hasattr(model, "no_sync") else model.no_sync()
+            with sync:  # the last backward all-reduces the gradients across workers
                 with times.time("forward_backward"):
-                    pred = train_field.velocity(mb.q.x, mb.q.sigma, mb.q.conditions)
-                with times.time("teacher"):  # in flight since its states existed: waits only for a slower teacher
-                    target = teacher_target(mb, teachers[mb.route], job.cluster.step_retries, rank)
+                    pred = train_field.velocity(*mb.q.inputs(rows))
+                if rows.start == 0:
+                    with times.time("teacher"):  # in flight since its states existed: waits only for a slower teacher
+                        target = teacher_target(mb, teachers[mb.route], job.cluster.step_retries, rank)
                 with times.time("forward_backward"):
-                    loss = distillation_loss(job, pred, target, mb.q, num_steps) / len(batches)  # groups: accum x groups
+                    loss = chunk_loss(job, pred, target, mb.q, rows, num_steps) / len(batches)  # groups: accum x groups
                     loss.backward()
             step_loss += loss.detach()
             parts[route_index[mb.route]] += loss.detach()

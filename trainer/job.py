@@ -251,8 +251,9 @@ def check_memory(job: JobConfig, gpu_memory_gib: float | None = None, warn=print
     except PlanError as e:
         raise ConfigError(f"cluster.memory_check: {e}") from None
     if plan.over_budget():
-        fewer = (f"query fewer than {job.method.queried_states} states per sample (method.k; query_position: dense queries "
-                 "all N), " if job.method.queried_states > 1 else "")
+        fewer = (f"predict fewer states per backward (optim.states_per_backward, e.g. {job.worker_batch_size}: the same gradient) or "
+                 f"query fewer than {job.method.queried_states} states per sample (method.k; query_position: dense queries all N), "
+                 if job.method.queried_states > 1 else "")
         msg = (f"the job does not fit {gib:g} GiB GPUs: {plan.refusal()}. See `danceopd plan --config ...`; lower the batch, "
                f"{fewer}enable student.gradient_checkpointing, train a LoRA, or set cluster.memory_check: warn if you know better")
         if job.cluster.memory_check == "strict":

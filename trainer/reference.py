@@ -29,7 +29,7 @@ from danceopd.suite import CapabilitySuite
 from danceopd.tracking import RunTracker, log_evaluation, start_new_run, tensorboard_dir
 from trainer.checkpoint import export_student, latest_checkpoint, restore_checkpoint, save_checkpoint
 from danceopd.remote import Resolved
-from trainer.steps import (MicroBatch, NonFiniteSteps, QueryBatch, StepTimes, distillation_loss, format_progress, lr_at, query_batch,
+from trainer.steps import (MicroBatch, NonFiniteSteps, QueryBatch, StepTimes, chunk_loss, format_progress, lr_at, query_batch,
                            cut_note, refills, route_step_losses, routing_config, run_sigmas, step_routes, student_guided,
                            training_extent, window_stats)
 from trainer.cli import load_or_report, parse_args, resume_config_or_report
@@ -95,12 +95,14 @@ class ReferenceTrainer:
         names = list(cfg.routes)
         student = student_guided(cfg, self.student.field)
         for mb in batches:  # the loss is divided by every micro-batch of the update (groups: grad_accum x len(groups))
-            with times.time("forward_backward"):
-                pred = student.velocity(mb.q.x, mb.q.sigma, mb.q.conditions)
-                loss = self.loss(pred, mb.target.result(), mb.q) / len(batches)
-                loss.backward()
-            total += loss.detach()
-            parts[mb.rank - self.rank, names.index(mb.route)] += loss.detach()
+            target = mb.target.result()
+            for rows in mb.q.state_chunks(cfg.optim.states_per_backward):  # one chunk unless states_per_backward
+                with times.time("forward_backward"):
+                    pred = student.velocity(*mb.q.inputs(rows))
+                    loss = self.loss(pred, target, mb.q, rows) / len(batches)
+                    loss.backward()
+                total += loss.detach()
+                parts[mb.rank - self.rank, names.index(mb.route)] += loss.detach()
         with times.time("optimizer"):
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.grad_clip)
             total, grad_norm = torch.stack([total, grad_norm.to(total)]).tolist()  # the step's one host sync
@@ -153,8 +155,9 @@ class ReferenceTrainer:
         field = self.soft_target if self.cfg.method.routing == "soft" else self.teachers[route]
         return field.velocity(q.x, q.sigma, q.conditions)
 
-    def loss(self, pred: torch.Tensor, target: torch.Tensor, q: QueryBatch) -> torch.Tensor:
-        return distillation_loss(self.cfg, pred, target, q, len(self.sigmas) - 1)
+    def loss(self, pred: torch.Tensor, target: torch.Tensor, q: QueryBatch, rows: slice | None = None) -> torch.Tensor:
+        """The distillation loss of q's states `rows` (default: all), `pred` being the student's there."""
+        return chunk_loss(self.cfg, pred, target, q, rows or slice(0, q.x.shape[0]), len(self.sigmas) - 1)
 
     def lr_at(self, step: int) -> float:
         return lr_at(self.cfg, step)

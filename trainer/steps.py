@@ -14,8 +14,8 @@ import torch
 from danceopd.config import TrainConfig
 from danceopd.fields.base import Conditions, VelocityField
 from danceopd.fields.operators import CFGField
-from danceopd.flow import (SigmaGrids, dense_velocity_loss, forward_noise, gather_states, grid_for, rollout_states, rollout_to_queries,
-                           sample_query_indices, sigma_schedule, velocity_mse)
+from danceopd.flow import (SigmaGrids, dense_state_weights, dense_velocity_loss, forward_noise, gather_states, grid_for, rollout_states, rollout_to_queries,
+                           per_state_mse, sample_query_indices, sigma_schedule, velocity_mse)
 from danceopd.seeding import derive_seed, generator
 from danceopd.suite import CapabilitySuite
 
@@ -29,6 +29,18 @@ class QueryBatch:
     x0: torch.Tensor | None = None  # dataset targets (off-policy only)
     eps: torch.Tensor | None = None
     rollout_rows: int = 0  # velocity rows the rollout computed (a full rollout: B * N)
+
+    def state_chunks(self, states_per_backward: int | None) -> list[slice]:
+        """The rows the student predicts per forward + backward (optim.states_per_backward; one chunk: all of them)."""
+        n = self.x.shape[0]
+        size = states_per_backward or n
+        return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+
+    def inputs(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor, Conditions]:
+        """The student's (x, sigma, conditions) at `rows` (all rows: the batch itself, not a copy)."""
+        if rows == slice(0, self.x.shape[0]):
+            return self.x, self.sigma, self.conditions
+        return self.x[rows], self.sigma[rows], self.conditions.select(rows)
 
 
 @dataclass
@@ -101,6 +113,18 @@ def distillation_loss(cfg: TrainConfig, pred: torch.Tensor, target: torch.Tensor
     if cfg.method.loss == "dense":
         return dense_velocity_loss(pred, target, q.dt, k=num_steps, weight=cfg.method.dense_weight)
     return velocity_mse(pred, target)
+
+
+def chunk_loss(cfg: TrainConfig, pred: torch.Tensor, target: torch.Tensor, q: QueryBatch, rows: slice, num_steps: int) -> torch.Tensor:
+    """The share of distillation_loss(q) that q's states `rows` carry, `pred` being the student's there: the chunks'
+    shares sum to it (to rounding), and one chunk of every row is it, bit for bit."""
+    n = q.x.shape[0]
+    if rows == slice(0, n):
+        return distillation_loss(cfg, pred, target, q, num_steps)
+    per_state = per_state_mse(pred, target[rows])
+    if cfg.method.loss == "dense":  # sum over each sample's N states, mean over the n / N samples
+        return (dense_state_weights(q.dt[rows], num_steps, cfg.method.dense_weight) * per_state).sum() * num_steps / n
+    return per_state.sum() / n  # the mean over every element of the n states, each of the same size
 
 
 def student_guided(cfg: TrainConfig, field: VelocityField) -> VelocityField:

@@ -18,11 +18,19 @@ def dense_velocity_loss(pred: torch.Tensor, target: torch.Tensor, dt: torch.Tens
     weight `dt2`: w_i = dt_i^2 / 2 (the grid's real steps); `uniform`: w_i = 0.5 / N^2 (the official toolkit's constant,
     which assumes a uniform grid: the two agree there).
     """
-    per_state = ((pred.float() - target.float()) ** 2).flatten(1).mean(1)  # [B*K]
+    per_state = per_state_mse(pred, target)  # [B*K]
+    return (dense_state_weights(dt, k, weight) * per_state).view(-1, k).sum(1).mean()
+
+
+def per_state_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """[rows]: each state's mean squared error over its elements."""
+    return ((pred.float() - target.float()) ** 2).flatten(1).mean(1)
+
+
+def dense_state_weights(dt: torch.Tensor, k: int, weight: str) -> torch.Tensor:
+    """w_i of each state of the dense loss (see dense_velocity_loss): [rows], from each state's step size dt."""
     if weight == "uniform":
-        w = torch.full_like(per_state, 0.5 / k ** 2)
-    elif weight == "dt2":
-        w = dt.float() ** 2 / 2
-    else:
-        raise ValueError(f"unknown dense weight {weight!r}: use 'uniform' or 'dt2'")
-    return (w * per_state).view(-1, k).sum(1).mean()
+        return torch.full_like(dt, 0.5 / k ** 2, dtype=torch.float32)
+    if weight == "dt2":
+        return dt.float() ** 2 / 2
+    raise ValueError(f"unknown dense weight {weight!r}: use 'uniform' or 'dt2'")
