@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install os-deps deploy-files docs docs-reference pixel-base demo demo-reference demo-diffusers tiny-models results test test-fast chaos bench-learning bench-teachers bench-step gpu-check gpu-wheels clean
+.PHONY: install os-deps deploy-files docs docs-reference pixel-base demo demo-reference demo-diffusers tiny-models results test test-recipes test-fast chaos bench-learning bench-teachers bench-step gpu-check gpu-wheels clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -71,9 +71,17 @@ docs: install
 docs-reference: install
 	$(BIN)/python -m danceopd_cli.docs_reference
 
-## test: the documentation site, then the whole suite (CPU; CUDA tests skip without a GPU) and its 25 slowest tests
+## test: the documentation site, then the whole suite (CPU; CUDA tests skip without a GPU) and its 25 slowest tests; one
+## shipped recipe trains from hub ids here, the others in test-recipes
 test: install os-deps docs
-	$(BIN)/python -m pytest -q -m "not chaos" --durations=25
+	$(BIN)/python -m pytest -q -m "not chaos and not recipes" --durations=25
+
+## test-recipes: every shipped recipe as users run it: a tiny hub under the recipes' hub ids (danceopd tiny-hub), prefetch,
+## plan, the documented `ray job submit` lines and the RayJob entrypoint with configs/smoke.yaml, the students loaded
+## from the hub ids in diffusers (~2 min a recipe on 2 cores; times in runs/test-recipes.json)
+test-recipes: install os-deps
+	$(BIN)/python -m pytest -q -m recipes tests/test_recipes.py
+	@$(BIN)/python -c "import json; s = json.load(open('runs/test-recipes.json')); print('recipe                 job (s)  prefetch+plan (s)  student loads (s)'); [print(f\"{r:<22} {v['job_s']:>7}  {v['prefetch_plan_s']:>17}  {v['student_loads']['seconds']:>17}\") for r, v in s['recipes'].items()]"
 
 ## chaos: the seeded chaos table: a teacher replica, a train worker, the router replica and Redis killed mid-run,
 ## each alone and all at once; final weights and routing log against an uninterrupted run (runs/chaos/chaos.json)

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+from danceopd import offline
 from danceopd.flow.query import POSITIONS
 from danceopd.data.sources import DataSource
-from danceopd.models import compatible, latent_space_difference
+from danceopd.models import FAMILIES, ModelFamily, compatible, latent_space_difference
+from danceopd.models.hub import check_model_name, looks_local, where
 from danceopd.student import STUDENT_MARKER, StudentConfig, is_student_folder
 from danceopd.teacher_model import TeacherModelSpec
 from danceopd.text_embeddings import EncoderKey, TextEmbeddings
@@ -49,8 +52,7 @@ class RouteConfig(_Strict):
     def _teacher_spec(cls, v):
         # A plain folder / hub id is a base model teacher; a local path must exist now, before anything loads.
         if isinstance(v, str) and v != "suite":
-            if v.startswith(("/", "./", "../", "~")) and not Path(v).expanduser().exists():
-                raise ValueError(f"teacher folder {v} does not exist: point it at a diffusers model folder (or use a hub id, or 'suite')")
+            check_model_name(v, "teacher folder")  # a missing path or an impossible hub id: say which, or 'suite'
             return {"base": v}
         return v
 
@@ -198,8 +200,8 @@ class ExecutionConfig(_Strict):
     truncate_rollout: bool = Field(True, description="each sample's rollout stops at its deepest queried state "
                                    "(both trainers; dense K = N still skips only the last, unqueried step)")
     rollout_chunk: int | Literal["auto"] | None = Field(None, description="rows per student call in a truncated "
-                                                         "rollout (a multiple of 4); None: the whole batch; auto: on CPU 8 per "
-                                                         "torch thread (a chunk's activations stay in a core's L2 cache: the "
+                                                         "rollout (a multiple of 4, at least 16); None: the whole batch; auto: on "
+                                                         "CPU 8 per torch thread, at least 16 (a chunk's activations stay in a core's L2 cache: the "
                                                          "rollout alone runs 10-15% faster, but the distributed job ran 7% "
                                                          "slower with it, benchmarks/step.py), on GPU the whole batch")
     overlap_teacher: bool = Field(True, description="distributed: send each micro-batch's teacher query as soon as its "
@@ -215,8 +217,9 @@ class ExecutionConfig(_Strict):
     @field_validator("rollout_chunk")
     @classmethod
     def _quantum(cls, v):
-        if isinstance(v, int) and (v < 4 or v % 4):
-            raise ValueError(f"must be a multiple of 4 rows (the row quantum that keeps truncated rollouts bit-identical), got {v}")
+        if isinstance(v, int) and (v < 16 or v % 4):
+            raise ValueError(f"must be a multiple of 4 rows and at least 16 (what keeps truncated rollouts bit-identical on "
+                             f"every processor measured, danceopd.flow.solver.MIN_ROWS), got {v}")
         return v
 
 
@@ -265,9 +268,7 @@ class EvalConfig(_Strict):
     @field_validator("clip_model")
     @classmethod
     def _clip_exists(cls, v: str | None) -> str | None:
-        if v is not None and v.startswith(("/", "./", "../", "~")):
-            if not Path(v).expanduser().exists():
-                raise ValueError(f"CLIP folder {v} does not exist")
+        if v is not None and looks_local(check_model_name(v, "CLIP folder")):
             return str(Path(v).expanduser().resolve())
         return v
 
@@ -358,6 +359,7 @@ class TrainConfig(_Strict):
     _manifest = PrivateAttr(None)  # the validated data.manifest's training rows (loaded once, at validation)
     _eval_manifest = PrivateAttr(None)  # its held-out rows, or data.eval_manifest
     _bucket_sizes = PrivateAttr(None)  # data.buckets resolved to (width, height) pairs (auto: the family's standard set)
+    _data_absent = PrivateAttr(False)  # validated without its data (offline.models_only: danceopd plan on a head node)
 
     @field_validator("init_from")
     @classmethod
@@ -446,6 +448,9 @@ class TrainConfig(_Strict):
         return self.data.index or Path(self.output_dir).expanduser().resolve() / "data-index.parquet"
 
     def _check_manifest(self) -> None:
+        if offline.active() and self._data_missing():
+            self._data_absent = True  # danceopd plan without the data: planned from the routes, teachers and buckets
+            return
         if self.data.sources:
             return self._check_sources()
         manifest = self._load_manifest("manifest")
@@ -461,6 +466,15 @@ class TrainConfig(_Strict):
             raise ValueError(f"data.eval_manifest: uids {shared[:5]} are also in data.manifest: held-out rows must never be "
                              "trained on; remove them from one of the files")
         self._manifest, self._eval_manifest = manifest, held
+
+    def _data_missing(self) -> bool:
+        """Inside offline.models_only(): whether some data file or folder is not on this machine (each one noted)."""
+        d = self.data
+        local = [(f"data.{k}", getattr(d, k)) for k in ("manifest", "eval_manifest") if getattr(d, k) is not None]
+        local += [(f"data.sources.{i}", Path(s.path)) for i, s in enumerate(d.sources)]
+        missing = [offline.skipped(f"{key} {path}: not on this machine (the plan assumes its prompts listed, its edit routes "
+                                   "those whose teacher reads source images)") for key, path in local if not Path(path).expanduser().exists()]
+        return any(missing)
 
     def _check_sources(self) -> None:
         """Every source validated once, here; each source's held-out share split apart before they are merged."""
@@ -541,8 +555,12 @@ class TrainConfig(_Strict):
             base = spec.base or self.student.base
             if base is None:
                 raise ValueError(f"routes.{name}.teacher.base: required when the student has no base")
-            family = spec.model_family(base)
-            if family is not None and not compatible(student, family):
+            family = self.teacher_family(name)
+            if family is None:
+                raise ValueError(f"routes.{name}.teacher.family: the base {where(base)} is not on this machine, so its "
+                                 f"model_index.json cannot say its family: run `danceopd prefetch --config <this config>` first, "
+                                 f"or set routes.{name}.teacher.family ({sorted(n for n in FAMILIES if n != 'pixel')})")
+            if not compatible(student, family):
                 raise ValueError(f"routes.{name}.teacher: a {family.name} teacher ({base}) cannot teach a {student.name} "
                                  f"student: they work in different latent spaces; use a {student.name}-family teacher or student")
             if self.student.base is not None and (why := latent_space_difference(self.student.base, base)):
@@ -621,7 +639,7 @@ class TrainConfig(_Strict):
 
             prompts = self.run_prompts()
             model = read_student_config(self.init_from) if self.init_from else st  # the model the student loads
-            listed = model.base is not None and prompts is not None and len(prompts) <= st.precompute_max_prompts
+            listed = model.base is not None and (self._data_absent or prompts is not None and len(prompts) <= st.precompute_max_prompts)
             mode = "precompute" if listed and not self.text_sees_source() else "on_device"
         store = (st.text_embeddings_store or Path(self.output_dir) / "text-embeddings").expanduser().resolve()
         return TextEmbeddings(mode, str(store) if mode == "precompute" else None)
@@ -629,10 +647,22 @@ class TrainConfig(_Strict):
     def text_sees_source(self) -> bool:
         """Whether the student's or a teacher's text encoder reads source images (Qwen-Image-Edit): its embeddings are per
         (prompt, image), which a prompt-keyed store cannot hold."""
-        st = self.student
-        families = [st.model_family] + [r.model_teacher.model_family(r.model_teacher.base or st.base) or st.model_family
-                                        for r in self.routes.values() if r.model_teacher is not None]
+        families = [self.student.model_family] + [self.teacher_family(name) for name in self.routes]
         return any(getattr(f, "text_sees_source", False) for f in families if f is not None)
+
+    def teacher_family(self, route: str) -> ModelFamily | None:
+        """The family of a route's model teacher, by the one rule the student, validation, the plan, the job's teachers and
+        their replicas share: the teacher's `family` key; else its base's model_index.json (a local folder, a DanceOPD
+        student folder, or a hub id in the Hugging Face cache); else the student's family when the base is the student's.
+        None for a suite teacher, and for a hub id that is none of these (validation refuses it, naming the key)."""
+        spec = self.routes[route].model_teacher
+        if spec is None:
+            return None
+        base = spec.base or self.student.base
+        found = spec.model_family(base)
+        if found is None and base == self.student.base:
+            return self.student.model_family
+        return found
 
     def text_encoder_keys(self, student_dtype: str, teacher_dtypes: dict[str, str]) -> list[EncoderKey]:
         """The encoders a precompute run stores embeddings of: the student's, and each model teacher route's with its dtype
@@ -647,15 +677,35 @@ class TrainConfig(_Strict):
             base = spec and (spec.base or st.base)
             if spec is None or is_student_folder(base):
                 continue
-            f = spec.model_family(base) or family  # a hub id without a family: the student's
+            f = self.teacher_family(name)
             keys.append(EncoderKey(base, f.name, teacher_dtypes[name], spec.max_sequence_length or f.default_max_sequence_length))
         return list(dict.fromkeys(keys))
 
     def route_takes_source(self, name: str) -> bool:
+        """Whether a route's conditions carry a source image: its data rows' (an edit route), or its suite capability's.
+        Validated without its data (danceopd plan on a head node), a route edits where its capability says so or where both
+        its teacher and the student read source images natively (a Kontext-style teacher of a Kontext-style student)."""
         route = self.routes[name]
         if self._manifest is not None:
             return self._manifest.bucket(name).takes_source
+        if self._data_absent:
+            teacher = self.teacher_family(name)
+            if teacher is not None and teacher.native_source and self.student.model_family.native_source:
+                return True
         return route.capability in ("local_edit", "global_edit")
+
+    def planned_image_size(self) -> tuple[tuple[int, int], str | None]:
+        """((width, height) the memory plan sizes activations for, why when not the square resolution): the largest
+        aspect-ratio bucket the run draws (its data's buckets; every bucket when validated without its data)."""
+        res = self.student.resolution
+        sizes = self.bucket_sizes()
+        if not sizes:
+            return (res, res), None
+        if self._manifest is not None:
+            drawn = {b for r in self._manifest.routes() for b in (self._manifest.bucket(r).size_shares() or {})}
+            sizes = [s for s in sizes if s in drawn] or sizes
+        w, h = max(sizes, key=lambda s: (s[0] * s[1], s))
+        return (w, h), None if self._manifest is not None else f"data.buckets without the data: planned for the largest bucket, {w}x{h}"
 
     @property
     def run_dir(self) -> Path:
@@ -683,12 +733,24 @@ def differences(before: dict, now: dict) -> dict[str, tuple]:
     return {k: (a.get(k, "<unset>"), b.get(k, "<unset>")) for k in sorted(set(a) | set(b)) if a.get(k, "<unset>") != b.get(k, "<unset>")}
 
 
+# pydantic's names for the forms of a union in an error's location (a form's validator, a literal, a model class): not keys
+_UNION_TAG = re.compile(r"^((function-(after|before|wrap|plain)|literal|union|tagged-union|nullable|list|dict)\[.*\]|"
+                        r"[A-Z][A-Za-z0-9]*(Spec|Config|Options))$")
+
+
 def format_validation_error(err: ValidationError, source: str) -> str:
-    lines = [f"invalid configuration in {source}:"]
+    """One line per problem, named by its dotted key. A value that may take several forms (routes.<r>.teacher: 'suite' or
+    a model spec) fails in each; the form the value was written in is the one reported."""
+    errors = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        lines.append(f"  {loc}: {e['msg']}")
-    return "\n".join(lines)
+        loc = tuple(str(p) for p in e["loc"] if not _UNION_TAG.match(str(p)))
+        errors.append((loc, e))
+    lines = [f"invalid configuration in {source}:"]
+    for loc, e in errors:
+        other_form = e["type"] == "literal_error" and any(o is not e and o_loc[:len(loc)] == loc for o_loc, o in errors)
+        if not other_form:
+            lines.append(f"  {'.'.join(loc) or '(top level)'}: {e['msg']}")
+    return "\n".join(dict.fromkeys(lines))
 
 
 def read_yaml_mapping(path: str | Path) -> dict:
@@ -712,16 +774,52 @@ def validate_config(model: type[BaseModel], data: dict, source: str):
         raise ConfigError(format_validation_error(e, source)) from None
 
 
-def load_config(path: str | Path | None = None, overrides: dict | None = None, model: type[BaseModel] = TrainConfig):
-    """Load a YAML config (or the embedded defaults when path is None), apply dotted overrides, validate."""
-    data = read_yaml_mapping(path) if path is not None else {}
+ConfigPaths = str | Path | list[str | Path] | tuple[str | Path, ...] | None
+
+
+def config_files(paths: ConfigPaths) -> list[Path]:
+    """One config path, several (a recipe, then overlays such as configs/smoke.yaml), or none (the embedded defaults)."""
+    if paths is None:
+        return []
+    return [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
+
+
+def overlay(base: dict, over: dict) -> dict:
+    """`over` laid on `base` key by key: mappings merge recursively, any other value (a list, a scalar, null) replaces."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = overlay(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else copy.deepcopy(value)
+    return out
+
+
+def read_config_files(paths: ConfigPaths) -> dict:
+    """The settings of one or more YAML files, later files laid over earlier ones key by key."""
+    data: dict = {}
+    for p in config_files(paths):
+        data = overlay(data, read_yaml_mapping(p))
+    return data
+
+
+def describe_sources(paths: ConfigPaths) -> str:
+    """How a config's origin is named in messages: 'a.yaml + b.yaml', or 'embedded defaults'."""
+    return " + ".join(str(p) for p in config_files(paths)) or "embedded defaults"
+
+
+def load_config(path: ConfigPaths = None, overrides: dict | None = None, model: type[BaseModel] = TrainConfig):
+    """Load YAML config files (later ones overriding earlier ones key by key; the embedded defaults when there are none),
+    apply dotted overrides, validate."""
+    return validate_config(model, apply_overrides(read_config_files(path), overrides), describe_sources(path))
+
+
+def apply_overrides(data: dict, overrides: dict | None) -> dict:
+    """Dotted `key.path: value` settings written into nested settings (in place; the values are copied)."""
     for key, value in copy.deepcopy(overrides or {}).items():  # never write into the caller's dicts
         node = data
         *parents, leaf = key.split(".")
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = value
-    return validate_config(model, data, str(path) if path is not None else "embedded defaults")
+    return data
 
 
 def parse_override(text: str) -> tuple[str, object]:

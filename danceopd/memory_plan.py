@@ -69,6 +69,7 @@ class MemoryPlan:
     gpu_memory_gib: float | None
     text_embeddings: str
     roles: dict[str, Role]
+    notes: list[str] = field(default_factory=list)  # what the figures assume that the config alone does not say
 
     def budget_gib(self, role: Role) -> float | None:
         """The memory a role may use: its share of one card (a fraction of a GPU shares the card)."""
@@ -86,7 +87,7 @@ class MemoryPlan:
         return not self.over_budget()
 
     def as_json(self) -> dict:
-        return {"gpu_memory_gib": self.gpu_memory_gib, "fits": self.fits, "text_embeddings": self.text_embeddings,
+        return {"gpu_memory_gib": self.gpu_memory_gib, "fits": self.fits, "text_embeddings": self.text_embeddings, "notes": self.notes,
                 "roles": {name: {"total_gib": round(r.total / GIB, 3), "gpus": r.gpus,
                                  "parts": {k: round(v / GIB, 3) for k, v in r.parts.items()},
                                  **({"busy_fraction": round(r.busy_fraction, 3)} if r.busy_fraction is not None else {})}
@@ -111,6 +112,7 @@ class MemoryPlan:
             out.append(f"{r.name} ({where}{busy}): {r.total / GIB:.2f} GiB{verdict}")
             for k, v in sorted(r.parts.items(), key=lambda kv: -kv[1]):
                 out.append(f"    {k:<44} {v / GIB:8.2f}")
+        out += [f"note: {n}" for n in self.notes]
         return "\n".join(out)
 
 
@@ -143,7 +145,10 @@ def pipeline_specs(base: str) -> dict[str, tuple[str, str, dict]]:
     published configs of the recipes' hub ids."""
     from danceopd.models.published import PIPELINES
 
-    specs = _local_specs(Path(base).expanduser()) if Path(base).expanduser().exists() else _cached_specs(base)
+    from danceopd.models.hub import local_dir
+
+    folder = local_dir(base)
+    specs = _local_specs(folder) if folder is not None else None
     if specs is None:
         specs = PIPELINES.get(base)
     if specs is None:
@@ -156,8 +161,11 @@ def _local_specs(folder: Path) -> dict | None:
     from danceopd.student import is_student_folder, read_student_config
 
     if is_student_folder(folder):  # a trained student served as a teacher: its base's shapes
+        from danceopd.models.hub import local_dir
+
         base = read_student_config(folder).base
-        return None if base is None else _local_specs(Path(base)) if Path(base).exists() else _cached_specs(base)
+        inner = None if base is None else local_dir(base)
+        return None if inner is None else _local_specs(inner)
     index = folder / "model_index.json"
     if not index.exists():
         return None
@@ -171,20 +179,13 @@ def _local_specs(folder: Path) -> dict | None:
     return specs
 
 
-def _cached_specs(repo_id: str) -> dict | None:
-    try:
-        from huggingface_hub import snapshot_download
-
-        folder = snapshot_download(repo_id, local_files_only=True, allow_patterns=["model_index.json", "*/config.json"])
-    except Exception:  # not in the cache (or not a repo id at all)
-        return None
-    return _local_specs(Path(folder))
-
-
 def lora_file_floats(path: str) -> int:
-    """Values in a local LoRA file (its safetensors header only); 0 for a hub id not in a local folder."""
-    p = Path(path).expanduser()
-    files = [p] if p.is_file() else sorted(p.glob("*.safetensors")) if p.is_dir() else []
+    """Values in a LoRA file (its safetensors header only): a local one, or a hub id's in the cache; 0 when it is not on
+    this machine."""
+    from danceopd.models.hub import local_dir
+
+    p = local_dir(path)
+    files = [] if p is None else [p] if p.is_file() else sorted(p.glob("*.safetensors"))
     if not files:
         return 0
     from safetensors import safe_open
@@ -200,7 +201,7 @@ def lora_file_floats(path: str) -> int:
 
 
 # ------------------------------------------------------------------------------------------- the plan
-def _tokens(family, transformer: Component, vae: Component | None, resolution: int, max_sequence_length: int,
+def _tokens(family, transformer: Component, vae: Component | None, size: tuple[int, int], max_sequence_length: int,
             with_source: bool) -> tuple[int, int, int, int]:
     """(image tokens, text tokens, hidden size, blocks) of one forward of a family's transformer."""
     cfg = transformer.config
@@ -210,7 +211,7 @@ def _tokens(family, transformer: Component, vae: Component | None, resolution: i
         factor = 2 ** len(vae.config["temperal_downsample"])
     else:
         factor = 2 ** (len(vae.config["block_out_channels"]) - 1)
-    image = (resolution // factor // 2) ** 2  # SD3 patchifies 2x2, FLUX packs 2x2
+    image = (size[0] // factor // 2) * (size[1] // factor // 2)  # SD3 patchifies 2x2, FLUX packs 2x2
     if with_source and family.native_source:
         image *= 2  # Kontext: the source latents' tokens follow the noisy ones
     text = max_sequence_length + (77 if family.name == "sd3" else 0)  # SD3 appends T5 to the 77 CLIP tokens
@@ -238,7 +239,8 @@ def plan_job(job, gpu_memory_gib: float | None = None) -> MemoryPlan:
     on_gpu = str(job.device).startswith("cuda")
     dtype_name = dtype_for(job.dtype, on_gpu)
     nbytes = DTYPE_BYTES[dtype_name]
-    any_source = any(r.capability and "edit" in r.capability for r in job.routes.values())
+    any_source = any(job.route_takes_source(r) for r in job.routes)  # Kontext-style edits: the source's tokens join the sequence
+    size, size_note = job.planned_image_size()
     seq = st.max_sequence_length or family.default_max_sequence_length
     worker = Role("train_worker", job.cluster.gpus_per_worker if on_gpu else 0.0)
     queried = job.method.queried_states  # rows per sample of the prediction (with grad) and of the teacher query
@@ -274,7 +276,7 @@ def plan_job(job, gpu_memory_gib: float | None = None) -> MemoryPlan:
             resident["autocast copies"] = t.floats * nbytes
         if encoders_on_gpu:
             resident["prompt cache"] = st.prompt_cache_size * _prompt_bytes(family, comps, seq, nbytes)
-        image, tokens, hidden, blocks = _tokens(family, t, comps.get("vae"), st.resolution, seq, any_source)
+        image, tokens, hidden, blocks = _tokens(family, t, comps.get("vae"), size, seq, any_source)
         per_block = rows_per_backward * student_cfg * (image + tokens) * hidden * nbytes  # optim.states_per_backward: a chunk's
         act = ACT_TRAIN_FULL if full else ACT_TRAIN
         worker.parts.update(resident)
@@ -315,8 +317,7 @@ def plan_job(job, gpu_memory_gib: float | None = None) -> MemoryPlan:
             tb = DTYPE_BYTES[t_dtype]
             comps = pipeline_components(base_field.path)
             stored = getattr(base_field, "text_embeddings", None) is not None  # reads the store: no text encoder
-            t_family = family if base_field.kind == "adapter_bank" or getattr(base_field, "family", None) in (None, family.name) \
-                else get_family(base_field.family)
+            t_family = get_family(base_field.family) if base_field.family else family  # the job writes each teacher's family
             for name, c in comps.items():  # no VAE (queries carry latents) unless the text encoder sees the source image
                 if (name != "vae" or t_family.text_sees_source) and not (stored and name.startswith("text_encoder")):
                     role.parts[f"{name} ({t_dtype})"] = c.floats * tb
@@ -324,7 +325,7 @@ def plan_job(job, gpu_memory_gib: float | None = None) -> MemoryPlan:
                 role.parts[f"adapters ({t_dtype})"] = sum(lora_file_floats(lora.path) for a in base_field.adapters.values()
                                                          for lora in a.loras) * tb
             t = comps["transformer"]
-            image, tokens, hidden, blocks = _tokens(t_family, t, comps.get("vae"), st.resolution, seq, any_source)
+            image, tokens, hidden, blocks = _tokens(t_family, t, comps.get("vae"), size, seq, any_source)
             role.parts["query activations"] = int(batch * cfg_factor * (image + tokens) * hidden * tb * ACT_NOGRAD)
             if not stored:
                 role.parts["prompt cache"] = st.prompt_cache_size * _prompt_bytes(t_family, comps, seq, tb)
@@ -347,7 +348,7 @@ def plan_job(job, gpu_memory_gib: float | None = None) -> MemoryPlan:
             from danceopd.evaluation import DECODE_CHUNK
 
             width = vae.config["block_out_channels"][0] if "block_out_channels" in vae.config else vae.config["base_dim"]  # Qwen
-            ev.parts[f"vae decode ({DECODE_CHUNK} images)"] = int(DECODE_CHUNK * st.resolution ** 2 * width * nbytes * VAE_DECODE)
+            ev.parts[f"vae decode ({DECODE_CHUNK} images)"] = int(DECODE_CHUNK * size[0] * size[1] * width * nbytes * VAE_DECODE)
         roles[ev.name] = ev
     if text.mode == "precompute" and student_blocks is not None:  # the encoding task: one encoder set at a time, one prompt
         enc = Role("text_encoding", 1.0 if on_gpu else 0.0)
@@ -359,7 +360,7 @@ def plan_job(job, gpu_memory_gib: float | None = None) -> MemoryPlan:
         enc.parts.update(max(sets.values(), key=lambda p: sum(p.values())))
         enc.parts["encoder activations (1 prompt)"] = int(_prompt_bytes(family, comps, seq, nbytes) * ACT_NOGRAD)  # estimate
         roles[enc.name] = enc
-    return MemoryPlan(gpu_memory_gib, text.mode if family.name != "pixel" else "on_device", roles)
+    return MemoryPlan(gpu_memory_gib, text.mode if family.name != "pixel" else "on_device", roles, [size_note] if size_note else [])
 
 
 

@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from danceopd.models.hub import looks_local
 from danceopd.remote import last_line
 
 
@@ -20,26 +21,36 @@ from danceopd.remote import last_line
 class ModelSource:
     key: str  # the config key that names it, e.g. "routes.text.teacher.loras.0"
     source: str  # a hub id or a local path
-    kind: str  # pipeline | lora | checkpoint | clip
+    kind: str  # pipeline | lora | checkpoint | clip | student
     weight_name: str | None = None
+    family: str | None = None  # a pipeline's family as the config gives it (a `family` key), when it does
+    base: str | None = None  # the pipeline a LoRA or checkpoint applies to
 
     @property
     def local(self) -> bool:
-        return self.source.startswith(("/", "./", "../", "~")) or Path(self.source).expanduser().exists()
+        return looks_local(self.source)
 
 
-def sources_of(path: str | Path, overrides: dict | None = None) -> list[ModelSource]:
-    """The models a training config or a teachers file names, each once (first key wins), validated first."""
-    from danceopd.config import read_yaml_mapping
+def settings_of(paths, overrides: dict | None = None) -> dict:
+    """A config's settings as written (files laid over each other, then the overrides), before validation."""
+    from danceopd.config import apply_overrides, read_config_files
 
-    data = read_yaml_mapping(path)
+    return apply_overrides(read_config_files(paths), overrides)
+
+
+def sources_of(paths, overrides: dict | None = None) -> list[ModelSource]:
+    """The models a training config or a teachers file names, each once (first key wins), read from its settings as
+    written: a hub id's family may come from the very cache this fills, so they are listed before the config is
+    validated (`danceopd prefetch` validates it once they are there)."""
+    return sources_in(settings_of(paths, overrides))
+
+
+def sources_in(data: dict) -> list[ModelSource]:
+    """The models named by a config's settings (a job config's student, init_from, route teachers and CLIP model, or a
+    teachers file's teachers), each once."""
     if isinstance(data.get("teachers"), list):
-        from services.teachers.config import load_teachers_config
-
-        return _unique(_teachers_file_sources(load_teachers_config(path)))
-    from trainer.job import load_job_config
-
-    return _unique(_job_sources(load_job_config(path, overrides)))
+        return _unique(_teachers_file_sources(data["teachers"]))
+    return _unique(_job_sources(data))
 
 
 def _unique(sources: list[ModelSource]) -> list[ModelSource]:
@@ -51,47 +62,66 @@ def _unique(sources: list[ModelSource]) -> list[ModelSource]:
     return out
 
 
-def _base_sources(key: str, base: str) -> list[ModelSource]:
+def _base_sources(key: str, base: str, family: str | None = None) -> list[ModelSource]:
     """A base: a pipeline, or a DanceOPD student folder (then its own base too)."""
     from danceopd.student import is_student_folder, read_student_config
 
     if is_student_folder(base):
-        inner = read_student_config(base).base
-        return [ModelSource(key, base, "student")] + (_base_sources(f"{key} (its base)", inner) if inner else [])
-    return [ModelSource(key, base, "pipeline")]
+        inner = read_student_config(base)
+        return [ModelSource(key, base, "student")] + (_base_sources(f"{key} (its base)", inner.base, inner.family) if inner.base else [])
+    return [ModelSource(key, base, "pipeline", family=family)]
 
 
-def _spec_sources(key: str, base: str | None, checkpoint: str | None, loras) -> list[ModelSource]:
-    out = _base_sources(f"{key}.base", base) if base else []
+def _spec_sources(key: str, base: str | None, family: str | None, checkpoint: str | None, loras: list) -> list[ModelSource]:
+    out = _base_sources(f"{key}.base", base, family) if base else []
     if checkpoint:
-        out.append(ModelSource(f"{key}.checkpoint", checkpoint, "checkpoint"))
-    out += [ModelSource(f"{key}.loras.{i}", lora.path, "lora", lora.weight_name) for i, lora in enumerate(loras)]
-    return out
+        out.append(ModelSource(f"{key}.checkpoint", checkpoint, "checkpoint", family=family, base=base))
+    return out + _lora_sources(key, loras, base, family)
 
 
-def _job_sources(job) -> list[ModelSource]:
-    out = _base_sources("student.base", job.student.base) if job.student.base else []
-    if job.init_from is not None:
-        out += _base_sources("init_from", str(job.init_from))
-    for name, route in job.routes.items():
-        spec = route.model_teacher
-        if spec is not None:
-            out += _spec_sources(f"routes.{name}.teacher", spec.base or job.student.base, spec.checkpoint, spec.loras)
-    if job.eval.clip_model:
-        out.append(ModelSource("eval.clip_model", job.eval.clip_model, "clip"))
-    return out
-
-
-def _teachers_file_sources(cfg) -> list[ModelSource]:
+def _lora_sources(key: str, loras: list, base: str | None, family: str | None) -> list[ModelSource]:
     out = []
-    for i, t in enumerate(cfg.teachers):
-        f = t.field
-        if f.kind == "diffusers":
-            out += _spec_sources(f"teachers.{i}.field", f.path, f.checkpoint, f.loras)
-        elif f.kind == "adapter_bank":
-            out += _spec_sources(f"teachers.{i}.field", f.path, f.checkpoint, [])
-            for name, a in f.adapters.items():
-                out += _spec_sources(f"teachers.{i}.field.adapters.{name}", None, None, a.loras)
+    for i, lora in enumerate(loras):
+        lora = lora if isinstance(lora, dict) else {"path": lora}
+        out.append(ModelSource(f"{key}.loras.{i}", str(lora["path"]), "lora", lora.get("weight_name"), family=family, base=base))
+    return out
+
+
+def _mapping(value) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def _job_sources(data: dict) -> list[ModelSource]:
+    student = _mapping(data.get("student"))
+    base, family = student.get("base"), student.get("family")
+    out = _base_sources("student.base", base, family) if base else []
+    init = _mapping(student.get("lora")).get("init")
+    if init:
+        out.append(ModelSource("student.lora.init", str(init), "lora", family=family, base=base))
+    if data.get("init_from"):
+        out += _base_sources("init_from", str(data["init_from"]))
+    for name, route in _mapping(data.get("routes")).items():
+        teacher = _mapping(route).get("teacher", "suite")
+        if teacher == "suite":
+            continue
+        teacher = {"base": teacher} if isinstance(teacher, str) else _mapping(teacher)
+        t_base = teacher.get("base") or base
+        t_family = teacher.get("family") or (family if t_base == base else None)  # the student's base: the student's family
+        out += _spec_sources(f"routes.{name}.teacher", t_base, t_family, teacher.get("checkpoint"), teacher.get("loras") or [])
+    clip = _mapping(data.get("eval")).get("clip_model")
+    if clip:
+        out.append(ModelSource("eval.clip_model", str(clip), "clip"))
+    return out
+
+
+def _teachers_file_sources(teachers: list) -> list[ModelSource]:
+    out = []
+    for i, t in enumerate(teachers):
+        f = _mapping(_mapping(t).get("field"))
+        if f.get("kind") in ("diffusers", "adapter_bank") and f.get("path"):
+            out += _spec_sources(f"teachers.{i}.field", f["path"], f.get("family"), f.get("checkpoint"), f.get("loras") or [])
+            for name, a in _mapping(f.get("adapters")).items():
+                out += _lora_sources(f"teachers.{i}.field.adapters.{name}", _mapping(a).get("loras") or [], f["path"], f.get("family"))
     return out
 
 

@@ -20,11 +20,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from danceopd.fields.model_field import ModelField
 from danceopd.models import FAMILIES, ModelFamily, family_of_folder, get_family
 from danceopd.models.base import PromptCache, dtype_name, quiet_loading, resolve_device, resolve_dtype
+from danceopd.models.hub import absolute_if_local, check_model_name, looks_local, where
+from danceopd.offline import skipped
 from danceopd.models.pixel import PixelModelConfig, build_pixel_pipeline, load_pixel_pipeline
 from danceopd.text_embeddings import EncoderKey, TextEmbeddings
 
@@ -42,13 +44,31 @@ class LoraSettings(BaseModel):
     target_modules: list[str] | None = Field(None, description="module-name suffixes; default: the family's attention and "
                                                                 "feed-forward projections")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the LoRA input")
+    init: str | None = Field(None, description="start from an existing LoRA instead of zero: a diffusers LoRA file, a kohya / "
+                             "ComfyUI file, a PEFT adapter folder, or a hub id (danceopd prefetch); its rank, alpha and "
+                             "target modules are the student's (a rank, alpha or target_modules set here must agree)")
+    init_weight_name: str | None = Field(None, description="the file inside student.lora.init's folder or hub repository, when it "
+                                         "is not the standard name")
+
+    @field_validator("init")
+    @classmethod
+    def _init_name(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        try:
+            check_model_name(v, "LoRA")
+        except ValueError:
+            if not (looks_local(v) and skipped(f"student.lora.init {v}: not on this machine (planned at student.lora's rank)")):
+                raise
+        return absolute_if_local(v)
 
 
 class StudentConfig(PixelModelConfig):
     """The pixel model's settings (used when there is no `base`) plus a real model's."""
 
-    family: str | None = Field(None, description="model family; default: read from base's model_index.json (pixel without a base)")
-    base: str | None = Field(None, description="the base pipeline: a local diffusers folder or a hub id (then set family)")
+    family: str | None = Field(None, description="model family; default: read from the base's model_index.json (a local folder, or "
+                               "a hub id in the Hugging Face cache: `danceopd prefetch`); pixel without a base")
+    base: str | None = Field(None, description="the base pipeline: a local diffusers folder or a hub id")
     resolution: int = Field(32, ge=8, description="image side in pixels the student is trained at (diffusers families)")
     adapter: Literal["auto", "lora", "full"] = Field("auto", description="auto: LoRA on a diffusers base, full for the pixel model")
     lora: LoraSettings = Field(LoraSettings(), description="the LoRA adapters trained on a diffusers base (peft)")
@@ -94,21 +114,44 @@ class StudentConfig(PixelModelConfig):
             if self.adapter == "lora":
                 raise ValueError("adapter 'lora' needs a diffusers base (student.base); the pixel model trains in full")
             return self
-        if self.base.startswith(("/", "./", "../", "~")):
-            if not Path(self.base).expanduser().exists():
-                raise ValueError(f"base folder {self.base} does not exist: point it at a diffusers pipeline folder (or a hub id)")
+        if looks_local(check_model_name(self.base, "base folder")):
             self.base = str(Path(self.base).expanduser().resolve())  # workers and replicas run elsewhere
         found = family_of_folder(self.base)
         if found is None and self.family is None:
-            raise ValueError(f"base {self.base!r} is not a local pipeline folder: set student.family ({sorted(FAMILIES)}) for a hub id")
+            raise ValueError(f"base {where(self.base)} is not on this machine, so its model_index.json cannot say its family: "
+                             f"run `danceopd prefetch --config <this config>` first, or set student.family "
+                             f"({sorted(n for n in FAMILIES if n != 'pixel')})")
         if found is not None and self.family is not None and found.latent_space != get_family(self.family).latent_space:
             raise ValueError(f"family {self.family!r} does not match base {self.base} ({found.name})")
         family = self.model_family
+        if self.lora.init is not None:
+            self._init_adapter_settings(family)
         if "comfyui" in self.export_formats and family.comfyui_lora is None:
             have = sorted(f.name for f in FAMILIES.values() if f.comfyui_lora is not None)
             raise ValueError(f"export_formats: comfyui is written for {have}, not {family.name} yet; keep diffusers (the "
                              "standard pytorch_lora_weights.safetensors)")
         return self
+
+    def _init_adapter_settings(self, family: ModelFamily) -> None:
+        """student.lora.init: the adapter's rank, alpha and target modules become student.lora's; a value set here that
+        disagrees is refused, naming both."""
+        from danceopd.models.adapters import read_student_init
+        from danceopd.models.hub import local_dir
+
+        if local_dir(self.lora.init) is None:
+            if skipped(f"student.lora.init {self.lora.init}: not on this machine (planned at student.lora's rank)"):
+                return
+            raise ValueError(f"lora.init: {where(self.lora.init)} is not on this machine: run `danceopd prefetch --config "
+                             "<this config>` first (its rank, alpha and targets come from the file)")
+        _, rank, alpha, modules = read_student_init(self.lora.init, self.lora.init_weight_name, family)
+        found = {"rank": rank, "alpha": alpha, "target_modules": modules}
+        for key in ("rank", "alpha", "target_modules"):
+            given = getattr(self.lora, key)
+            if key in self.lora.model_fields_set and given is not None and given != found[key]:
+                shown = found[key] if key != "target_modules" else f"{len(modules)} modules, e.g. {modules[:2]}"
+                raise ValueError(f"lora.{key} is {given!r} but the adapter student.lora.init ({self.lora.init}) has {shown}: "
+                                 f"remove student.lora.{key} (it comes from the file), or start from another adapter")
+        self.lora.rank, self.lora.alpha, self.lora.target_modules = rank, alpha, modules
 
     @property
     def model_family(self) -> ModelFamily:
@@ -193,8 +236,10 @@ class Student:
         base = cfg.base
         if base is not None and Path(base).expanduser().exists():
             base = str(Path(base).expanduser().resolve())  # loadable from any working directory
+        config = {**cfg.model_dump(), "base": base}
+        config["lora"] = {**config["lora"], "init": None, "init_weight_name": None}  # its weights are this folder's now
         meta = {"format": 2, "family": self.family.name, "base": base, "resolution": cfg.resolution,
-                "adapter": "lora" if cfg.trains_lora else "full", "config": {**cfg.model_dump(), "base": base}}
+                "adapter": "lora" if cfg.trains_lora else "full", "config": config}
         (path / STUDENT_MARKER).write_text(json.dumps(meta, indent=2))
 
 
@@ -237,6 +282,10 @@ def assemble_student(cfg: StudentConfig, family: ModelFamily, pipe: Any, device:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(cfg.seed)
             transformer.add_adapter(_lora_config(cfg, family))
+        if lora_weights is None and cfg.lora.init is not None:  # an existing adapter to start from (its settings are cfg.lora's)
+            from danceopd.models.adapters import read_student_init
+
+            lora_weights = read_student_init(cfg.lora.init, cfg.lora.init_weight_name, family)[0]
         if lora_weights is not None:
             from peft.utils import set_peft_model_state_dict
 

@@ -8,30 +8,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from danceopd.fields.model_field import ModelField
 from danceopd.models import ModelFamily, family_of_folder, get_family
 from danceopd.models.adapters import check_lora_keys, load_lora, lora_file, merge_lora, weights_checksum
 from danceopd.models.base import PromptCache, dtype_name, resolve_device, resolve_dtype, vae_geometry
+from danceopd.models.hub import absolute_if_local, check_model_name, local_dir, looks_local, where
+from danceopd.offline import skipped
 from danceopd.text_embeddings import EncoderKey, TextEmbeddings
-
-
-def _is_local(path: str) -> bool:
-    return path.startswith(("/", "./", "../", "~"))
-
-
-def absolute_if_local(path: str | None) -> str | None:
-    """A local path made absolute (Ray workers and Serve replicas run in other working directories); hub ids as given."""
-    if path is None or not _is_local(path):
-        return path
-    return str(Path(path).expanduser().resolve())
-
-
-def _must_exist(path: str, what: str) -> str:
-    if _is_local(path) and not Path(path).expanduser().exists():
-        raise ValueError(f"{what} {path} does not exist")
-    return path
 
 
 class LoraAdapterSpec(BaseModel):
@@ -43,9 +28,13 @@ class LoraAdapterSpec(BaseModel):
 
     @model_validator(mode="after")
     def _exists(self) -> "LoraAdapterSpec":
-        _must_exist(self.path, "LoRA")
+        try:
+            check_model_name(self.path, "LoRA")
+        except ValueError:
+            if not (looks_local(self.path) and skipped(f"LoRA {self.path}: not on this machine")):
+                raise
         self.path = absolute_if_local(self.path)
-        if Path(self.path).expanduser().exists():
+        if local_dir(self.path) is not None:  # a local file or folder, or a hub id in the cache: it holds a LoRA file
             lora_file(self.path, self.weight_name)
         return self
 
@@ -56,23 +45,27 @@ class TeacherModelSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     base: str | None = Field(None, description="pipeline folder or hub id; default: the student's base")
-    family: str | None = Field(None, description="default: read from the base's model_index.json")
+    family: str | None = Field(None, description="default: read from the base's model_index.json (a local folder, or a hub id in "
+                               "the Hugging Face cache); else the student's when the base is the student's")
     checkpoint: str | None = Field(None, description="a fine-tuned transformer: a transformer folder, or a pipeline folder holding one")
     loras: list[LoraAdapterSpec] = Field(default_factory=list, description="LoRA adapters fused into the frozen teacher "
                                                                            "once at load: [{path, scale, weight_name}]")
     guidance: float | None = Field(None, description="guidance-embedding value (FLUX); default the family's")
     max_sequence_length: int | None = Field(None, ge=1, description="prompt tokens; default the pipeline's (SD3 256, FLUX 512)")
 
-    @model_validator(mode="after")
-    def _paths(self) -> "TeacherModelSpec":
-        if self.base is not None:
-            _must_exist(self.base, "base folder")
-        if self.checkpoint is not None:
-            _must_exist(self.checkpoint, "checkpoint folder")
-        self.base, self.checkpoint = absolute_if_local(self.base), absolute_if_local(self.checkpoint)
-        if self.family is not None:
-            get_family(self.family)
-        return self
+    @field_validator("base", "checkpoint")
+    @classmethod
+    def _model_name(cls, v: str | None, info) -> str | None:
+        if v is None:
+            return v
+        return absolute_if_local(check_model_name(v, "base folder" if info.field_name == "base" else "checkpoint folder"))
+
+    @field_validator("family")
+    @classmethod
+    def _known_family(cls, v: str | None) -> str | None:
+        if v is not None:
+            get_family(v)
+        return v
 
     def model_family(self, base: str) -> ModelFamily | None:
         """The family of this teacher on `base` (a pipeline folder, a DanceOPD student folder); None for a hub id
@@ -103,8 +96,9 @@ class TeacherModelSpec(BaseModel):
                 raise ValueError(f"loras.{i}: {e}") from None
 
     def checkpoint_base(self, base: str) -> str:
-        """The folder whose transformer/ the adapters apply to."""
-        if self.checkpoint and (Path(self.checkpoint).expanduser() / "transformer").exists():
+        """The folder (or hub id) whose transformer/ the adapters apply to."""
+        folder = local_dir(self.checkpoint) if self.checkpoint else None
+        if folder is not None and (folder / "transformer").exists():
             return self.checkpoint
         return base
 
@@ -115,7 +109,8 @@ def _load_base(spec: TeacherModelSpec, base: str, what: str, device: torch.devic
     the prompt cache its fields share (reading the embedding store when `text` names one: no text encoder loaded)."""
     family = spec.model_family(base)
     if family is None:
-        raise ValueError(f"{what}: base {base!r} is a hub id: set the teacher's family")
+        raise ValueError(f"{what}: the base {where(base)} is not on this machine, so its model_index.json cannot say its family: "
+                         "run `danceopd prefetch` for it, or set the teacher's family")
     # Queries carry latents (sources too), so a teacher's replicas hold no VAE, except where the text encoder reads the
     # source image (Qwen-Image-Edit): the encoder's image is recovered from the source latent by the VAE's decode.
     pipe = family.load_pipeline(base, device, dtype, vae=family.text_sees_source, text_encoders=text.loads_encoders if text else "device")
@@ -234,8 +229,7 @@ def load_model_field(path: str | Path, name: str | None = None, device: str | to
     transformer's native size (`resolution` pixels where given)."""
     device = resolve_device(device)  # a bad device is named before any folder is read
     local = Path(path).expanduser()
-    if _is_local(str(path)) and not local.exists():
-        raise ValueError(f"model folder {path} does not exist")
+    check_model_name(str(path), "model folder")
     name = name or local.name
     from danceopd.student import is_student_folder
 
@@ -251,8 +245,11 @@ def native_resolution(base: str | Path) -> int | None:
     """Pixel size of a pipeline's transformer sample_size (SD3) at its VAE's scale, where the configs say it."""
     import json
 
-    t, vae = Path(base) / "transformer" / "config.json", vae_geometry(base)
-    if not t.exists() or vae is None:
+    from danceopd.models.hub import local_dir
+
+    folder, vae = local_dir(base), vae_geometry(base)
+    t = folder / "transformer" / "config.json" if folder is not None else None
+    if t is None or not t.is_file() or vae is None:
         return None
     size = json.loads(t.read_text()).get("sample_size")
     return int(size) * vae[1] if size else None

@@ -39,7 +39,7 @@ from danceopd.config import ConfigError, load_config, parse_override
 
 
 # = danceopd.models.tiny.FAMILIES, spelt out so that the CLI starts without importing torch (a test keeps them equal)
-TINY_FAMILIES = ("sd3", "flux", "flux-kontext", "flux2", "flux2-klein", "z-image", "qwen-image", "qwen-image-edit", "qwen-image-edit-plus")
+TINY_FAMILIES = ("sd3", "sd3.5", "flux", "flux-kontext", "flux2", "flux2-klein", "z-image", "qwen-image", "qwen-image-edit", "qwen-image-edit-plus")
 
 def _eval(args) -> int:
     from danceopd.data.routes import build_route_data
@@ -161,6 +161,21 @@ def _tiny_lora(args) -> int:
     return 0
 
 
+def _tiny_hub(args) -> int:
+    from danceopd.config import ConfigError, describe_sources
+    from danceopd.prefetch import sources_in, settings_of
+    from danceopd.testing.tiny_hub import build_tiny_hub
+
+    sources = [s for config in args.config for s in sources_in(settings_of(config))]  # each recipe's models, together
+    print(f"tiny models for the hub ids of {describe_sources(args.config)} -> {args.out / 'hub'}", flush=True)
+    try:
+        written = build_tiny_hub(sources, args.out, say=lambda m: print(m, flush=True))
+    except ValueError as e:  # a hub id with no known stand-in and no family
+        raise ConfigError(str(e)) from None
+    print(f"{len(written)} hub models; use them with: export HF_HOME={args.out.resolve()} HF_HUB_OFFLINE=1")
+    return 0
+
+
 def _train(args) -> int:
     if args.reference:
         from trainer.reference import run
@@ -219,28 +234,56 @@ def _serve(args) -> int:
 
 
 def _prefetch(args) -> int:
-    from danceopd.prefetch import prefetch, sources_of
+    from danceopd.config import describe_sources
+    from danceopd.models.hub import hub_cache
+    from danceopd.prefetch import prefetch, settings_of, sources_in
 
-    sources = sources_of(args.config, dict(parse_override(o) for o in args.overrides))  # validated first (exit 2)
-    from huggingface_hub import constants
+    overrides = dict(parse_override(o) for o in args.overrides)
+    settings = settings_of(args.config, overrides)
 
-    print(f"{len(sources)} models named by {args.config}; Hugging Face cache: {constants.HF_HUB_CACHE} "
+    def validate() -> None:
+        if isinstance(settings.get("teachers"), list):
+            from services.teachers.config import load_teachers_config
+
+            load_teachers_config(settings)
+        else:
+            from trainer.job import load_job_config
+
+            load_job_config(args.config, overrides)
+
+    try:  # a bad key or value stops here, before any download (exit 2) ...
+        validate()
+        checked = True
+    except ConfigError as e:  # ... unless what fails is a model this command is about to fetch (a hub id's family)
+        if "danceopd prefetch" not in str(e):
+            raise
+        checked = False
+    sources = sources_in(settings)
+    print(f"{len(sources)} models named by {describe_sources(args.config)}; Hugging Face cache: {hub_cache()} "
           f"(HF_HOME={os.environ.get('HF_HOME', '<unset>')}; token: {'HF_TOKEN' if os.environ.get('HF_TOKEN') else 'none'})", flush=True)
-    return 1 if prefetch(sources, say=lambda m: print(m, flush=True)) else 0
+    if prefetch(sources, say=lambda m: print(m, flush=True)):
+        return 1
+    if not checked:  # with the models here, the whole config validates (families from the cache, LoRA keys against bases)
+        validate()
+        print(f"{describe_sources(args.config)} validates with these models", flush=True)
+    return 0
 
 
 def _plan(args) -> int:
     import json
 
     from danceopd.memory_plan import PlanError, plan_job
+    from danceopd.offline import models_only
     from trainer.job import gpu_memory_of, load_job_config
 
-    job = load_job_config(args.config, dict(parse_override(o) for o in args.overrides))
-    gib = gpu_memory_of(job, args.gpu_memory)
-    try:
-        plan = plan_job(job, gib)
-    except PlanError as e:
-        raise ConfigError(str(e)) from None
+    with models_only() as unchecked:  # the plan needs the models' configs only: data and LoRA files may be elsewhere
+        job = load_job_config(args.config, dict(parse_override(o) for o in args.overrides))
+        gib = gpu_memory_of(job, args.gpu_memory)
+        try:
+            plan = plan_job(job, gib)
+        except PlanError as e:
+            raise ConfigError(str(e)) from None
+    plan.notes = [f"not checked: {u}" for u in unchecked] + plan.notes
     print(plan.table())
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -294,7 +337,8 @@ def main(argv: list[str] | None = None) -> int:
                                     "$HF_HOME: the cache the cluster's nodes share, so that no worker or replica downloads at "
                                     "start-up. Gated models need HF_TOKEN. Prints each model's size; exit 1 naming each model it "
                                     "could not fetch.")
-    pf.add_argument("--config", type=Path, required=True, help="a training config (configs/gpu-cluster.yaml) or a teachers file")
+    pf.add_argument("--config", type=Path, action="append", required=True, help="a training config (configs/gpu-cluster.yaml) "
+                    "or a teachers file; given again, later files override earlier ones key by key")
     pf.add_argument("overrides", nargs="*", help="key.path=value, as for train")
     pf.set_defaults(run=_prefetch)
     pl = sub.add_parser("plan", help="the memory each worker, teacher replica and evaluation will hold, before anything loads",
@@ -303,7 +347,8 @@ def main(argv: list[str] | None = None) -> int:
                                     "resolution, computed on the meta device from the models' configs (no weights, no network), "
                                     "and each teacher's expected busy fraction. With a GPU size: whether each role fits its share "
                                     "(exit 2 if not, as the job itself refuses under cluster.memory_check: strict).")
-    pl.add_argument("--config", type=Path, required=True, help="a training job config")
+    pl.add_argument("--config", type=Path, action="append", required=True, help="a training job config; given again, later "
+                    "files override earlier ones key by key (e.g. --config RECIPE --config configs/smoke.yaml)")
     pl.add_argument("--gpu-memory", type=float, metavar="GIB", help="memory of one GPU (default: cluster.gpu_memory_gib, else this machine's GPU)")
     pl.add_argument("--json", type=Path, metavar="F", help="also write the plan as JSON")
     pl.add_argument("overrides", nargs="*", help="key.path=value, as for train")
@@ -315,7 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     sc.set_defaults(run=_serve_config)
     ev = sub.add_parser("eval", help="sample a student per capability, score it against the exact teachers, write report.json + grid.png")
     ev.add_argument("--student", type=Path, required=True, help="a saved student folder (e.g. a checkpoint's student/)")
-    ev.add_argument("--config", type=Path, help="run config naming the routes and eval settings (default: embedded)")
+    ev.add_argument("--config", type=Path, action="append", help="run config naming the routes and eval settings (default: "
+                    "embedded); given again, later files override earlier ones key by key")
     ev.add_argument("--out", type=Path, help="output folder (default: next to the student, eval/)")
     ev.add_argument("overrides", nargs="*", help="key.path=value, e.g. eval.samples_per_capability=48")
     ev.set_defaults(run=_eval)
@@ -338,6 +384,15 @@ def main(argv: list[str] | None = None) -> int:
     tl.add_argument("--std", type=float, default=0.1, help="std of both LoRA matrices' random entries")
     tl.add_argument("--seed", type=int, default=1)
     tl.set_defaults(run=_tiny_lora)
+    th = sub.add_parser("tiny-hub", help="write an offline Hugging Face cache of tiny random models under the hub ids configs name",
+                        description="For every hub id the configs name (student and teacher bases, checkpoints, LoRA repositories, "
+                                    "a CLIP model), write a tiny random model with the real repository's pipeline class and "
+                                    "components (LoRAs in the real repository's file name and format) into <out>/hub, the standard "
+                                    "cache layout. Then HF_HOME=<out> HF_HUB_OFFLINE=1 runs the recipes on a CPU, no hub needed. "
+                                    "Offline, seconds.")
+    th.add_argument("--config", type=Path, action="append", required=True, help="a recipe or teachers file (repeat for several)")
+    th.add_argument("--out", type=Path, required=True, help="the HF_HOME to write (the cache is <out>/hub)")
+    th.set_defaults(run=_tiny_hub)
     bn = sub.add_parser("bench", help="run a benchmark (prints a table, writes benchmarks/results/<name>.json)",
                         description="Run one of the repository's benchmarks; arguments after the name go to it (see "
                                     "`danceopd bench NAME --help`). " + " ".join(f"{k}: {v[1]}." for k, v in BENCHMARKS.items()),

@@ -12,8 +12,9 @@ torch.set_num_threads(int(os.environ.get("DANCEOPD_TEST_THREADS", "2")))
 def pytest_collection_modifyitems(config, items):
     # The cluster guide's blocks (docs/cluster.md) end with `ray stop` (every Ray on the machine): they run before any test's cluster.
     # The multi-node cluster of test_cluster_shape.py comes and goes next, before this process joins the session's
-    # Ray (`ray_cluster`): Cluster.shutdown resets the calling process's connection state.
-    first = {"test_cluster_guide.py": 0, "test_cluster_shape.py": 1}
+    # Ray (`ray_cluster`): Cluster.shutdown resets the calling process's connection state. The recipes (own local Rays, and
+    # `make test-recipes`' `ray start` cluster, stopped with `ray stop`) run before the session's Ray exists too.
+    first = {"test_cluster_guide.py": 0, "test_cluster_shape.py": 1, "test_recipes.py": 2}
     items.sort(key=lambda item: first.get(item.path.name, 2))
     if torch.cuda.is_available():
         return

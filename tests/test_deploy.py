@@ -5,6 +5,7 @@ validate against the fields of the ray.io/v1 CRDs they use; generated files are 
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -208,7 +209,9 @@ def test_rayjob_validates_and_runs_the_training_entry_point():
     assert spec["ttlSecondsAfterFinished"] == 0 or spec["shutdownAfterJobFinishes"]
     operator_rules(spec["rayClusterSpec"])
     yaml.safe_load(spec["runtimeEnvYAML"])
-    prefetch, train = (part.split() for part in spec["entrypoint"].split(" && "))
+    shell, flag, script = shlex.split(spec["entrypoint"])  # one `bash -c`: KubeRay pastes it into a shell line after `--`
+    assert (shell, flag) == ("bash", "-c")
+    prefetch, train = (part.split() for part in script.split(" && "))
     assert prefetch[:2] == ["danceopd", "prefetch"] and train[:3] == ["python", "-m", "trainer.main"]
     assert prefetch[prefetch.index("--config") + 1] == train[train.index("--config") + 1]  # the models of the config it trains
     assert (ROOT / train[train.index("--config") + 1]).exists()

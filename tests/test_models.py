@@ -296,8 +296,9 @@ def test_bf16_base_keeps_fp32_master_weights_and_ema(tiny, tmp_path):
 
 @pytest.mark.parametrize("family", ["sd3", "flux", "flux-kontext", "flux2", "flux2-klein", "z-image", "qwen-image-edit-plus"])
 def test_truncated_rollouts_are_bit_identical_on_every_family(tiny, family):
-    """LoRA students of each family (Kontext with source tokens), batches that shrink (8, with 4-row chunks) and one
-    that cannot (6), 1 and 2 threads: the truncated rollout's queried states equal the full rollout's."""
+    """LoRA students of each family (Kontext with source tokens), batches that shrink (32, with 16-row chunks and without)
+    and ones that cannot (6, 8: below MIN_ROWS), 1 and 2 threads: the truncated rollout's queried states equal the full
+    rollout's."""
     from danceopd.flow import gather_states, rollout_to_queries, sample_query_indices, uniform_sigmas
 
     before = torch.get_num_threads()
@@ -308,7 +309,7 @@ def test_truncated_rollouts_are_bit_identical_on_every_family(tiny, family):
     try:
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            for b, chunk in ((8, 4), (8, None), (6, None)):
+            for b, chunk in ((32, 16), (32, None), (8, None), (6, None)):
                 g = torch.Generator().manual_seed(b)
                 source = torch.randn(b, *shape, generator=g) if family in SOURCE_AS_TOKENS else None
                 cond = Conditions([PROMPTS[i % 2] for i in range(b)], source)

@@ -9,7 +9,7 @@ import torch
 from danceopd.models.tiny import FAMILIES, build_tiny_pipeline
 
 PROMPT = "a photo of an astronaut riding a horse"
-CLASSES = {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline", "flux-kontext": "FluxKontextPipeline", "z-image": "ZImagePipeline",
+CLASSES = {"sd3": "StableDiffusion3Pipeline", "sd3.5": "StableDiffusion3Pipeline", "flux": "FluxPipeline", "flux-kontext": "FluxKontextPipeline", "z-image": "ZImagePipeline",
            "flux2": "Flux2Pipeline", "flux2-klein": "Flux2KleinPipeline", "qwen-image": "QwenImagePipeline",
            "qwen-image-edit": "QwenImageEditPipeline", "qwen-image-edit-plus": "QwenImageEditPlusPipeline"}
 
@@ -75,8 +75,13 @@ def test_latent_sizes(family, loaded):
     pipe = loaded[family]
     channels = pipe.vae.config.z_dim if family.startswith("qwen-image") else pipe.vae.config.latent_channels  # Qwen: a video VAE
     assert pipe.vae_scale_factor == 2 and channels == 4
-    if family == "sd3":
+    if family in ("sd3", "sd3.5"):
         assert pipe.transformer.config.sample_size == 16  # 4 x 16 x 16 latents at 32 px
+        # SD3.5's layout: a T5 beside the two CLIPs (as wide as the joint attention), dual attention and q/k norms
+        assert (pipe.text_encoder_3 is not None) == (family == "sd3.5")
+        if family == "sd3.5":
+            assert pipe.text_encoder_3.config.d_model == pipe.transformer.config.joint_attention_dim
+            assert list(pipe.transformer.config.dual_attention_layers) == [0] and pipe.transformer.config.qk_norm == "rms_norm"
     elif family in ("flux2", "flux2-klein"):  # 4 channels patchified 2x2 by the pipeline; the empirical mu needs dynamic shifting
         assert pipe.transformer.config.in_channels == 16 and pipe.scheduler.config.use_dynamic_shifting and pipe.vae.bn.num_features == 16
         text = pipe.text_encoder.config if family == "flux2-klein" else pipe.text_encoder.config.text_config
@@ -99,7 +104,8 @@ def test_latent_sizes(family, loaded):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_real_prompt_tokenizes_with_both_tokenizers(family, loaded):
     pipe = loaded[family]
-    for tok in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None) or pipe.tokenizer):
+    inner = pipe.tokenizer.tokenizer if family == "flux2" else pipe.tokenizer  # FLUX.2 [dev]'s tokenizer component is a processor
+    for tok in (inner, getattr(pipe, "tokenizer_2", None) or inner):
         ids = tok(PROMPT, padding="max_length", max_length=64, truncation=True).input_ids
         real = [i for i in ids if i != tok.pad_token_id]
         assert len(real) > 2, (type(tok).__name__, ids)
@@ -127,13 +133,15 @@ def test_real_prompt_tokenizes_with_both_tokenizers(family, loaded):
         turns = [{"role": "system", "content": [{"type": "text", "text": "be brief"}]}, {"role": "user", "content": [{"type": "text", "text": PROMPT}]}]
         text = pipe.tokenizer.apply_chat_template(turns, tokenize=False)
         assert text == f"<s>[SYSTEM_PROMPT]be brief[/SYSTEM_PROMPT][INST]{PROMPT}[/INST]"
-        ids = pipe.tokenizer(text, add_special_tokens=False).input_ids
-        assert ids.count(pipe.tokenizer.convert_tokens_to_ids("[INST]")) == 1 and pipe.tokenizer.unk_token_id not in ids
-        assert len(pipe.tokenizer) == pipe.text_encoder.config.text_config.vocab_size
-    elif family != "sd3":  # T5: any text tokenizes, unknown pieces become <unk>
-        ids = pipe.tokenizer_2("Ünïcode 🚀 café, 42%!").input_ids
-        assert pipe.tokenizer_2.unk_token_id in ids and ids[-1] == pipe.tokenizer_2.eos_token_id
-        assert pipe.tokenizer_2.pad_token_id == 0 and len(pipe.tokenizer_2) == pipe.text_encoder_2.config.vocab_size
+        ids = inner(text, add_special_tokens=False).input_ids
+        assert ids.count(inner.convert_tokens_to_ids("[INST]")) == 1 and inner.unk_token_id not in ids
+        assert len(inner) == pipe.text_encoder.config.text_config.vocab_size
+        assert type(pipe.tokenizer).__name__ == "TextOnlyPixtralProcessor"  # the real repository's is a PixtralProcessor
+    elif family != "sd3":  # T5 (FLUX.1's second encoder, SD3.5's third): any text tokenizes, unknown pieces become <unk>
+        t5, encoder = (pipe.tokenizer_3, pipe.text_encoder_3) if family == "sd3.5" else (pipe.tokenizer_2, pipe.text_encoder_2)
+        ids = t5("Ünïcode 🚀 café, 42%!").input_ids
+        assert t5.unk_token_id in ids and ids[-1] == t5.eos_token_id
+        assert t5.pad_token_id == 0 and len(t5) == encoder.config.vocab_size
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])

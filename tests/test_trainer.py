@@ -198,8 +198,9 @@ def test_truncated_rollouts_query_the_full_rollouts_states_bit_for_bit(tmp_path,
             n = cfg.method.rollout_steps
             if over == {"method.query_position": "dense"}:  # every state is queried: only the final step is saved
                 assert rows[True] / rows[False] == (n - 1) / n
-            else:  # measured on the demo config: 0.70 of the full rollout's rows at batch 16, 0.68 at 32
-                assert rows[True] / rows[False] < 0.8, (over, rows)
+            else:  # measured (2026-12, calls of at least MIN_ROWS = 12 rows): 0.74 of the full rollout's rows at the low
+                # position, 0.80 with 3 uniform queries (their deepest is lower); 0.70 / 0.68 before the 12-row floor
+                assert rows[True] / rows[False] < (0.85 if over.get("method.k") else 0.78), (over, rows)
     finally:
         torch.set_num_threads(before)
 

@@ -18,7 +18,8 @@ def parse_args(prog: str, description: str, argv: list[str] | None) -> argparse.
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     """The trainers' arguments (also those of `danceopd train`)."""
-    p.add_argument("--config", type=Path, help="YAML run or job config (default: embedded defaults)")
+    p.add_argument("--config", type=Path, action="append", help="YAML run or job config (default: embedded defaults); given "
+                   "again, each later file overrides the earlier ones key by key (e.g. --config RECIPE --config configs/smoke.yaml)")
     p.add_argument("--no-resume", action="store_true", help="start a new run even if this run has checkpoints")
     p.add_argument("--eval", action="store_true", help="evaluate after training; write report.json + grid.png")
     p.add_argument("--allow-config-change", action="store_true",

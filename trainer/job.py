@@ -16,7 +16,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from danceopd.auth import AuthOptions, resolve_token
-from danceopd.config import ConfigError, TrainConfig, load_config
+from danceopd.config import ConfigError, ConfigPaths, TrainConfig, load_config
 from danceopd.student import is_student_folder
 from services.teachers.config import (ActorOptions, AutoscalingConfig, BatchingConfig, GatewayConfig, RouterServiceConfig,
                                       TeachersConfig)
@@ -105,7 +105,26 @@ class JobConfig(TrainConfig):
         unknown = sorted(set(self.services.teachers) - set(self.routes))
         if unknown:
             raise ValueError(f"services.teachers names {unknown}, which are not routes ({sorted(self.routes)})")
+        self._check_gpus()
         return self
+
+    def _check_gpus(self) -> None:
+        """A role that must run on CUDA asks Ray for a GPU: otherwise Ray places it anywhere, and on a GPU node it finds no
+        device (CUDA_VISIBLE_DEVICES is empty for a process that reserved none) only once its model loads."""
+        if str(self.device).startswith("cuda") and self.cluster.gpus_per_worker <= 0:
+            raise ValueError(f"cluster.gpus_per_worker is {self.cluster.gpus_per_worker:g} but device is {self.device!r}: a train worker "
+                             "that reserves no GPU gets none; set cluster.gpus_per_worker (e.g. 1), or device: cpu")
+        for route in self.routes:
+            if self.routes[route].model_teacher is None:
+                continue
+            opts = self._deploy_options(route)
+            device = opts.get("device") or "auto"
+            if device.startswith("cuda") and opts["ray_actor_options"]["num_gpus"] <= 0:
+                own = self.services.teachers.get(route)
+                key = f"services.teachers.{route}" if own is not None and (own.device or own.ray_actor_options) else "services.teacher_defaults"
+                raise ValueError(f"{key}.ray_actor_options.num_gpus: the teacher of route {route!r} runs on {device!r} but its "
+                                 "replicas reserve no GPU, so Ray gives them none; set ray_actor_options.num_gpus (e.g. 1, or 0.5 "
+                                 "to share a card), or device: cpu")
 
     @property
     def worker_batch_size(self) -> int:
@@ -124,7 +143,7 @@ class JobConfig(TrainConfig):
         for name, route in self.routes.items():
             spec = route.model_teacher
             if spec is not None:
-                groups.setdefault((spec.base or self.student.base, spec.family, spec.checkpoint), []).append(name)
+                groups.setdefault((spec.base or self.student.base, self.teacher_family(name).name, spec.checkpoint), []).append(name)
         return {f"shared-{names[0]}": names for names in groups.values() if len(names) > 1}
 
     def teacher_name(self, route: str) -> str:
@@ -178,7 +197,8 @@ class JobConfig(TrainConfig):
         banked = {r for routes in banks.values() for r in routes}
         for bank, routes in banks.items():
             spec = self.routes[routes[0]].model_teacher
-            field = {"kind": "adapter_bank", "path": spec.base or self.student.base, "family": spec.family, "checkpoint": spec.checkpoint,
+            field = {"kind": "adapter_bank", "path": spec.base or self.student.base, "family": self.teacher_family(routes[0]).name,
+                     "checkpoint": spec.checkpoint,
                      "resolution": self.student.resolution, **self._bucket_field(),
                      "adapters": {r: {**self.routes[r].model_teacher.model_dump(include={"loras", "guidance"}),
                                       **({"cfg_alpha": self.routes[r].cfg_alpha} if self.routes[r].cfg_alpha is not None else {})}
@@ -190,9 +210,10 @@ class JobConfig(TrainConfig):
             spec = route.model_teacher
             if spec is None:
                 field = {"kind": "suite", "capability": route.capability, "tier": self.suite.tier, "tau": self.suite.tau, "seed": self.suite.seed}
-            else:  # a model teacher in the student's latent space, at the student's resolution
+            else:  # a model teacher in the student's latent space, at the student's resolution, its family resolved here
                 field = {"kind": "diffusers", "path": spec.base or self.student.base, "resolution": self.student.resolution,
-                         **self._bucket_field(), **spec.model_dump(exclude={"base"}, exclude_none=True, exclude_defaults=True)}
+                         **self._bucket_field(), **spec.model_dump(exclude={"base"}, exclude_none=True, exclude_defaults=True),
+                         "family": self.teacher_family(name).name}
                 if not is_student_folder(field["path"]):  # a served student folder keeps its own encoders
                     field.update(store)
             opts = self._deploy_options(name)
@@ -210,7 +231,7 @@ class JobConfig(TrainConfig):
             raise ConfigError(f"services: the teachers derived from routes are invalid: {e}") from None
 
 
-def load_job_config(path: str | Path | None, overrides: dict | None = None) -> JobConfig:
+def load_job_config(path: ConfigPaths, overrides: dict | None = None) -> JobConfig:
     job = load_config(path, overrides, model=JobConfig)
     n = job.cluster.num_workers
     if job.optim.batch_size % n:  # (the reference trainer reads job files too; it has no workers to divide among)

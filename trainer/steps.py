@@ -94,10 +94,13 @@ def query_batch(cfg: TrainConfig, suite: CapabilitySuite, sigmas: torch.Tensor |
 
 
 def rollout_chunk(cfg: TrainConfig, device: torch.device) -> int | None:
-    """Rows per student call in a truncated rollout (execution.rollout_chunk; auto: 8 per thread on CPU)."""
+    """Rows per student call in a truncated rollout (execution.rollout_chunk; auto: 8 per thread on CPU, at least
+    danceopd.flow.solver.MIN_ROWS)."""
+    from danceopd.flow.solver import MIN_ROWS
+
     chunk = cfg.execution.rollout_chunk
     if chunk == "auto":
-        return 8 * torch.get_num_threads() if device.type == "cpu" else None
+        return max(MIN_ROWS, 8 * torch.get_num_threads()) if device.type == "cpu" else None
     return chunk
 
 

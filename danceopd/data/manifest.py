@@ -455,8 +455,14 @@ class HeaderIndex:
                           "width": [None if isinstance(v[2], str) else v[2][0] for v in vals],
                           "height": [None if isinstance(v[2], str) else v[2][1] for v in vals],
                           "error": [v[2] if isinstance(v[2], str) else None for v in vals]})
-        self.file.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.file.parent, prefix=f".{self.file.name}.", suffix=".tmp")
+        try:
+            self.file.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.file.parent, prefix=f".{self.file.name}.", suffix=".tmp")
+        except OSError as e:  # a cache, not a result: where output_dir cannot be written (a laptop planning a cluster's
+            import logging  # recipe, /shared/...), the sizes are simply read again next time
+
+            logging.getLogger("danceopd.data").info(f"image-size index not kept: {self.file.parent}: {e.strerror}")
+            return
         os.close(fd)
         try:
             pq.write_table(table, tmp)

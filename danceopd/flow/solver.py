@@ -46,12 +46,18 @@ def rollout_states(velocity: VelocityFn, x_init: torch.Tensor, sigmas: torch.Ten
 RowVelocityFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (x[m,...], sigma[m], rows[m]) -> v[m,...]
 
 # A row's velocity must not depend on how many rows share its call, and on MKL it does: the per-sample GEMMs
-# (timestep and pooled-text embeddings, one row per sample) take other kernels below 4 rows, and with 2 threads at
-# 5-7 and 9-11 rows, which round differently (measured: ~1e-6). So a batch that is a multiple of ROW_QUANTUM
-# shrinks in multiples of it (padded with rows that have finished, whose new states are discarded), which matched
-# the full batch bit for bit at 1 and 2 threads; any other batch keeps its full size until no row needs more
-# steps. tests/test_flow.py and tests/test_models.py check it on the suite's model and on tiny SD3 / FLUX.
+# (timestep and pooled-text embeddings, one row per sample) take other kernels for few rows, which round differently
+# (measured: ~1e-6). Which counts differ depends on the processor and the model: on an AVX2 machine below 4 rows, and
+# with 2 threads at 5-7 and 9-11; on an AVX-512 one (2026-12) every count up to 10 for the suite's model and tiny SD3 /
+# FLUX, up to 15 for tiny Z-Image (and odd counts up to 31 at 2 threads), while multiples of 4 from 16 on agree with
+# each other (the first differing layer: the timestep embedding's first linear layer, [M, 256] x [256, d]). So a batch
+# that is a multiple of ROW_QUANTUM and holds at least MIN_ROWS rows shrinks in multiples of the
+# quantum, never below MIN_ROWS (padded with rows that have finished, whose new states are discarded), and chunks of a
+# call hold at least MIN_ROWS rows too: that matches the full batch bit for bit at 1 and 2 threads on both; any other
+# batch keeps its full size until no row needs more steps. tests/test_flow.py, tests/test_trainer.py and
+# tests/test_models.py check it on the suite's model and on every family's tiny pipeline.
 ROW_QUANTUM = 4
+MIN_ROWS = 16
 
 
 @dataclass
@@ -71,8 +77,8 @@ def rollout_to_queries(velocity: RowVelocityFn, x_init: torch.Tensor, sigmas: to
     `velocity` gets the rows still rolling out and `rows` [m]: their positions in x_init; at most `chunk` rows
     a call when given (a multiple of the row quantum, used when the batch shrinks).
     """
-    if chunk is not None and (chunk < 1 or chunk % row_quantum):
-        raise ValueError(f"chunk must be a positive multiple of {row_quantum} rows, got {chunk}")
+    if chunk is not None and (chunk < MIN_ROWS or chunk % row_quantum):
+        raise ValueError(f"chunk must be a multiple of {row_quantum} rows and at least {MIN_ROWS}, got {chunk}")
     dev = x_init.device
     sigmas = sigmas.to(device=dev, dtype=torch.float32)
     index = index.cpu()  # the bookkeeping stays on the host: no device sync per step
@@ -80,7 +86,7 @@ def rollout_to_queries(velocity: RowVelocityFn, x_init: torch.Tensor, sigmas: to
     deepest = index.amax(dim=1)
     if skip is not None:
         deepest = deepest.masked_fill(skip.cpu(), -1)
-    shrink = b % row_quantum == 0  # else the batch keeps its size and order until no row needs another step
+    shrink = b % row_quantum == 0 and b >= MIN_ROWS  # else the batch keeps its size and order until no row needs another step
     order = torch.argsort(deepest, descending=True, stable=True) if shrink else torch.arange(b)  # going rows: a prefix
     position = torch.empty_like(order)
     position[order] = torch.arange(b)
@@ -98,10 +104,12 @@ def rollout_to_queries(velocity: RowVelocityFn, x_init: torch.Tensor, sigmas: to
             active = int((need > i).sum())
             if active == 0:
                 break
-            m = min(b, -(-active // row_quantum) * row_quantum) if shrink else b
+            m = min(b, max(MIN_ROWS, -(-active // row_quantum) * row_quantum)) if shrink else b
             c = chunk if chunk and shrink else m
-            for j in range(0, m, c):
-                e = min(j + c, m)
+            ends = [*range(c, m, c), m]
+            if len(ends) > 1 and m - ends[-2] < MIN_ROWS:  # a short last chunk joins the one before it
+                del ends[-2]
+            for j, e in zip([0, *ends[:-1]], ends):
                 v = velocity(x[j:e], sigmas[i].expand(e - j), order[j:e])
                 x[j:e] = euler_step(x[j:e], v.to(x.dtype), sigmas[i].to(x.dtype), sigmas[i + 1].to(x.dtype))
             rows += m

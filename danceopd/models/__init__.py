@@ -7,9 +7,11 @@ import json
 from pathlib import Path
 
 from danceopd.models.base import ModelFamily, PromptCache, model_index
+from danceopd.models.hub import local_dir
 from danceopd.models.flux import FluxFamily, FluxKontextFamily
 from danceopd.models.flux2 import Flux2Family, Flux2KleinFamily
 from danceopd.models.pixel import PixelFamily
+from danceopd.models import processors  # noqa: F401  registers the stand-in processors for diffusers' loader
 from danceopd.models.qwenimage import QwenImageEditFamily, QwenImageEditPlusFamily, QwenImageFamily
 from danceopd.models.sd3 import SD3Family
 from danceopd.models.zimage import ZImageFamily
@@ -25,7 +27,8 @@ def get_family(name: str) -> ModelFamily:
 
 
 def family_of_folder(path: str | Path) -> ModelFamily | None:
-    """The family of a local pipeline folder (from model_index.json), or None for a hub id / unknown layout."""
+    """The family of a pipeline from its model_index.json (a local folder's, or a hub id's in the Hugging Face cache), or
+    None when there is none (a hub id not in the cache)."""
     index = model_index(path)
     if index is None:
         return None
@@ -48,11 +51,15 @@ VAE_KEYS = ("_class_name", "latent_channels", "block_out_channels", "scaling_fac
 
 
 def latent_space_difference(student_base: str | Path, teacher_base: str | Path) -> str | None:
-    """Why two local pipelines' latents are not the same space (None when they are, or when either is a hub id): their
-    VAEs differ in class, geometry, scaling/shift or per-channel statistics (config), or in weights (file contents)."""
+    """Why two pipelines' latents are not the same space (None when they are, or when either's VAE is not on this machine:
+    a hub id not in the cache): their VAEs differ in class, geometry, scaling/shift or per-channel statistics (config), or
+    in weights (file contents)."""
     from danceopd.text_embeddings import file_digest
 
-    a, b = (Path(p).expanduser() / "vae" for p in (student_base, teacher_base))
+    folders = [local_dir(p) for p in (student_base, teacher_base)]
+    if None in folders:
+        return None
+    a, b = (f / "vae" for f in folders)
     if not (a / "config.json").exists() or not (b / "config.json").exists() or a.resolve() == b.resolve():
         return None
     ca, cb = (json.loads((p / "config.json").read_text()) for p in (a, b))

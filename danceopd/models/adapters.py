@@ -15,8 +15,13 @@ LORA_FILE_NAMES = ("pytorch_lora_weights.safetensors", "adapter_model.safetensor
 
 
 def lora_file(path: str | Path, weight_name: str | None = None) -> Path:
-    """The safetensors file of an adapter: the file itself, or the LoRA file inside a folder."""
-    p = Path(path).expanduser()
+    """The safetensors file of an adapter: the file itself, or the LoRA file inside a folder (a hub id's cached
+    snapshot folder too)."""
+    from danceopd.models.hub import local_dir, where
+
+    p = local_dir(path)
+    if p is None:
+        raise ValueError(f"{where(str(path))} is not on this machine: run `danceopd prefetch` for it")
     if p.is_file():
         return p
     names = (weight_name,) if weight_name else LORA_FILE_NAMES
@@ -29,7 +34,7 @@ def lora_file(path: str | Path, weight_name: str | None = None) -> Path:
 def peft_alpha_ratio(path: str | Path) -> float:
     """lora_alpha / r of a PEFT adapter folder (diffusers' loader assumes alpha = r for a state dict without metadata)."""
     cfg = Path(path).expanduser() / "adapter_config.json"
-    if Path(path).is_dir() and cfg.exists():
+    if Path(path).expanduser().is_dir() and cfg.exists():
         c = json.loads(cfg.read_text())
         return float(c.get("lora_alpha", c.get("r", 1))) / float(c.get("r", 1))
     return 1.0
@@ -64,9 +69,13 @@ def lora_modules(path: str | Path, weight_name: str | None = None) -> set[str] |
 
 
 def transformer_module_names(base: str | Path, subfolder: str = "transformer") -> set[str] | None:
-    """Module names of a local pipeline's transformer, built on the meta device from its config (no weights)."""
-    cfg_file = Path(base).expanduser() / subfolder / "config.json"
-    if not cfg_file.exists():
+    """Module names of a pipeline's transformer (a local folder's or a cached hub id's), built on the meta device from its
+    config (no weights); None when its config is not on this machine."""
+    from danceopd.models.hub import local_dir
+
+    folder = local_dir(base)
+    cfg_file = folder / subfolder / "config.json" if folder is not None else None
+    if cfg_file is None or not cfg_file.is_file():
         return None
     import diffusers
     from accelerate import init_empty_weights
@@ -80,8 +89,11 @@ def transformer_module_names(base: str | Path, subfolder: str = "transformer") -
 
 def check_lora_keys(path: str | Path, base: str | Path, weight_name: str | None = None) -> None:
     """ValueError when an adapter's keys name modules the base transformer does not have (a LoRA for another
-    model, or a typo'd folder); silent where it cannot be decided offline (hub ids, converted formats)."""
-    if not Path(path).expanduser().exists():
+    model, or a typo'd folder); silent where it cannot be decided offline (a hub id not in the cache, converted
+    formats). Hub ids are read from the Hugging Face cache when they are there."""
+    from danceopd.models.hub import local_dir
+
+    if local_dir(path) is None:
         return
     wanted = lora_modules(path, weight_name)
     have = transformer_module_names(base)
@@ -105,8 +117,10 @@ def load_lora(pipe: Any, path: str | Path, adapter_name: str, weight_name: str |
 
     # diffusers warns once per text encoder that a transformer-only LoRA has no keys for it: expected here.
     diffusers_logging.set_verbosity_error()
-    p = Path(path).expanduser()
-    if not p.exists():  # a hub repo (diffusers LoRA or PEFT adapter): fetch its files, then treat it as a folder
+    from danceopd.models.hub import local_dir
+
+    p = local_dir(path)
+    if p is None:  # a hub repo (diffusers LoRA or PEFT adapter) not in the cache: fetch its files, then treat it as a folder
         from huggingface_hub import snapshot_download
 
         p = Path(snapshot_download(str(path), allow_patterns=["*.safetensors", "*.json"]))
@@ -135,3 +149,43 @@ def weights_checksum(module: torch.nn.Module) -> str:
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+def read_student_init(path: str | Path, weight_name: str | None, family) -> tuple[dict[str, torch.Tensor], int, float, list[str]]:
+    """An existing LoRA to start a student from (student.lora.init), as the family's diffusers pipeline reads it: a diffusers
+    LoRA file, a kohya / ComfyUI / other trainer's file (converted by diffusers' own loaders) or a PEFT adapter folder.
+    Returns (its transformer state in peft naming: `<module>.lora_A.weight`, ..., rank, alpha, target modules). Refuses
+    an adapter of mixed ranks or one that also adapts text encoders (the student trains its transformer only)."""
+    import inspect
+
+    from danceopd.models.hub import local_dir
+
+    p = local_dir(path)
+    if p is None:
+        raise ValueError(f"{path} is not on this machine: run `danceopd prefetch` for it")
+    file = lora_file(p, weight_name)
+    if p.is_dir() and (p / "adapter_config.json").exists():  # PEFT: keys base_model.model.<module>..., alpha in its config
+        from safetensors.torch import load_file
+
+        state = {_strip(k): v for k, v in load_file(str(file)).items()}
+        c = json.loads((p / "adapter_config.json").read_text())
+        alpha = float(c.get("lora_alpha", c.get("r", 1)))
+    else:
+        loader = family.pipeline_class().lora_state_dict
+        kwargs = {"return_lora_metadata": True, **({"return_alphas": True} if "return_alphas" in inspect.signature(loader).parameters else {})}
+        out = loader(str(file.parent), weight_name=file.name, **kwargs)
+        raw, metadata = out[0], out[-1]
+        alphas = out[1] if len(out) == 3 else None
+        others = sorted({k.split(".")[0] for k in raw if not k.startswith("transformer.")})
+        if others:
+            raise ValueError(f"the LoRA {path} also adapts {others}: a student trains its transformer's adapters only; give a "
+                             "transformer-only LoRA")
+        state = {k.removeprefix("transformer."): v for k, v in raw.items()}
+        values = {float(v) for v in (alphas or {}).values()}
+        alpha = float((metadata or {}).get("lora_alpha") or (values.pop() if len(values) == 1 else 0) or 0)
+    ranks = {v.shape[0] for k, v in state.items() if ".lora_A." in k}
+    if len(ranks) != 1:
+        raise ValueError(f"the LoRA {path} has modules of ranks {sorted(ranks)}: a student starts from an adapter of one rank")
+    rank = ranks.pop()
+    modules = sorted({_module_of_key(k) for k in state if _module_of_key(k)})
+    return state, rank, alpha or float(rank), modules  # no alpha recorded: diffusers' own assumption, alpha = rank

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from danceopd.flow.schedule import shift_sigmas
+from danceopd.models.hub import local_dir
 
 Embeds = tuple[torch.Tensor, ...]  # per-family prompt embeddings, batch first
 
@@ -74,9 +75,7 @@ class ModelFamily:
 
         from danceopd.models.published import meta_transformer
 
-        config = diffusers.DiffusionPipeline.load_config(path, subfolder="transformer") if not Path(path).expanduser().exists() \
-            else json.loads((Path(path).expanduser() / "transformer" / "config.json").read_text())
-        shell = meta_transformer(config)
+        shell = meta_transformer(component_config(path, "transformer"))
         pipe = self.pipeline_class().from_pretrained(path, dtype=dtype, **{**absent_components(path), "vae": None, "transformer": shell})
         for name in text_components(path):
             module = getattr(pipe, name, None)
@@ -219,15 +218,30 @@ def image_size(resolution: int | tuple[int, int] | list[int]) -> tuple[int, int]
 
 
 def model_index(path: str | Path) -> dict | None:
-    """A local pipeline folder's model_index.json, or None (a hub id, or not a pipeline folder)."""
-    f = Path(path).expanduser() / "model_index.json"
-    return json.loads(f.read_text()) if f.exists() else None
+    """A pipeline's model_index.json: a local folder's, or a hub id's in the Hugging Face cache; None when there is none
+    (a hub id not in the cache, a folder that is not a pipeline)."""
+    folder = local_dir(path)
+    f = folder / "model_index.json" if folder is not None else None
+    return json.loads(f.read_text()) if f is not None and f.is_file() else None
+
+
+def component_config(path: str | Path, subfolder: str) -> dict:
+    """A pipeline component's config.json (e.g. transformer/), from the local folder or the cache, else downloaded (a
+    hub id not prefetched; hf_hub_download honours HF_HUB_OFFLINE)."""
+    folder = local_dir(path)
+    if folder is not None and (folder / subfolder / "config.json").is_file():
+        return json.loads((folder / subfolder / "config.json").read_text())
+    from huggingface_hub import hf_hub_download
+
+    return json.loads(Path(hf_hub_download(str(path), "config.json", subfolder=subfolder)).read_text())
 
 
 def vae_geometry(path: str | Path) -> tuple[int, int] | None:
-    """(latent channels, downscale factor) of a local pipeline's VAE, read from its config (no weights loaded)."""
-    f = Path(path).expanduser() / "vae" / "config.json"
-    if not f.exists():
+    """(latent channels, downscale factor) of a pipeline's VAE, read from its config (no weights loaded): a local
+    folder's, or a cached hub id's; None when neither has one."""
+    folder = local_dir(path)
+    f = folder / "vae" / "config.json" if folder is not None else None
+    if f is None or not f.is_file():
         return None
     v = json.loads(f.read_text())
     if "z_dim" in v:  # AutoencoderKLQwenImage: a video VAE, one downsampling per temperal_downsample entry
@@ -242,7 +256,7 @@ def text_components(path: str | Path) -> list[str]:
         import diffusers
 
         index = diffusers.DiffusionPipeline.load_config(str(path))
-    return [k for k in index if k.startswith(("text_encoder", "tokenizer"))]
+    return [k for k in index if k.startswith(("text_encoder", "tokenizer", "processor"))]
 
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")  # the pipelines' text-encoder component names

@@ -56,11 +56,6 @@ class QwenImageFamily(ModelFamily):
                             "attn.add_v_proj", "attn.to_add_out", "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj",
                             "txt_mlp.net.2")
 
-    def pipeline_class(self):
-        import danceopd.models.tiny_qwen  # noqa: F401  the tiny edit folders' processor class (offline, no torchvision)
-
-        return super().pipeline_class()
-
     def encode_prompts(self, pipe: Any, prompts: list[str], max_sequence_length: int, source: torch.Tensor | None = None) -> Embeds:
         """(captions [B, L, D] padded to the batch's longest, lengths [B]); every prompt encoded alone."""
         device = text_device(pipe)

@@ -66,10 +66,12 @@ class SD3Family(ModelFamily):
     def size_multiple(self, path):
         """The VAE's factor x the transformer's patch_size (2 in SD3 / 3.5): the patch embedding's stride."""
         import json
-        from pathlib import Path
 
-        config = None if path is None else Path(path).expanduser() / "transformer" / "config.json"
-        patch = json.loads(config.read_text()).get("patch_size", 2) if config is not None and config.exists() else 2
+        from danceopd.models.hub import local_dir
+
+        folder = None if path is None else local_dir(path)
+        config = None if folder is None else folder / "transformer" / "config.json"
+        patch = json.loads(config.read_text()).get("patch_size", 2) if config is not None and config.is_file() else 2
         geometry = None if path is None else vae_geometry(path)
         return patch * (8 if geometry is None else geometry[1])
 

@@ -45,7 +45,7 @@ from pathlib import Path
 
 import torch
 
-FAMILIES = ("sd3", "flux", "flux-kontext", "flux2", "flux2-klein", "z-image", "qwen-image", "qwen-image-edit", "qwen-image-edit-plus")
+FAMILIES = ("sd3", "sd3.5", "flux", "flux-kontext", "flux2", "flux2-klein", "z-image", "qwen-image", "qwen-image-edit", "qwen-image-edit-plus")
 
 CLIP_MAX_LENGTH = 77
 VAE_SCALE = 2  # 2 ** (len(block_out_channels) - 1)
@@ -154,31 +154,42 @@ def _clip_config(vocab_size: int, projection_dim: int = 32):
                           bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_act="gelu")
 
 
-def _build_sd3(seed: int, sample_size: int):
+def _build_sd3(seed: int, sample_size: int, vae_seed: int, sd35: bool = False):
+    """SD3 with two CLIP encoders and no T5; `sd35`: Stable Diffusion 3.5 Medium's layout, a T5 encoder (text_encoder_3)
+    beside them and an MMDiT-X transformer (dual attention in its first block, RMS-normed q/k)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-    from transformers import CLIPTextModelWithProjection
+    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     tok1, tok2 = _clip_tokenizer(), _clip_tokenizer()
     latent = sample_size // VAE_SCALE
     torch.manual_seed(seed)
-    # joint_attention_dim 64 = the two CLIP hidden states concatenated (32 + 32); caption_projection_dim = inner dim.
+    # joint_attention_dim 64 = the two CLIP hidden states concatenated (32 + 32), which the pipeline pads to T5's width;
+    # caption_projection_dim = inner dim.
+    extra = {"dual_attention_layers": (0,), "qk_norm": "rms_norm"} if sd35 else {}
     transformer = SD3Transformer2DModel(sample_size=latent, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
                                         attention_head_dim=8, num_attention_heads=4, joint_attention_dim=64,
                                         caption_projection_dim=32, pooled_projection_dim=64,
-                                        pos_embed_max_size=max(32, latent // 2))
+                                        pos_embed_max_size=max(32, latent // 2), **extra)
 
     def clip(s: int):
         torch.manual_seed(s)
         return CLIPTextModelWithProjection(_clip_config(len(tok1)))
 
     te1, te2 = clip(seed + 1), clip(seed + 2)
-    vae = _tiny_vae(seed + 3, sample_size, shift_factor=0.0609, scaling_factor=1.5035)
+    te3 = tok3 = None
+    if sd35:  # T5's width = joint_attention_dim: SD3 joins the CLIP and T5 sequences
+        tok3 = _t5_tokenizer()
+        torch.manual_seed(seed + 4)
+        te3 = T5EncoderModel(T5Config(vocab_size=len(tok3), d_model=64, d_kv=16, d_ff=37, num_layers=2, num_heads=4,
+                                      relative_attention_num_buckets=8, relative_attention_max_distance=32, dropout_rate=0.0,
+                                      feed_forward_proj="relu", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    vae = _tiny_vae(vae_seed, sample_size, shift_factor=0.0609, scaling_factor=1.5035)
     return StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
                                     text_encoder=te1, tokenizer=tok1, text_encoder_2=te2, tokenizer_2=tok2,
-                                    text_encoder_3=None, tokenizer_3=None)
+                                    text_encoder_3=te3, tokenizer_3=tok3)
 
 
-def _build_zimage(seed: int, sample_size: int):
+def _build_zimage(seed: int, sample_size: int, vae_seed: int):
     from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
     from transformers import Qwen3Config, Qwen3Model
 
@@ -192,12 +203,12 @@ def _build_zimage(seed: int, sample_size: int):
     text_encoder = Qwen3Model(Qwen3Config(vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_hidden_layers=3,
                                           num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=512,
                                           pad_token_id=tok.pad_token_id))
-    vae = _tiny_vae(seed + 3, sample_size, shift_factor=0.1159, scaling_factor=0.3611)  # Z-Image uses FLUX.1's VAE factors
+    vae = _tiny_vae(vae_seed, sample_size, shift_factor=0.1159, scaling_factor=0.3611)  # Z-Image uses FLUX.1's VAE factors
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
     return ZImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tok, transformer=transformer)
 
 
-def _build_flux2_klein(seed: int, sample_size: int):
+def _build_flux2_klein(seed: int, sample_size: int, vae_seed: int):
     from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
@@ -212,7 +223,7 @@ def _build_flux2_klein(seed: int, sample_size: int):
     text_encoder = Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tok), hidden_size=hidden, intermediate_size=24, num_hidden_layers=28,
                                                 num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=512,
                                                 pad_token_id=tok.pad_token_id, tie_word_embeddings=True))
-    vae = _flux2_vae(seed + 3, sample_size)
+    vae = _flux2_vae(vae_seed, sample_size)
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True)
     return Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tok, transformer=transformer)
 
@@ -239,9 +250,8 @@ MISTRAL_CHAT_TEMPLATE = (  # Mistral Small 3.x's layout for the text parts of sy
 
 
 def _mistral_tokenizer():
-    """A fast tokenizer with Mistral-3's control tokens and chat template over the Unigram vocabulary. FLUX.2 [dev]'s
-    tokenizer component is a PixtralProcessor, of which Flux2Pipeline.encode_prompt uses only apply_chat_template on
-    text turns; the processor itself needs torchvision, which this project does not install."""
+    """A fast tokenizer with Mistral-3's control tokens and chat template over the Unigram vocabulary (inside FLUX.2 [dev]'s
+    tokenizer component, a processor: see _pixtral_processor)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders
     from transformers import PreTrainedTokenizerFast
 
@@ -255,7 +265,19 @@ def _mistral_tokenizer():
     return fast
 
 
-def _build_flux2(seed: int, sample_size: int):
+def _pixtral_processor(tokenizer):
+    """FLUX.2 [dev]'s tokenizer component, a processor as in the real repository (there a PixtralProcessor, which needs
+    torchvision): danceopd.models.processors.TextOnlyPixtralProcessor with the Pixtral PIL image processor's settings for
+    the tiny vision tower. Flux2Pipeline.encode_prompt uses its apply_chat_template on text turns."""
+    from transformers import PixtralImageProcessorPil
+
+    from danceopd.models.processors import TextOnlyPixtralProcessor
+
+    image_processor = PixtralImageProcessorPil(patch_size={"height": 8, "width": 8}, size={"longest_edge": 64})
+    return TextOnlyPixtralProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=tokenizer.chat_template)
+
+
+def _build_flux2(seed: int, sample_size: int, vae_seed: int):
     """FLUX.2 [dev] in miniature: larger than the tiny [klein] (2 + 2 blocks, 4 heads), a guidance embedding, a tiny
     Mistral-3 whose layers 10, 20 and 30 the pipeline stacks, and the tiny [klein]'s VAE (the same seed: one latent space)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, Flux2Pipeline, Flux2Transformer2DModel
@@ -275,9 +297,10 @@ def _build_flux2(seed: int, sample_size: int):
     text_encoder = Mistral3ForConditionalGeneration(Mistral3Config(vision_config=vision.to_dict(), text_config=text.to_dict(),
                                                                    image_token_index=tok.convert_tokens_to_ids("[IMG]"),
                                                                    spatial_merge_size=1, vision_feature_layer=-1))
-    vae = _flux2_vae(seed + 3, sample_size)
+    vae = _flux2_vae(vae_seed, sample_size)
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True)
-    return Flux2Pipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tok, transformer=transformer)
+    return Flux2Pipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=_pixtral_processor(tok),
+                         transformer=transformer)
 
 
 def flux_scheduler_config(sample_size: int = 32) -> dict:
@@ -287,7 +310,7 @@ def flux_scheduler_config(sample_size: int = 32) -> dict:
                 base_image_seq_len=max(1, max_seq // 16), max_image_seq_len=max_seq)
 
 
-def _build_flux(seed: int, sample_size: int, kontext: bool):
+def _build_flux(seed: int, sample_size: int, vae_seed: int, kontext: bool):
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextModel, T5Config, T5EncoderModel
 
@@ -303,17 +326,19 @@ def _build_flux(seed: int, sample_size: int, kontext: bool):
     t5 = T5EncoderModel(T5Config(vocab_size=len(tok2), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
                                  relative_attention_num_buckets=8, relative_attention_max_distance=32, dropout_rate=0.0,
                                  feed_forward_proj="relu", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
-    vae = _tiny_vae(seed + 3, sample_size, shift_factor=0.1159, scaling_factor=0.3611)
+    vae = _tiny_vae(vae_seed, sample_size, shift_factor=0.1159, scaling_factor=0.3611)
     scheduler = FlowMatchEulerDiscreteScheduler(**flux_scheduler_config(sample_size))
     cls = FluxKontextPipeline if kontext else FluxPipeline
     return cls(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tok, text_encoder_2=t5, tokenizer_2=tok2,
                transformer=transformer)
 
 
-def build_tiny_pipeline(family: str, out: str | Path, seed: int = 0, sample_size: int = 32) -> Path:
-    """Build a tiny random pipeline of `family` (see FAMILIES) for `sample_size`-pixel images and save it to `out`.
+def build_tiny_pipeline(family: str, out: str | Path, seed: int = 0, sample_size: int = 32, vae_seed: int | None = None) -> Path:
+    """Build a tiny random pipeline of `family` (see FAMILIES; `sd3.5` is the sd3 family in Stable Diffusion 3.5's layout,
+    with a T5 encoder) for `sample_size`-pixel images and save it to `out`.
 
-    Same `seed` -> identical weights. `sample_size` must be a multiple of 4 (VAE factor 2 x patch/pack 2).
+    Same `seed` -> identical weights. `vae_seed` (default seed + 3) seeds the VAE alone: pipelines built with the same
+    one share a latent space whatever their `seed`. `sample_size` must be a multiple of 4 (VAE factor 2 x patch/pack 2).
     Returns `out` as a Path.
     """
     if family not in FAMILIES:
@@ -321,21 +346,22 @@ def build_tiny_pipeline(family: str, out: str | Path, seed: int = 0, sample_size
     if sample_size < 4 or sample_size % 4:
         raise ValueError(f"sample_size must be a positive multiple of 4 (VAE factor 2 x 2x2 patches), got {sample_size}")
     out = Path(out)
+    vae_seed = seed + 3 if vae_seed is None else vae_seed
     with torch.random.fork_rng(devices=[]):  # the caller's RNG state is left as it was
-        if family == "sd3":
-            pipe = _build_sd3(seed, sample_size)
+        if family in ("sd3", "sd3.5"):
+            pipe = _build_sd3(seed, sample_size, vae_seed, sd35=family == "sd3.5")
         elif family == "z-image":
-            pipe = _build_zimage(seed, sample_size)
+            pipe = _build_zimage(seed, sample_size, vae_seed)
         elif family == "flux2-klein":
-            pipe = _build_flux2_klein(seed, sample_size)
+            pipe = _build_flux2_klein(seed, sample_size, vae_seed)
         elif family == "flux2":
-            pipe = _build_flux2(seed, sample_size)
+            pipe = _build_flux2(seed, sample_size, vae_seed)
         elif family.startswith("qwen-image"):
             from danceopd.models.tiny_qwen import build_qwen_image
 
-            pipe = build_qwen_image(family, seed, sample_size)
+            pipe = build_qwen_image(family, seed, sample_size, vae_seed)
         else:
-            pipe = _build_flux(seed, sample_size, kontext=family == "flux-kontext")
+            pipe = _build_flux(seed, sample_size, vae_seed, kontext=family == "flux-kontext")
     pipe.to(torch.float32)
     pipe.save_pretrained(out)
     return out

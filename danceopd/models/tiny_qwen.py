@@ -42,8 +42,9 @@ Sizes for `sample_size` S px (a multiple of 4; S = 32 below):
   is NaN (0 / 0 in the terminal stretch), in diffusers' Qwen-Image as here: use >= 2 steps.
 
 Edit pipelines, things to know:
-- reloading: model_index.json names the processor by this module's path, and diffusers resolves such a component
-  only from modules already imported: `import danceopd.models.tiny_qwen` before `DiffusionPipeline.from_pretrained`.
+- reloading: model_index.json names the processor by its module's path (danceopd.models.processors), and diffusers
+  resolves such a component only from modules already imported: `import danceopd.models` before
+  `DiffusionPipeline.from_pretrained`.
 - reference size: `__call__` resizes the source image for the VAE branch to a fixed ~1 MP area whatever
   `height`/`width` are (QwenImageEditPipeline: `calculate_dimensions(1024 * 1024, ratio)`, QwenImageEditPlusPipeline:
   `VAE_IMAGE_SIZE`); `height`/`width` only set the generated image's size. At vae_scale_factor 2 that is 512 x 512
@@ -57,9 +58,8 @@ from __future__ import annotations
 import contextlib
 
 import torch
-# ProcessorMixin must be a name in this module: diffusers looks the load method of a component from a custom module up
-# by the base classes it finds there (see ImageOnlyQwen2VLProcessor).
-from transformers import ProcessorMixin, Qwen2VLProcessor  # noqa: F401
+
+from danceopd.models.processors import ImageOnlyQwen2VLProcessor
 
 KINDS = ("qwen-image", "qwen-image-edit", "qwen-image-edit-plus")
 
@@ -94,22 +94,6 @@ def _qwen_vl_tokenizer():
                                    model_max_length=32768)
     fast.chat_template = QWEN_CHAT_TEMPLATE
     return fast
-
-
-class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
-    """Qwen2VLProcessor without its video sub-processor (same text/image processing, same `<|image_pad|>` expansion).
-
-    transformers 5's Qwen2VLProcessor requires a `video_processor`, and every video processor needs torchvision; the
-    CPU torch here has no usable torchvision (PyPI's wheel is built against CUDA torch), so a plain Qwen2VLProcessor
-    can be neither built, saved nor reloaded. Dropping `video_processor` from `__init__` drops it from the processor's
-    sub-processors (they are read off the signature), so this one saves and reloads with or without torchvision.
-    diffusers records it in model_index.json under this module's path: import this module before
-    `DiffusionPipeline.from_pretrained` of an edit pipeline (diffusers only resolves already-imported custom modules).
-    """
-
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        super().__init__(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
-                         chat_template=chat_template, **kwargs)
 
 
 def _qwen_vl_processor(tokenizer) -> ImageOnlyQwen2VLProcessor:
@@ -167,7 +151,7 @@ def qwen_scheduler_config(sample_size: int = 32) -> dict:
                 time_shift_type="exponential")
 
 
-def build_qwen_image(kind: str, seed: int, sample_size: int):
+def build_qwen_image(kind: str, seed: int, sample_size: int, vae_seed: int | None = None):
     """A tiny random Qwen-Image pipeline of `kind` (see KINDS) for `sample_size`-px images (not saved).
 
     Same `seed` -> identical weights; transformer, text encoder and VAE do not depend on `kind`.
@@ -189,7 +173,7 @@ def build_qwen_image(kind: str, seed: int, sample_size: int):
             transformer = _transformer()
             torch.manual_seed(seed + 1)
             text_encoder = _text_encoder(tokenizer)
-            torch.manual_seed(seed + 3)
+            torch.manual_seed(seed + 3 if vae_seed is None else vae_seed)
             vae = _vae()
     finally:
         torch.set_default_dtype(default_dtype)

@@ -105,9 +105,11 @@ def rayjob() -> dict:
             # instead, replace rayClusterSpec by clusterSelector {ray.io/cluster: <its cluster>} and set
             # services.deploy=attach.
             # The models go into the shared cache first (a no-op once they are there), so that no worker or replica
-            # downloads them at start-up.
-            "entrypoint": ("danceopd prefetch --config configs/gpu-cluster.yaml && "
-                           "python -m trainer.main --config configs/gpu-cluster.yaml --eval output_dir=/runs"),
+            # downloads them at start-up. One `bash -c`: KubeRay's submitter pastes the entrypoint into a shell line
+            # (`ray job submit ... -- <entrypoint>`), where a bare `&&` would end the submission and run the training
+            # in the submitter pod (1 CPU, no GPU) instead of the Ray job.
+            "entrypoint": ("bash -c 'danceopd prefetch --config configs/gpu-cluster.yaml && "
+                           "python -m trainer.main --config configs/gpu-cluster.yaml --eval output_dir=/runs'"),
             "runtimeEnvYAML": yaml.safe_dump(runtime_env, sort_keys=False),
             "submissionMode": "K8sJobMode",
             "shutdownAfterJobFinishes": True,

@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from danceopd.auth import AuthOptions
 from danceopd.config import ConfigError, read_yaml_mapping, validate_config
 from danceopd.suite.buckets import check_capability
+from danceopd.models.hub import check_model_name, where
 from danceopd.teacher_model import LoraAdapterSpec, TeacherModelSpec
 
 
@@ -49,7 +50,8 @@ class DiffusersFieldSpec(_Strict):
 
     kind: Literal["diffusers"] = Field(description="diffusers: a model teacher")
     path: str = Field(description="the base: a local diffusers pipeline folder, a DanceOPD student folder, or a hub id")
-    family: str | None = Field(None, description="model family; default: read from the folder's model_index.json")
+    family: str | None = Field(None, description="model family; default: read from the base's model_index.json (a local folder, or "
+                               "a hub id in the Hugging Face cache)")
     checkpoint: str | None = Field(None, description="a fine-tuned transformer (a transformer/ folder or a pipeline "
                                                      "holding one) in place of the base's")
     loras: list[LoraAdapterSpec] = Field(default_factory=list, description="LoRA adapters fused into the teacher once at "
@@ -67,18 +69,25 @@ class DiffusersFieldSpec(_Strict):
     @field_validator("path")
     @classmethod
     def _exists(cls, v: str) -> str:
-        if v.startswith(("/", "./", "../", "~")) and not Path(v).expanduser().exists():
-            raise ValueError(f"model folder {v} does not exist: give a diffusers model folder or a hub id")
-        return v
+        return check_model_name(v, "model folder")
 
     @model_validator(mode="after")
     def _files(self):
+        _family_known(self.model_spec(), self.path)
         self.model_spec().check_files(self.path)
         return self
 
     def model_spec(self) -> TeacherModelSpec:
         return TeacherModelSpec(base=self.path, family=self.family, checkpoint=self.checkpoint, loras=self.loras,
                                 guidance=self.guidance, max_sequence_length=self.max_sequence_length)
+
+
+def _family_known(spec: TeacherModelSpec, path: str) -> None:
+    """The teacher's family by the one rule (danceopd.config.TrainConfig.teacher_family; a teachers file has no student):
+    the family key, else the base's model_index.json, on this machine or in the Hugging Face cache."""
+    if spec.model_family(path) is None:
+        raise ValueError(f"family: the base {where(path)} is not on this machine, so its model_index.json cannot say its family: "
+                         f"run `danceopd prefetch --config <this file>` first, or set field.family")
 
 
 class BankedTeacher(_Strict):
@@ -95,7 +104,8 @@ class AdapterBankSpec(_Strict):
 
     kind: Literal["adapter_bank"] = Field(description="adapter_bank: several teachers sharing one base")
     path: str = Field(description="the shared base: a local diffusers pipeline folder or a hub id")
-    family: str | None = Field(None, description="model family; default: read from the folder's model_index.json")
+    family: str | None = Field(None, description="model family; default: read from the base's model_index.json (a local folder, or "
+                               "a hub id in the Hugging Face cache)")
     checkpoint: str | None = Field(None, description="a fine-tuned transformer shared by every adapter, in place of the "
                                                      "base's")
     resolution: int | None = Field(None, ge=8, description="image side in pixels the student trains at; default the "
@@ -111,6 +121,7 @@ class AdapterBankSpec(_Strict):
 
     @model_validator(mode="after")
     def _files(self):
+        _family_known(self.model_spec(next(iter(self.adapters))), self.path)
         for name, t in self.adapters.items():
             try:
                 self.model_spec(name).check_files(self.path)
