@@ -46,11 +46,76 @@ def hard_suite():
 
 
 def free_port() -> int:
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free ports (all bound at once: one at a time, the system may hand the same port out twice)."""
+    import contextlib
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+
+
+class RayHead:
+    """A real `ray start --head` (token authentication on, as Ray 2.60 defaults), on its own ports for every component
+    (the session's Ray, or another test's, holds the defaults: a job agent that cannot bind its port never registers),
+    in its own process group, so that stopping it touches no other cluster (`ray stop` would stop every Ray here)."""
+
+    def __init__(self, folder, env: dict, num_cpus: int = 6):
+        import subprocess
+        import sys
+        from pathlib import Path
+
+        gcs, dash, self.http_port, *agents = free_ports(8)
+        self.env = {**env, "PATH": f"{Path(sys.executable).parent}:{env['PATH']}", "RAY_AUTH_MODE": "token"}
+        self.log_file = Path(folder) / "head.log"
+        self.address, self.gcs = f"http://127.0.0.1:{dash}", f"127.0.0.1:{gcs}"
+        names = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port",
+                 "ray-client-server-port")
+        ports = [f"--{name}={port}" for name, port in zip(names, agents)]
+        self.log = open(self.log_file, "w")
+        self.proc = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={gcs}",
+                                      f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", f"--num-cpus={num_cpus}",
+                                      "--disable-usage-stats", *ports],
+                                     stdout=self.log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True, cwd=folder)
+
+    def wait(self, timeout_s: float = 120) -> bool:
+        """Whether the dashboard (and its job API) answered within `timeout_s`."""
+        import time
+        import urllib.error
+        import urllib.request
+
+        deadline = time.time() + timeout_s
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(f"{self.address}/api/version", timeout=2)
+                return True
+            except urllib.error.HTTPError:  # the dashboard answers (auth required): it is up
+                return True
+            except Exception:
+                time.sleep(1)
+        return False
+
+    def stop(self) -> None:
+        import os
+        import signal
+        import subprocess
+
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # whatever of that cluster is still up (same process group)
+        except ProcessLookupError:
+            pass
+        self.log.close()
 
 
 TEST_TOKEN_ENV = "DANCEOPD_TEST_API_TOKEN"

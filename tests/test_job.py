@@ -4,7 +4,6 @@ against its own `ray start --head` cluster (token authentication on, as Ray 2.60
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port
+from conftest import RayHead
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -57,43 +56,14 @@ def test_resume_with_changed_settings_is_refused_naming_the_keys_before_ray_star
 
 @pytest.fixture(scope="module")
 def head_node(tmp_path_factory):
-    """A real `ray start --head` (own ports, own process group so that stopping it cannot touch the test
-    session's cluster; `ray stop` would kill every Ray on the machine). Yields the dashboard address, the
-    client environment, the GCS address and the Serve HTTP port the jobs on it use."""
-    tmp_path = tmp_path_factory.mktemp("head")
-    gcs, dash, http_port = free_port(), free_port(), free_port()
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
-    log = open(tmp_path / "head.log", "w")
-    # Own ports for every agent too: the session's Ray (other tests) holds the defaults, and a job agent that
-    # cannot bind its port never registers ("No available agent to submit job").
-    ports = [f"--{name}={free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                                    "runtime-env-agent-port", "metrics-export-port", "ray-client-server-port")]
-    proc = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}",
-                             "--dashboard-host=127.0.0.1", "--num-cpus=6", "--disable-usage-stats", *ports],
-                            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=tmp_path)
-    address = f"http://127.0.0.1:{dash}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(f"{address}/api/version", timeout=2)
-            break
-        except urllib.error.HTTPError:  # the dashboard answers (auth required): it is up
-            break
-        except Exception:
-            time.sleep(1)
-    else:
-        pytest.fail(f"ray head did not come up: {(tmp_path / 'head.log').read_text()[-2000:]}")
-    yield address, env, f"127.0.0.1:{gcs}", http_port
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # whatever of that cluster is still up (same process group)
-    except ProcessLookupError:
-        pass
-    log.close()
+    """A real `ray start --head` of its own (conftest.RayHead). Yields the dashboard address, the client environment,
+    the GCS address and the Serve HTTP port the jobs on it use."""
+    head = RayHead(tmp_path_factory.mktemp("head"), dict(os.environ))
+    if not head.wait():
+        head.stop()
+        pytest.fail(f"ray head did not come up: {head.log_file.read_text()[-2000:]}")
+    yield head.address, head.env, head.gcs, head.http_port
+    head.stop()
 
 
 def test_an_experiment_arm_runs_on_the_distributed_stack(head_node, tmp_path):

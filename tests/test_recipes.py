@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import free_port
+from conftest import RayHead
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ("sd35-medium-lora", "gpu-cluster", "flux-kontext-lora", "flux2-klein-from-dev", "qwen-image-edit-lora", "z-image-lora",
@@ -183,11 +183,10 @@ def hub(tmp_path_factory):
 def test_tiny_hub_holds_every_hub_id_in_the_real_layout(hub, monkeypatch):
     """One tiny model per hub id the recipes name, in the cache layout; pipelines of the real class and components
     (SD3.5 with T5), Flow-GRPO's LoRAs as PEFT adapters (their real file name and config), placeholders as diffusers LoRAs."""
-    from danceopd.models.hub import cached_snapshot
+    from danceopd.models.hub import cached_snapshot, is_hub_id
     from danceopd.prefetch import settings_of, sources_in
 
-    names = {s.source for r in RECIPES for s in sources_in(settings_of(ROOT / "configs" / f"{r}.yaml"))
-             if "/" in s.source and not s.local}
+    names = {s.source for r in RECIPES for s in sources_in(settings_of(ROOT / "configs" / f"{r}.yaml")) if is_hub_id(s.source)}
     assert len(names) >= 14
     monkeypatch.setenv("HF_HOME", str(hub["home"]))
     folders = {n: cached_snapshot(n) for n in names}
@@ -206,14 +205,15 @@ def test_tiny_hub_holds_every_hub_id_in_the_real_layout(hub, monkeypatch):
 
 # ----------------------------------------------------------------------------------------------- the runs
 @pytest.fixture(scope="module")
-def ray_head(hub):
-    """A local Ray cluster started the way the docs start one (token authentication on), with the tiny hub as its cache."""
-    env = {**hub["env"], "RAY_AUTH_MODE": "token"}
-    dashboard = free_port()
-    subprocess.run(["ray", "start", "--head", "--port", str(free_port()), "--dashboard-port", str(dashboard), "--num-cpus", "6",
-                    "--disable-usage-stats"], cwd=hub["project"], env=env, check=True, capture_output=True, timeout=180)
-    yield {"address": f"http://127.0.0.1:{dashboard}", "env": env}
-    subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
+def ray_head(hub, tmp_path_factory):
+    """A local Ray cluster started the way the docs start one (`ray start --head`, token authentication on), its own
+    process group and ports (conftest.RayHead), with the tiny hub as its cache."""
+    head = RayHead(tmp_path_factory.mktemp("head"), hub["env"])
+    if not head.wait():
+        head.stop()
+        pytest.fail(f"ray head did not come up: {head.log_file.read_text()[-2000:]}")
+    yield {"address": head.address, "env": head.env}
+    head.stop()
 
 
 def _cli(args: list[str], hub, timeout: int = 600) -> subprocess.CompletedProcess:
