@@ -57,7 +57,7 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--out", default="benchmarks/results/checkpoint_size.json")
     args = ap.parse_args()
-    from danceopd.models.tiny import build_tiny_pipeline
+    from danceopd.testing.tiny import build_tiny_pipeline
 
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:

@@ -92,7 +92,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "dataset_index.json")
     args = p.parse_args()
     sys.path.insert(0, str(ROOT))
-    from danceopd.models.tiny import build_tiny_pipeline
+    from danceopd.testing.tiny import build_tiny_pipeline
 
     args.work.mkdir(parents=True, exist_ok=True)
     base = args.work / "tiny-flux"

@@ -24,7 +24,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from danceopd.models.tiny import build_random_lora, build_tiny_pipeline  # noqa: E402
+from danceopd.testing.tiny import build_random_lora, build_tiny_pipeline  # noqa: E402
 
 
 EDITS = ("flux-kontext", "flux2", "flux2-klein", "qwen-image-edit", "qwen-image-edit-plus")  # source as tokens: an edit route

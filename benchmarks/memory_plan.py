@@ -38,7 +38,7 @@ def build_models(root: Path, quick: bool) -> dict[str, Path]:
     import diffusers
     import torch
 
-    from danceopd.models.tiny import build_tiny_pipeline
+    from danceopd.testing.tiny import build_tiny_pipeline
 
     out = {}
     for fam in ("sd3", "flux"):

@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from danceopd.fields.base import Conditions  # noqa: E402
-from danceopd.models.tiny import build_random_lora, build_tiny_pipeline  # noqa: E402
+from danceopd.testing.tiny import build_random_lora, build_tiny_pipeline  # noqa: E402
 from danceopd.teacher_model import AdapterBank, LoraAdapterSpec, TeacherModelSpec, load_teacher_field  # noqa: E402
 
 

@@ -150,7 +150,8 @@ class MethodConfig(_Strict):
                                                      "the grid's real step sizes dt_i = sigma_i - sigma_(i+1)")
     student_cfg_scale: float = Field(1.0, gt=0.0, description="the student's rollout and its prediction use CFG with this scale "
                                      "(an unconditional pass of the student, as the official toolkit's student_cfg_scale); 1.0 = "
-                                     "none. Sampling-time guidance of a trained student is eval.guidance_scale")
+                                     "none. The evaluation samples a trained student unguided; with guidance at inference, "
+                                     "give the diffusers pipeline its guidance_scale")
     rollout_steps: int = Field(8, ge=1, le=100, description="N: Euler steps of the student's rollout (states visited from "
                                                             "sigma = 1)")
     schedule: Literal["uniform", "sd3", "family"] = Field("uniform", description="family: the student family's own grid "
@@ -226,7 +227,9 @@ class ExecutionConfig(_Strict):
 class OptimConfig(_Strict):
     lr: float = Field(1e-3, gt=0.0, description="AdamW peak learning rate")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay")
-    betas: tuple[float, float] = Field((0.9, 0.99), description="AdamW betas")
+    betas: tuple[float, float] = Field((0.9, 0.99), description="AdamW betas (the suite's default; the official toolkit and the "
+                                       "paper recipes: torch's 0.9, 0.999)")
+    eps: float = Field(1e-8, gt=0.0, description="AdamW epsilon (torch's and the official toolkit's 1e-8)")
     grad_clip: float = Field(1.0, gt=0.0, description="gradient norm clipping")
     warmup_steps: int = Field(20, ge=0, description="linear learning-rate warm-up steps")
     lr_schedule: Literal["constant", "cosine"] = Field("constant", description="cosine: decay to min_lr_ratio x lr at `steps`")

@@ -34,6 +34,10 @@ STUDENT_MARKER = "danceopd_student.json"
 LORA_FILE = "pytorch_lora_weights.safetensors"  # what save_lora_weights writes, load_lora_weights reads
 COMFYUI_FILE = "comfyui_lora.safetensors"  # student.export_formats: comfyui, beside the diffusers file
 INPUT_LAYER_FILE = "input_layer.safetensors"  # a grown input layer (SD3 edits), saved beside the LoRA
+# What a model family's student folder records of its StudentConfig (danceopd_student.json): its model, adapter and
+# exports; the pixel model's fields and the run's knobs (prompt caches, text embeddings, checkpointing) stay out
+MODEL_STUDENT_KEYS = {"family", "base", "resolution", "adapter", "lora", "guidance", "edit_input", "max_sequence_length",
+                      "export_formats", "save_dtype", "save_merged"}
 
 
 class LoraSettings(BaseModel):
@@ -236,8 +240,11 @@ class Student:
         base = cfg.base
         if base is not None and Path(base).expanduser().exists():
             base = str(Path(base).expanduser().resolve())  # loadable from any working directory
-        config = {**cfg.model_dump(), "base": base}
-        config["lora"] = {**config["lora"], "init": None, "init_weight_name": None}  # its weights are this folder's now
+        if self.family.name == "pixel":
+            config = cfg.model_dump()
+        else:  # a model family's student: what loading it needs, nothing of the pixel model
+            config = {**cfg.model_dump(include=MODEL_STUDENT_KEYS), "family": self.family.name, "base": base}
+            config["lora"] = {**config["lora"], "init": None, "init_weight_name": None}  # its weights are this folder's now
         meta = {"format": 2, "family": self.family.name, "base": base, "resolution": cfg.resolution,
                 "adapter": "lora" if cfg.trains_lora else "full", "config": config}
         (path / STUDENT_MARKER).write_text(json.dumps(meta, indent=2))

@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from danceopd.models.base import Embeds, stack_rows
+from danceopd.models.hub import file_digest
 
 DIGESTS = "file-digests.json"
 SHARD_BYTES = 512 * 1024 ** 2  # prompts per shard: as many as fit this size (SD3 ~190, FLUX ~125 at bf16)
@@ -72,25 +73,6 @@ def text_encoder_files(base: str) -> list[Path] | None:
         except Exception:  # not prefetched: the hub id (and the revision the cache would get) stands for the files
             return None
     return sorted(p for p in folder.glob("*/*") if p.is_file() and p.parent.name.startswith(("text_encoder", "tokenizer")))
-
-
-def file_digest(path: Path, known: dict | None = None) -> str:
-    """sha256 of a file's contents: a Hugging Face cache blob's name, a digest in `known` for the same path, size and
-    mtime, else read and hashed (and recorded in `known`)."""
-    known = {} if known is None else known
-    real = Path(os.path.realpath(path))
-    if real.parent.name == "blobs":  # a Hugging Face cache: the blob's name is its content hash
-        return real.name
-    st = real.stat()
-    cached = known.get(str(real))
-    if cached and cached[0] == st.st_size and cached[1] == st.st_mtime_ns:
-        return cached[2]
-    h = hashlib.sha256()
-    with open(real, "rb") as f:
-        while chunk := f.read(16 * 1024 ** 2):
-            h.update(chunk)
-    known[str(real)] = [st.st_size, st.st_mtime_ns, h.hexdigest()]
-    return h.hexdigest()
 
 
 def encoder_fingerprint(key: EncoderKey, digest_cache: Path | None = None) -> str:

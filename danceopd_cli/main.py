@@ -38,7 +38,7 @@ BENCHMARKS = {  # name -> (script, what it measures); the scripts live in the re
 from danceopd.config import ConfigError, load_config, parse_override
 
 
-# = danceopd.models.tiny.FAMILIES, spelt out so that the CLI starts without importing torch (a test keeps them equal)
+# = danceopd.testing.tiny.FAMILIES, spelt out so that the CLI starts without importing torch (a test keeps them equal)
 TINY_FAMILIES = ("sd3", "sd3.5", "flux", "flux-kontext", "flux2", "flux2-klein", "z-image", "qwen-image", "qwen-image-edit", "qwen-image-edit-plus")
 
 def _eval(args) -> int:
@@ -142,7 +142,7 @@ def merged_sections(report: Path, fresh: list[tuple]) -> list[tuple]:
 
 
 def _tiny_pipeline(args) -> int:
-    from danceopd.models.tiny import build_tiny_pipeline
+    from danceopd.testing.tiny import build_tiny_pipeline
 
     try:
         path = build_tiny_pipeline(args.family, args.out, seed=args.seed, sample_size=args.sample_size)
@@ -153,7 +153,7 @@ def _tiny_pipeline(args) -> int:
 
 
 def _tiny_lora(args) -> int:
-    from danceopd.models.tiny import build_random_lora
+    from danceopd.testing.tiny import build_random_lora
 
     if not (args.base / "model_index.json").exists():
         raise ConfigError(f"--base {args.base}: not a diffusers pipeline folder (no model_index.json); make one with `danceopd tiny-pipeline`")

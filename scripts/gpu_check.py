@@ -52,7 +52,7 @@ def build_pipeline(family, specs: dict, device, dtype, seed: int) -> dict:
     """Random components of every spec (text encoders, transformer, VAE) and the offline tokenizers: the pieces of a
     pipeline, not yet assembled (the phases use different subsets)."""
     from danceopd.models.published import random_component
-    from danceopd.models.tiny import _clip_tokenizer, _t5_tokenizer
+    from danceopd.testing.tiny import _clip_tokenizer, _t5_tokenizer
 
     parts = {name: random_component(*spec, device, dtype, seed + i) for i, (name, spec) in enumerate(sorted(specs.items()))}
     for name, module in list(parts.items()):
@@ -334,7 +334,7 @@ def main(argv=None) -> int:
         for label in args.models:
             family, base = MODELS[label]
             if args.tiny:
-                from danceopd.models.tiny import build_tiny_pipeline
+                from danceopd.testing.tiny import build_tiny_pipeline
 
                 base = str(build_tiny_pipeline(family, work / f"tiny-{family}", seed=0))
             results += check_model(label, family, base, args, out, work, device, dtype)

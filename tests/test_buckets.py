@@ -15,7 +15,7 @@ from danceopd.contracts import QueryError, VelocityQuery
 from danceopd.data.buckets import cover_crop, nearest_bucket, standard_buckets
 from danceopd.data.manifest import HeaderIndex, ManifestBucket, ManifestRow, load_image
 from danceopd.fields.base import Conditions, FieldInfo
-from danceopd.models.tiny import build_random_lora, build_tiny_pipeline
+from danceopd.testing.tiny import build_random_lora, build_tiny_pipeline
 from trainer.reference import ReferenceTrainer
 
 BUCKETS = [(32, 32), (48, 32), (32, 48)]  # tiny pipelines: sides in multiples of 4 (VAE factor 2 x patch 2)

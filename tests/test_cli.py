@@ -136,7 +136,7 @@ def test_prefetch_fetches_every_model_of_a_config_into_the_cache_and_names_what_
     import os
     import shutil
 
-    from danceopd.models.tiny import build_random_lora, build_tiny_pipeline
+    from danceopd.testing.tiny import build_random_lora, build_tiny_pipeline
 
     flux = build_tiny_pipeline("flux", tmp_path / "flux", seed=0)
     lora = build_random_lora(flux, tmp_path / "lora", rank=4, seed=1)

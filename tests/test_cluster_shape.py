@@ -45,7 +45,7 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def config(tmp_path_factory) -> Path:
-    from danceopd.models.tiny import build_random_lora, build_tiny_pipeline
+    from danceopd.testing.tiny import build_random_lora, build_tiny_pipeline
 
     root = tmp_path_factory.mktemp("shape")
     flux = build_tiny_pipeline("flux", root / "flux", seed=0)

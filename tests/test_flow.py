@@ -250,6 +250,8 @@ def test_dense_weights_uniform_are_the_toolkits_and_dt2_follows_the_grid():
     dt2 = dense_velocity_loss(pred, target, dt, n, weight="dt2")
     assert dt2.item() == pytest.approx((per_state * (sigmas[:-1] - sigmas[1:]) ** 2 / 2).sum(1).mean().item(), rel=1e-6)
     ratio = ((sigmas[:-1] - sigmas[1:]) * n) ** 2  # each dt2 weight over the uniform one
+    # from 0.020x (the last step, sigma 0.0089 -> 0) to 7.75x; the first step's is 0.138x
+    assert ratio.min().item() == pytest.approx(0.0204, abs=0.0005) and int(ratio.argmin()) == n - 1
     assert ratio[0].item() == pytest.approx(0.138, abs=0.002) and ratio.max().item() == pytest.approx(7.75, abs=0.05)
     flat = torch.full((b * n,), 1.0 / n)
     assert dense_velocity_loss(pred, target, flat, n, weight="dt2").item() == pytest.approx(

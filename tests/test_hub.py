@@ -91,7 +91,7 @@ print(json.dumps({"t5": type(pipe.text_encoder_3).__name__, "shapes": [list(e.sh
 def test_the_stand_in_processors_load_after_one_import(home):
     """FLUX.2 [dev]'s and Qwen-Image-Edit's processor classes (no torchvision here) are production code that
     `import danceopd.models` registers: a diffusers user loads such a pipeline after that one import."""
-    from danceopd.models.tiny import build_tiny_pipeline
+    from danceopd.testing.tiny import build_tiny_pipeline
 
     flux2 = build_tiny_pipeline("flux2", home / "local-flux2", seed=0, sample_size=64)
     out = run_python("""

@@ -17,9 +17,9 @@ from danceopd.fields.base import Conditions
 from danceopd.flow import rollout_states
 from danceopd.models import get_family
 from danceopd.models.flux import pack, unpack
-from danceopd.models.tiny import build_random_lora, build_tiny_pipeline
+from danceopd.testing.tiny import build_random_lora, build_tiny_pipeline
 from danceopd.routes import build_route_field
-from danceopd.student import StudentConfig, build_student, load_student
+from danceopd.student import MODEL_STUDENT_KEYS, StudentConfig, build_student, load_student, read_student_config
 from danceopd.teacher_model import LoraAdapterSpec, TeacherModelSpec, load_teacher_field
 
 PROMPTS = ["a red circle", "a photo of an astronaut riding a horse"]
@@ -128,7 +128,7 @@ def test_qwen_image_field_rollout_reproduces_the_pipelines_and_edit_embeddings_s
     from PIL import Image
 
     from danceopd.models.qwenimage import pack
-    from danceopd.models.tiny_qwen import tiny_edit_image_area
+    from danceopd.testing.tiny_qwen import tiny_edit_image_area
 
     pipe, family = _pipe(tiny[name]), get_family(name)
     field = load_teacher_field(TeacherModelSpec(base=str(tiny[name])), "t", 32, dtype="float32", device="cpu")
@@ -192,6 +192,15 @@ def test_saved_lora_student_loads_with_load_lora_weights_and_generates(tiny, tmp
     student.save_pretrained(tmp_path / "student")
     meta = json.loads((tmp_path / "student" / "danceopd_student.json").read_text())
     assert meta["family"] == family and meta["resolution"] == 32 and Path(meta["base"]) == Path(tiny[family]).resolve()
+    # a latent student's metadata: its model, adapter and exports, nothing of the pixel model
+    assert set(meta["config"]) == MODEL_STUDENT_KEYS and meta["config"]["lora"]["rank"] == 4 and "num_layers" not in meta["config"]
+    assert read_student_config(tmp_path / "student").model_family.name == family
+    if family == "flux":  # a folder written before (every StudentConfig field, the pixel model's too) still loads
+        old = {**StudentConfig(base=str(tiny[family]), lora={"rank": 4, "alpha": 8}).model_dump()}
+        (tmp_path / "student" / "danceopd_student.json").write_text(json.dumps({**meta, "config": old}))
+        assert read_student_config(tmp_path / "student").lora.alpha == 8
+        load_student(tmp_path / "student", device="cpu", dtype="float32")
+        (tmp_path / "student" / "danceopd_student.json").write_text(json.dumps(meta))
     assert (tmp_path / "student" / "pytorch_lora_weights.safetensors").exists()
 
     pipe = _pipe(tiny[family])
@@ -213,7 +222,7 @@ def test_saved_lora_student_loads_with_load_lora_weights_and_generates(tiny, tmp
 
         size = 64 if family.startswith("flux2") else 32
         kwargs = {"image": Image.new("RGB", (size, size), (200, 30, 30))}
-    from danceopd.models.tiny_qwen import tiny_edit_image_area
+    from danceopd.testing.tiny_qwen import tiny_edit_image_area
 
     with tiny_edit_image_area(size * size):  # the Qwen edit pipelines' VAE branch at the tiny size (no effect elsewhere)
         image = pipe(prompt=PROMPTS[0], num_inference_steps=2, height=size, width=size, output_type="np", **kwargs).images
@@ -531,7 +540,7 @@ def test_lora_student_and_teacher_on_cuda_in_bf16(tiny):
 def test_clip_score_hook_scores_teacher_and_student_samples(tiny, tmp_path):
     """eval.clip_model: a CLIP checkpoint scores decoded samples against their prompts (100 x cosine, >= 0)."""
     from danceopd.clip_score import ClipScorer
-    from danceopd.models.tiny import build_tiny_clip
+    from danceopd.testing.tiny import build_tiny_clip
     from trainer.reference import ReferenceTrainer
 
     clip = build_tiny_clip(tmp_path / "clip")

@@ -292,7 +292,7 @@ import danceopd.models  # the tiny stand-ins' processor classes (danceopd.models
 import diffusers
 from PIL import Image
 from danceopd.models import family_of_folder
-from danceopd.models.tiny_qwen import tiny_edit_image_area
+from danceopd.testing.tiny_qwen import tiny_edit_image_area
 
 out = {}
 for recipe, s in json.loads(sys.argv[1]).items():

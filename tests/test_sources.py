@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from danceopd.config import ConfigError, load_config
-from danceopd.models.tiny import build_tiny_pipeline
+from danceopd.testing.tiny import build_tiny_pipeline
 from trainer.reference import ReferenceTrainer
 
 CAPTIONS = ["a red circle", "a blue square", "two green dots", "a yellow star", "a small black ring", "a white cube"]

@@ -12,7 +12,7 @@ import torch
 from danceopd.config import ConfigError, load_config
 from danceopd.fields.base import Conditions
 from danceopd.models.base import text_encoder_parameters
-from danceopd.models.tiny import build_random_lora, build_tiny_pipeline
+from danceopd.testing.tiny import build_random_lora, build_tiny_pipeline
 from danceopd.text_embeddings import EmbeddingStore, EncoderKey, MissingEmbeddingError, precompute
 from trainer.reference import ReferenceTrainer
 

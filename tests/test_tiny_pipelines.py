@@ -1,4 +1,4 @@
-"""Tiny random diffusers pipelines (`danceopd.models.tiny`): offline build, reload, generate, determinism, CLI."""
+"""Tiny random diffusers pipelines (`danceopd.testing.tiny`): offline build, reload, generate, determinism, CLI."""
 
 import json
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from danceopd.models.tiny import FAMILIES, build_tiny_pipeline
+from danceopd.testing.tiny import FAMILIES, build_tiny_pipeline
 
 PROMPT = "a photo of an astronaut riding a horse"
 CLASSES = {"sd3": "StableDiffusion3Pipeline", "sd3.5": "StableDiffusion3Pipeline", "flux": "FluxPipeline", "flux-kontext": "FluxKontextPipeline", "z-image": "ZImagePipeline",
@@ -62,7 +62,7 @@ def test_pipeline_generates_a_32px_image(family, loaded):
         kwargs.update(image=Image.new("RGB", (32, 32), (200, 30, 30)), max_area=32 * 32, _auto_resize=False)
     if family.startswith("qwen-image-edit"):  # the source image is read by the VAE and by the text encoder
         kwargs["image"] = Image.new("RGB", (32, 32), (200, 30, 30))
-    from danceopd.models.tiny_qwen import tiny_edit_image_area
+    from danceopd.testing.tiny_qwen import tiny_edit_image_area
 
     with tiny_edit_image_area(32 * 32):  # Qwen edits: the VAE branch at 32 px instead of ~1 MP (no effect elsewhere)
         image = pipe(**kwargs).images

@@ -38,214 +38,253 @@ from danceopd.student import save_merged_transformer
 from danceopd.tracking import log_evaluation
 from trainer.checkpoint import export_student, restore_checkpoint, save_checkpoint
 from trainer.evaluation import BEFORE, evaluate_on_workers, final_report, sample_during_training, write_before
-from trainer.ema import EMA
 from trainer.job import JobConfig
 from trainer.metrics import TrainerMetrics
-from trainer.steps import (MicroBatch, NonFiniteSteps, StepTimes, chunk_loss, format_progress, lr_at, query_batch, refills,
-                           route_step_losses, routing_config, run_sigmas, student_guided, window_stats)
+from trainer.steps import (MicroBatch, StepTimes, format_progress, query_batch, refills, route_step_losses, routing_config, run_sigmas,
+                           student_guided, window_stats)
+from trainer.update import Update
 
 
 def worker_loop(config: dict) -> None:
-    import ray.train
-    import ray.train.torch
+    """One Ray Train worker of the run: set up and resume (Worker), then per step prepare -> update -> report ->
+    checkpoint, then finish. The update itself is trainer.update.Update, the reference trainer's too."""
+    w = Worker(config)
+    job, update = w.job, w.update
+    finished, last = True, w.start  # last: the step the weights are at
+    for step in range(w.start, job.steps):
+        times = StepTimes()
+        batches = w.prepared.pop(step, None) or w.prepare(step, times)
+        if job.method.staleness and not refills(job, step + 1):  # before this update: the teacher works while we train
+            w.prepared[step + 1] = w.prepare(step + 1, times)
+        record = update(step, batches, w.train_field.velocity, w.target, times, sync=w.sync)
+        w.record(step, batches, record, times)
+        inject_faults(config.get("faults") or [], w.rank, step)
+        if update.nonfinite.exhausted:  # every rank stops here; no checkpoint: a restart must not begin from this state
+            w.stop(step)
+            finished = False
+            break
+        done = last = step + 1
+        if job.eval.every and (done % job.eval.every == 0 or done == job.steps):  # a collective: every rank evaluates
+            sample_during_training(job, w.student, w.teachers, w.suite, w.data, w.sigmas, done)
+        stop = w.log(done)  # at a log window: a collective, every rank agrees whether max_minutes is spent
+        if done % job.checkpoint_every == 0 or done == job.steps or stop:
+            w.checkpoint(done)
+        if stop:
+            break
+    w.close()
+    if finished:  # the trained student, exported and evaluated where it lives (the driver holds no model)
+        finish(job, w.student, update.ema, w.teachers, w.suite, w.data, w.sigmas, w.rank, w.evaluate, last)
 
-    from router.client import RouterClient
 
-    job = JobConfig.model_validate(config["job"])
-    run_id = config["run_id"]
-    PROGRESS["queue"] = config.get("console")
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(job.torch_threads or 1)
-    device = ray.train.torch.get_device()
-    suite = CapabilitySuite(job.suite.tier, job.suite.tau, job.suite.seed)
-    text = job.text_embeddings()  # precompute: no text encoder here, prompts read from the store
-    buckets = job.bucket_sizes() or ()
-    student = (load_student(job.init_from, device, job.dtype, text=text, buckets=buckets) if job.init_from
-               else build_student(job.student, device, job.dtype, text=text, buckets=buckets))
-    skipped_rows, skipped = make(T.TRAINER_DATA_SKIPPED), {r: 0 for r in job.routes}
-    for r in job.routes:  # 0 until a row is skipped: the dashboard shows 0, not "no data"
-        skipped_rows.set(0, tags={"run": run_id, "route": r, "rank": str(rank)})
+class Worker:
+    """What a Ray Train worker holds for the run and does around each update: its student (under DDP), its share of the
+    data, the teacher clients (each behind a circuit breaker), the router's assignments and loss reports, the update
+    (optimizer, EMA), the progress window, metrics and tracker. Set up in the order the run's draws depend on: the
+    evaluation before training and the first samples run before DDP wraps the student, the resume after it."""
 
-    def on_skip(route: str, why: str) -> None:  # a large source's unreadable image, found when drawn: never silent
-        skipped[route] += 1
-        skipped_rows.set(skipped[route], tags={"run": run_id, "route": route, "rank": str(rank)})
-        say(f"rank {rank}: route {route}: {why}")
+    def __init__(self, config: dict):
+        import ray.train
+        import ray.train.torch
 
-    data = build_route_data(job, suite, student, on_skip)
-    sigmas = run_sigmas(job, student).to(device)
-    ckpt = ray.train.get_checkpoint()
-    circuit = make(T.TRAINER_TEACHER_CIRCUIT)
+        self.config, self.run_id = config, config["run_id"]
+        self.job = job = JobConfig.model_validate(config["job"])
+        PROGRESS["queue"] = config.get("console")
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        torch.set_num_threads(job.torch_threads or 1)
+        self.device = ray.train.torch.get_device()
+        self.suite = CapabilitySuite(job.suite.tier, job.suite.tau, job.suite.seed)
+        text = job.text_embeddings()  # precompute: no text encoder here, prompts read from the store
+        buckets = job.bucket_sizes() or ()
+        self.student = (load_student(job.init_from, self.device, job.dtype, text=text, buckets=buckets) if job.init_from
+                        else build_student(job.student, self.device, job.dtype, text=text, buckets=buckets))
+        self.skipped_rows, self.skipped = make(T.TRAINER_DATA_SKIPPED), {r: 0 for r in job.routes}
+        for r in job.routes:  # 0 until a row is skipped: the dashboard shows 0, not "no data"
+            self.skipped_rows.set(0, tags={"run": self.run_id, "route": r, "rank": str(self.rank)})
+        self.data = build_route_data(job, self.suite, self.student, self.on_skip)
+        self.sigmas = run_sigmas(job, self.student).to(self.device)
+        ckpt = ray.train.get_checkpoint()
+        self.teachers = self.teacher_clients()
+        self.evaluate = config.get("evaluate", False)
+        if ckpt is None:
+            self.first_evaluations()
+        self.model = self.ddp_model()
+        self.inner = self.model.module if hasattr(self.model, "module") else self.model
+        self.train_field = student_guided(job, self.student.field.with_transformer(self.model))  # gradients flow through DDP
+        self.roll_field = student_guided(job, self.student.field)  # no-grad rollouts skip DDP's hooks
+        # under DDP the ranks' losses differ: the all-reduced gradient alone decides whether an update is applied
+        self.update = Update(job, self.student.trainable_parameters(), self.inner, len(self.sigmas) - 1, check_loss=False)
+        self.assignments, self.reports = self.router_calls()
+        self.start, history = self.resume(ckpt)
+        self.metrics, self.tracker, self.window = self.reporting(history)
+        self.prepared: dict[int, list[MicroBatch]] = {}  # method.staleness: the next step, rolled out before this update
 
-    def circuit_changed(app: str, is_open: bool, message: str) -> None:
-        say(f"[rank {rank}] {message}")
-        circuit.set(float(is_open), tags={"run": run_id, "teacher": app, "rank": str(rank)})
+    # ----------------------------------------------------------------------------------- set-up
+    def on_skip(self, route: str, why: str) -> None:
+        """A large source's unreadable image, found when drawn: never silent."""
+        self.skipped[route] += 1
+        self.skipped_rows.set(self.skipped[route], tags={"run": self.run_id, "route": route, "rank": str(self.rank)})
+        say(f"rank {self.rank}: route {route}: {why}")
 
-    breakers = {app: CircuitBreaker(f"teacher {app!r}", job.cluster.teacher_failures_to_open, job.cluster.teacher_pause_s,
-                                    lambda name, is_open, msg, app=app: circuit_changed(app, is_open, msg))
-                for app in {job.teacher_app(r) for r in job.routes}}
-    for app in breakers:  # every teacher healthy to begin with: the dashboard shows 0, not "no data"
-        circuit.set(0.0, tags={"run": run_id, "teacher": app, "rank": str(rank)})
-    teachers = {r: job.teacher_client(r, breakers[job.teacher_app(r)]) for r in job.routes}
-    evaluate = config.get("evaluate", False)
-    if evaluate and ckpt is None and not (job.run_dir / BEFORE).exists():  # before training, once per run
-        before = evaluate_on_workers(job, student, teachers, suite, data, sigmas, 0, job.run_dir / "grid-before.png")
-        if before is not None:
-            write_before(job.run_dir, before)
-            log_evaluation(job.tracking, job.run_dir, job.run_name, 0, before)
-    every = job.eval.every
-    if every and ckpt is None:  # eval.every: samples and velocity errors at step 0, every N steps, and the last
-        sample_during_training(job, student, teachers, suite, data, sigmas, 0)
-    params = student.trainable_parameters()  # fp32 master weights (LoRA adapters, or all)
-    ex = job.execution
-    find_unused = ex.find_unused_parameters
-    if find_unused is None:
-        find_unused = bool(unused_parameters(student, {r: d.sample(1, 0) for r, d in data.items()}))
-    skip_frozen_broadcast(student.transformer)
-    model = ray.train.torch.prepare_model(student.transformer, parallel_strategy_kwargs=ddp_options(find_unused))
-    inner = model.module if hasattr(model, "module") else model
-    train_field = student_guided(job, student.field.with_transformer(model))  # gradients flow through DDP
-    roll_field = student_guided(job, student.field)  # no-grad rollouts skip DDP's hooks
-    optimizer = torch.optim.AdamW(params, lr=job.optim.lr, betas=job.optim.betas, weight_decay=job.optim.weight_decay)
-    ema = EMA(inner, job.optim.ema_decay) if job.optim.ema_decay > 0 else None
-    # A restarted in-memory router forgets the run: the client registers it again (hard routes are a pure
-    # function of the seed and step, so the answers do not change). Six retries back off for 31.5 s in all: a
-    # router restart or a Redis outage of that length is ridden out without restarting the worker group.
-    router = RouterClient(job.services.router_app, timeout_s=job.cluster.timeout_s, retries=6,
-                          run=(run_id, job_routing_config(job)))
-    # Hard routes are a pure function of the step: ask ahead. Adaptive weights follow the reported losses: there
-    # each report is delivered before the next step's assignment is asked.
-    adaptive = job.method.routing == "adaptive"
-    ahead = ex.prefetch_routing and not adaptive
-    assignments = Assignments(router, run_id, rank, job.steps, ahead)
-    reports = LossReports(router, run_id, wait=not ahead)
-    num_steps, route_index = len(sigmas) - 1, {r: i for i, r in enumerate(job.routes)}
+    def teacher_clients(self) -> dict:
+        """Each route's teacher client, behind one circuit breaker per teacher application (its state a metric)."""
+        job, run_id, rank = self.job, self.run_id, self.rank
+        circuit = make(T.TRAINER_TEACHER_CIRCUIT)
 
-    def prepare(step: int, times: StepTimes) -> list[MicroBatch]:
+        def changed(app: str, is_open: bool, message: str) -> None:
+            say(f"[rank {rank}] {message}")
+            circuit.set(float(is_open), tags={"run": run_id, "teacher": app, "rank": str(rank)})
+
+        breakers = {app: CircuitBreaker(f"teacher {app!r}", job.cluster.teacher_failures_to_open, job.cluster.teacher_pause_s,
+                                        lambda name, is_open, msg, app=app: changed(app, is_open, msg))
+                    for app in {job.teacher_app(r) for r in job.routes}}
+        for app in breakers:  # every teacher healthy to begin with: the dashboard shows 0, not "no data"
+            circuit.set(0.0, tags={"run": run_id, "teacher": app, "rank": str(rank)})
+        return {r: job.teacher_client(r, breakers[job.teacher_app(r)]) for r in job.routes}
+
+    def first_evaluations(self) -> None:
+        """A new run: the evaluation before training (--eval, once per run), and eval.every's samples at step 0."""
+        job, args = self.job, (self.student, self.teachers, self.suite, self.data, self.sigmas)
+        if self.evaluate and not (job.run_dir / BEFORE).exists():
+            before = evaluate_on_workers(job, *args, 0, job.run_dir / "grid-before.png")
+            if before is not None:
+                write_before(job.run_dir, before)
+                log_evaluation(job.tracking, job.run_dir, job.run_name, 0, before)
+        if job.eval.every:  # samples and velocity errors at step 0, every N steps, and the last
+            sample_during_training(job, *args, 0)
+
+    def ddp_model(self) -> torch.nn.Module:
+        """The student's transformer under DDP: the unused-parameter search only where some route leaves a trainable
+        parameter without gradient, no broadcast of the frozen base."""
+        import ray.train.torch
+
+        find_unused = self.job.execution.find_unused_parameters
+        if find_unused is None:
+            find_unused = bool(unused_parameters(self.student, {r: d.sample(1, 0) for r, d in self.data.items()}))
+        skip_frozen_broadcast(self.student.transformer)
+        return ray.train.torch.prepare_model(self.student.transformer, parallel_strategy_kwargs=ddp_options(find_unused))
+
+    def router_calls(self) -> tuple["Assignments", "LossReports"]:
+        """The router's assignments (hard routes asked ahead, in blocks) and the loss reports (adaptive: each delivered
+        before the next assignment). A restarted in-memory router forgets the run: the client registers it again (hard
+        routes are a pure function of the seed and step). Six retries back off for 31.5 s in all: a router restart or a
+        Redis outage of that length is ridden out without restarting the worker group."""
+        from router.client import RouterClient
+
+        job = self.job
+        router = RouterClient(job.services.router_app, timeout_s=job.cluster.timeout_s, retries=6, run=(self.run_id, job_routing_config(job)))
+        ahead = job.execution.prefetch_routing and job.method.routing != "adaptive"
+        return Assignments(router, self.run_id, self.rank, job.steps, ahead), LossReports(router, self.run_id, wait=not ahead)
+
+    def resume(self, ckpt) -> tuple[int, list]:
+        """(the step to start at, the progress history): raw weights, optimizer, RNGs, EMA and routing cursor from the
+        latest checkpoint, or a new run's (0, [])."""
+        if ckpt is None:
+            return 0, []
+        with ckpt.as_directory() as d:
+            state = restore_checkpoint(Path(d), self.inner, self.update.optimizer, self.update.ema)
+        if self.rank == 0:
+            say(f"[{self.run_id}] resumed from the checkpoint at step {state['routing_cursor']}")
+        return state["routing_cursor"], state.get("history", [])
+
+    def reporting(self, history: list) -> tuple:
+        """(metrics, tracker, window): Prometheus metrics and TensorBoard (+ W&B / MLflow) on rank 0, one writer (a resume
+        continues the curves); the progress window on every rank, with the text-encoder parameters any worker holds."""
+        job, rank = self.job, self.rank
+        metrics = TrainerMetrics(self.run_id, {r: c.capability for r, c in job.routes.items()}) if rank == 0 else None
+        tracker = None
+        if rank == 0:
+            from danceopd.tracking import RunTracker
+
+            tracker = RunTracker(job.tracking, job.run_dir, job.run_name, replace_from=self.start + 1, config=self.config["job"])
+        window = Window(job, rank, self.world, self.start, self.device, metrics,
+                        record_step_losses=self.config.get("record_step_losses", False), tracker=tracker)
+        window.history = history
+        held = torch.tensor([float(text_encoder_parameters(self.student.pipe))], device=self.device)  # 0 under precompute
+        if self.world > 1:
+            torch.distributed.all_reduce(held, op=torch.distributed.ReduceOp.MAX)
+        window.text_encoder_parameters = int(held.item())
+        return metrics, tracker, window
+
+    # ----------------------------------------------------------------------------------- around each update
+    def prepare(self, step: int, times: StepTimes) -> list[MicroBatch]:
         """Roll out this step's micro-batches with the current weights; each one's teacher query goes out as soon as
         its states exist (all before any is awaited)."""
-        out = []
-        for micro, a in enumerate(assignments.get(step, times)):
+        job, out = self.job, []
+        for micro, a in enumerate(self.assignments.get(step, times)):
             route = a["route"]  # the hard route of this update, and the data seed
-            cond = data[route].sample(job.worker_batch_size, a["data_seed"])
+            cond = self.data[route].sample(job.worker_batch_size, a["data_seed"])
             with times.time("rollout"):
-                roller = roll_field if job.method.states == "on_policy" else teachers[route]
-                q = query_batch(job, suite, sigmas, roller, route, cond, step, rank, micro, device)
+                roller = self.roll_field if job.method.states == "on_policy" else self.teachers[route]
+                q = query_batch(job, self.suite, self.sigmas, roller, route, cond, step, self.rank, micro, self.device)
             if not torch.isfinite(q.x).all():  # diverged weights: the teacher refuses NaN states, and the NaN loss
                 out.append(MicroBatch(route, q, Resolved(torch.full_like(q.x, float("nan")))))  # skips the update on every rank
                 continue
             with times.time("teacher"), torch.no_grad():  # all K states of every sample: one call
-                send = teachers[route].submit(q.x, q.sigma, q.conditions)
-                out.append(MicroBatch(route, q, send if ex.overlap_teacher else Resolved(send.result())))
+                send = self.teachers[route].submit(q.x, q.sigma, q.conditions)
+                out.append(MicroBatch(route, q, send if job.execution.overlap_teacher else Resolved(send.result())))
         return out
 
-    start, history = 0, []
-    if ckpt is not None:  # resume: raw weights, optimizer, RNGs, EMA, routing cursor, progress history
-        with ckpt.as_directory() as d:
-            state = restore_checkpoint(Path(d), inner, optimizer, ema)
-        start, history = state["routing_cursor"], state.get("history", [])
-        if rank == 0:
-            say(f"[{run_id}] resumed from the checkpoint at step {start}")
+    def target(self, mb: MicroBatch) -> torch.Tensor:
+        return teacher_target(mb, self.teachers[mb.route], self.job.cluster.step_retries, self.rank)
 
-    metrics = TrainerMetrics(run_id, {r: c.capability for r, c in job.routes.items()}) if rank == 0 else None
-    tracker = None
-    if rank == 0:  # TensorBoard (+ W&B / MLflow): one writer; a resume continues the curves
-        from danceopd.tracking import RunTracker
+    def sync(self, last: bool):
+        """DDP all-reduces the gradients on the update's last backward only."""
+        return contextlib.nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
 
-        tracker = RunTracker(job.tracking, job.run_dir, job.run_name, replace_from=start + 1, config=config["job"])
-    window = Window(job, rank, world, start, device, metrics, record_step_losses=config.get("record_step_losses", False),
-                    tracker=tracker)
-    window.history = history
-    # text-encoder parameters held by any worker (0 under student.text_embeddings: precompute), all ranks reduced
-    held = torch.tensor([float(text_encoder_parameters(student.pipe))], device=device)
-    if world > 1:
-        torch.distributed.all_reduce(held, op=torch.distributed.ReduceOp.MAX)
-    window.text_encoder_parameters = int(held.item())
-    prepared: dict[int, list[MicroBatch]] = {}
-    nonfinite = NonFiniteSteps(job.optim.max_nonfinite_steps)
-    finished, last = True, start  # last: the step the weights are at
-    for step in range(start, job.steps):
-        times = StepTimes()
-        batches = prepared.pop(step, None) or prepare(step, times)
-        if job.method.staleness and not refills(job, step + 1):  # before this update: the teacher works while we train
-            prepared[step + 1] = prepare(step + 1, times)
-        optimizer.zero_grad(set_to_none=True)
-        step_loss = torch.zeros((), device=device)
-        parts = torch.zeros(len(job.routes), device=device)  # the loss's share per route (groups: several routes a step)
-        backwards = [(mb, rows) for mb in batches for rows in mb.q.state_chunks(job.optim.states_per_backward)]
-        for i, (mb, rows) in enumerate(backwards):  # a chunk per micro-batch unless optim.states_per_backward
-            final = i == len(backwards) - 1
-            sync = contextlib.nullcontext() if final or not hasattr(model, "no_sync") else model.no_sync()
-            with sync:  # the last backward all-reduces the gradients across workers
-                with times.time("forward_backward"):
-                    pred = train_field.velocity(*mb.q.inputs(rows))
-                if rows.start == 0:
-                    with times.time("teacher"):  # in flight since its states existed: waits only for a slower teacher
-                        target = teacher_target(mb, teachers[mb.route], job.cluster.step_retries, rank)
-                with times.time("forward_backward"):
-                    loss = chunk_loss(job, pred, target, mb.q, rows, num_steps) / len(batches)  # groups: accum x groups
-                    loss.backward()
-            step_loss += loss.detach()
-            parts[route_index[mb.route]] += loss.detach()
-        with times.time("optimizer"):
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, job.optim.grad_clip)
-            step_loss, grad_norm, *parts = torch.cat([torch.stack([step_loss, grad_norm.to(step_loss)]), parts]).tolist()  # one host sync
-            applied = nonfinite.check(grad_norm)  # of the all-reduced gradients: every rank decides alike
-            if applied:
-                for g in optimizer.param_groups:
-                    g["lr"] = lr_at(job, step)
-                optimizer.step()
-                if ema is not None:
-                    ema.update(inner, step)
+    def record(self, step: int, batches: list[MicroBatch], out, times: StepTimes) -> None:
+        """The update in the progress window, its loss to the router, or the note of a skipped update."""
         route = batches[-1].route
-        route_losses = route_step_losses(parts, list(route_index), [mb.route for mb in batches])  # groups: each group's
-        if not applied:
-            window.skipped[route] += 1
-            if rank == 0:
-                say(nonfinite.skipped(step, route, step_loss, grad_norm))
-        elif adaptive:  # every rank reports the update's loss, the same value (the first counts)
+        route_losses = route_step_losses(out.parts[0], list(self.job.routes), [mb.route for mb in batches])  # groups: each group's
+        if not out.applied:
+            self.window.skipped[route] += 1
+            if self.rank == 0:
+                say(self.update.nonfinite.skipped(step, route, out.loss, out.grad_norm))
+        elif self.job.method.routing == "adaptive":  # every rank reports the update's loss, the same value (the first counts)
             with times.time("router"):
-                reports.add(step, route, mean_over_ranks(step_loss, device))
-        elif rank == 0:  # hard routing and groups: the statistics feed dashboards, rank 0's losses will do
+                self.reports.add(step, route, mean_over_ranks(out.loss, self.device))
+        elif self.rank == 0:  # hard routing and groups: the statistics feed dashboards, rank 0's losses will do
             with times.time("router"):
                 for r, v in route_losses.items():
-                    reports.add(step, r, v)
-        window.add(route_losses if applied else None, times, grad_norm)
-        inject_faults(config.get("faults") or [], rank, step)
-        if nonfinite.exhausted:  # every rank stops here; no checkpoint: a restart must not begin from this state
-            if rank == 0:  # Ray Train keeps only checkpointed metrics: the driver reads the reason from the run's storage
-                marker = stop_marker(job, run_id)
-                marker.parent.mkdir(parents=True, exist_ok=True)
-                marker.write_text(nonfinite.stop_message(step))
-            finished = False
-            break
+                    self.reports.add(step, r, v)
+        self.window.add(route_losses if out.applied else None, times, out.grad_norm)
 
-        done = last = step + 1
-        if every and (done % every == 0 or done == job.steps):  # a collective: every rank evaluates its routes
-            sample_during_training(job, student, teachers, suite, data, sigmas, done)
-        log_due = window.log_due(done)
-        stop = log_due and window.summarize(done)  # collective: every rank agrees to stop
-        if log_due:
-            reports.send()
-        if done % job.checkpoint_every == 0 or done == job.steps or stop:
-            reports.flush()
-            report = window.report_metrics(done)
-            if rank == 0:  # one writer; every rank calls report (a collective)
-                state = {"routing_cursor": done, "run": run_id, "history": window.history, "config": config["job"]}
-                with tempfile.TemporaryDirectory() as d:
-                    path = save_checkpoint(Path(d), done, student, ema, optimizer, state, keep=1)
-                    ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(str(path)))
-                metrics.checkpointed()
-                say(f"checkpoint: step {done} ({job.storage_path / run_id})")
-            else:
-                ray.train.report(report)
-        if stop:
-            break
-    reports.flush()
-    if tracker is not None:
-        tracker.close()
-    if finished:  # the trained student, exported and evaluated where it lives (the driver holds no model)
-        finish(job, student, ema, teachers, suite, data, sigmas, rank, evaluate, last)
+    def stop(self, step: int) -> None:
+        """Too many non-finite updates in a row. Ray Train keeps only checkpointed metrics: the driver reads the reason
+        from the run's storage."""
+        if self.rank == 0:
+            marker = stop_marker(self.job, self.run_id)
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(self.update.nonfinite.stop_message(step))
+
+    def log(self, done: int) -> bool:
+        """At a log window: the progress line (losses all-reduced), the loss reports sent; whether max_minutes is spent."""
+        if not self.window.log_due(done):
+            return False
+        stop = self.window.summarize(done)  # collective: every rank agrees to stop
+        self.reports.send()
+        return stop
+
+    def checkpoint(self, done: int) -> None:
+        """Every rank reports (a collective); rank 0 attaches the checkpoint: student/, optimizer and state."""
+        import ray.train
+
+        self.reports.flush()
+        report = self.window.report_metrics(done)
+        if self.rank != 0:
+            ray.train.report(report)
+            return
+        state = {"routing_cursor": done, "run": self.run_id, "history": self.window.history, "config": self.config["job"]}
+        with tempfile.TemporaryDirectory() as d:
+            path = save_checkpoint(Path(d), done, self.student, self.update.ema, self.update.optimizer, state, keep=1)
+            ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(str(path)))
+        self.metrics.checkpointed()
+        say(f"checkpoint: step {done} ({self.job.storage_path / self.run_id})")
+
+    def close(self) -> None:
+        self.reports.flush()
+        if self.tracker is not None:
+            self.tracker.close()
 
 
 def finish(job: JobConfig, student, ema, teachers: dict, suite, data: dict, sigmas: torch.Tensor, rank: int, evaluate: bool,

@@ -81,7 +81,8 @@ class ServicesConfig(_Strict):
             description="deployment options of every teacher application (services.teachers overrides per route)")
     teachers: dict[str, TeacherDeployOptions] = Field(default_factory=dict, description="per-route overrides of teacher_defaults")
     router_app: str = Field("router", description="the router's Serve application name")
-    router_redis_url: str | None = Field(None, description="router state in Redis; default $DANCEOPD_REDIS_URL, else in memory")
+    router_redis_url: str | None = Field(None, description="router state in Redis; default $DANCEOPD_REDIS_URL, else the Ray "
+                                         "cluster's own key-value store (survives a router restart; not a head-node restart)")
     router_keep_finished_days: float = Field(7.0, gt=0, description="a finished or failed run's routing log and statistics "
                                                                       "expire from the router's store after this long")
     gateway: bool = Field(True, description="also deploy the REST gateway (velocity queries for debugging)")

@@ -29,12 +29,11 @@ from danceopd.suite import CapabilitySuite
 from danceopd.tracking import RunTracker, log_evaluation, start_new_run, tensorboard_dir
 from trainer.checkpoint import export_student, latest_checkpoint, restore_checkpoint, save_checkpoint
 from danceopd.remote import Resolved
-from trainer.steps import (MicroBatch, NonFiniteSteps, QueryBatch, StepTimes, chunk_loss, format_progress, lr_at, query_batch,
-                           cut_note, refills, route_step_losses, routing_config, run_sigmas, step_routes, student_guided,
-                           training_extent, window_stats)
+from trainer.steps import (MicroBatch, QueryBatch, StepTimes, format_progress, lr_at, query_batch, cut_note, refills,
+                           route_step_losses, routing_config, run_sigmas, step_routes, student_guided, training_extent, window_stats)
+from trainer.update import Update
 from trainer.cli import load_or_report, parse_args, resume_config_or_report
 from trainer.console import ConsolePrinter
-from trainer.ema import EMA
 from trainer.job import JobConfig
 
 
@@ -72,15 +71,15 @@ class ReferenceTrainer:
         if cfg.method.routing == "soft":
             self.soft_target = SoftMixField(list(self.teachers.values()), [r.weight for r in cfg.routes.values()])
         self.sigmas = run_sigmas(cfg, self.student).to(self.device)
-        o = cfg.optim
         self.params = self.student.trainable_parameters()  # fp32 master weights (LoRA adapters, or all)
-        self.optimizer = torch.optim.AdamW(self.params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
-        self.ema = EMA(self.student.transformer, o.ema_decay) if o.ema_decay > 0 else None
+        # the update (AdamW, clipping, the non-finite check, EMA): the distributed workers' own; this process stands for
+        # world_size ranks, each a slot of the loss's shares
+        self.update = Update(cfg, self.params, self.student.transformer, len(self.sigmas) - 1, slots=world_size)
+        self.optimizer, self.ema, self.nonfinite = self.update.optimizer, self.update.ema, self.update.nonfinite
         self.step = 0
         self.prepared: dict[int, list[MicroBatch]] = {}  # method.staleness: the next step, rolled out before this update
         self.route_log: list[str] = []
         self.history: list[dict] = []
-        self.nonfinite = NonFiniteSteps(cfg.optim.max_nonfinite_steps)
 
     # ----------------------------------------------------------------------------------- one update
     def train_step(self) -> dict:
@@ -89,44 +88,21 @@ class ReferenceTrainer:
         batches = self.prepared.pop(step, None) or self.prepare(step, times)
         if cfg.method.staleness and not refills(cfg, step + 1):  # the next step's states, before this update
             self.prepared[step + 1] = self.prepare(step + 1, times)
-        self.optimizer.zero_grad(set_to_none=True)
-        total = torch.zeros((), device=self.device)
-        parts = torch.zeros(self.world_size, len(cfg.routes), device=self.device)  # loss shares per (rank, route)
-        names = list(cfg.routes)
-        student = student_guided(cfg, self.student.field)
-        for mb in batches:  # the loss is divided by every micro-batch of the update (groups: grad_accum x len(groups))
-            target = mb.target.result()
-            for rows in mb.q.state_chunks(cfg.optim.states_per_backward):  # one chunk unless states_per_backward
-                with times.time("forward_backward"):
-                    pred = student.velocity(*mb.q.inputs(rows))
-                    loss = self.loss(pred, target, mb.q, rows) / len(batches)
-                    loss.backward()
-                total += loss.detach()
-                parts[mb.rank - self.rank, names.index(mb.route)] += loss.detach()
-        with times.time("optimizer"):
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.grad_clip)
-            total, grad_norm = torch.stack([total, grad_norm.to(total)]).tolist()  # the step's one host sync
-            parts = (parts * self.world_size).tolist()
-            applied = self.nonfinite.check(total, grad_norm)
-            if applied:
-                for g in self.optimizer.param_groups:
-                    g["lr"] = self.lr_at(step)
-                self.optimizer.step()
-                if self.ema is not None:
-                    self.ema.update(self.student.transformer, step)
+        out = self.update(step, batches, student_guided(cfg, self.student.field).velocity, lambda mb: mb.target.result(), times,
+                          slot=lambda mb: mb.rank - self.rank)
         route = batches[-1].route
-        if not applied:
-            self.log(self.nonfinite.skipped(step, route, total, grad_norm))
+        if not out.applied:
+            self.log(self.nonfinite.skipped(step, route, out.loss, out.grad_norm))
         elif self.adaptive:
-            self.adaptive.report_loss(RUN, step, route, total)
+            self.adaptive.report_loss(RUN, step, route, out.loss)
         self.route_log.append(route)
         self.step += 1
-        routes = [mb.route for mb in batches]  # each route's mean loss (groups: each group's), of all ranks and of each
-        mean_parts = [sum(p[i] for p in parts) / self.world_size for i in range(len(names))]
-        return {"step": step, "route": route, "loss": total, "grad_norm": grad_norm, "times": times, "applied": applied,
+        names, routes = list(cfg.routes), [mb.route for mb in batches]  # each route's mean loss (groups: each group's)
+        mean_parts = [sum(p[i] for p in out.parts) / self.world_size for i in range(len(names))]  # of all ranks, and of each
+        return {"step": step, "route": route, "loss": out.loss, "grad_norm": out.grad_norm, "times": times, "applied": out.applied,
                 "route_losses": route_step_losses(mean_parts, names, routes),
-                "rank_losses": [sum(p) for p in parts],  # per rank: what each worker logs
-                "rank_route_losses": [route_step_losses(p, names, routes) for p in parts]}
+                "rank_losses": [sum(p) for p in out.parts],  # per rank: what each worker logs
+                "rank_route_losses": [route_step_losses(p, names, routes) for p in out.parts]}
 
     def prepare(self, step: int, times: StepTimes) -> list[MicroBatch]:
         """The micro-batches of `step`: hard route (one field for every micro-batch of the update), conditions,
@@ -154,10 +130,6 @@ class ReferenceTrainer:
             return velocity_target(q.x0, q.eps)
         field = self.soft_target if self.cfg.method.routing == "soft" else self.teachers[route]
         return field.velocity(q.x, q.sigma, q.conditions)
-
-    def loss(self, pred: torch.Tensor, target: torch.Tensor, q: QueryBatch, rows: slice | None = None) -> torch.Tensor:
-        """The distillation loss of q's states `rows` (default: all), `pred` being the student's there."""
-        return chunk_loss(self.cfg, pred, target, q, rows or slice(0, q.x.shape[0]), len(self.sigmas) - 1)
 
     def lr_at(self, step: int) -> float:
         return lr_at(self.cfg, step)

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from danceopd.models.base import ModelFamily, PromptCache, model_index
-from danceopd.models.hub import local_dir
+from danceopd.models.hub import file_digest, local_dir
 from danceopd.models.flux import FluxFamily, FluxKontextFamily
 from danceopd.models.flux2 import Flux2Family, Flux2KleinFamily
 from danceopd.models.pixel import PixelFamily
@@ -54,8 +54,6 @@ def latent_space_difference(student_base: str | Path, teacher_base: str | Path) 
     """Why two pipelines' latents are not the same space (None when they are, or when either's VAE is not on this machine:
     a hub id not in the cache): their VAEs differ in class, geometry, scaling/shift or per-channel statistics (config), or
     in weights (file contents)."""
-    from danceopd.text_embeddings import file_digest
-
     folders = [local_dir(p) for p in (student_base, teacher_base)]
     if None in folders:
         return None

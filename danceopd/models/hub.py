@@ -12,6 +12,7 @@ cluster would see it.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from pathlib import Path
@@ -87,3 +88,22 @@ def local_dir(name: str | Path | None) -> Path | None:
 def where(name: str) -> str:
     """How to say where a model was looked for, in an error message."""
     return f"{name} (Hugging Face cache {hub_cache()})" if is_hub_id(name) else str(name)
+
+
+def file_digest(path: Path, known: dict | None = None) -> str:
+    """sha256 of a file's contents: a Hugging Face cache blob's name, a digest in `known` for the same path, size and
+    mtime, else read and hashed (and recorded in `known`)."""
+    known = {} if known is None else known
+    real = Path(os.path.realpath(path))
+    if real.parent.name == "blobs":  # a Hugging Face cache: the blob's name is its content hash
+        return real.name
+    st = real.stat()
+    cached = known.get(str(real))
+    if cached and cached[0] == st.st_size and cached[1] == st.st_mtime_ns:
+        return cached[2]
+    h = hashlib.sha256()
+    with open(real, "rb") as f:
+        while chunk := f.read(16 * 1024 ** 2):
+            h.update(chunk)
+    known[str(real)] = [st.st_size, st.st_mtime_ns, h.hexdigest()]
+    return h.hexdigest()

@@ -29,7 +29,7 @@ VERSION = "1"  # part of every snapshot's commit id: a change to the builders wr
 
 @dataclass(frozen=True)
 class TinyPipeline:
-    tiny: str  # danceopd.models.tiny.build_tiny_pipeline's family key
+    tiny: str  # danceopd.testing.tiny.build_tiny_pipeline's family key
     pipeline_class: str  # the real repository's model_index.json _class_name (the tiny one has the same)
     differs: str  # how the tiny stand-in's components differ from the real repository's, beyond their sizes
     source: str  # where the real layout comes from
@@ -147,7 +147,7 @@ def pipeline_for(repo_id: str, family: str | None) -> TinyPipeline:
 
 
 def write_pipeline(home: Path, repo_id: str, family: str | None = None) -> tuple[Path, bool]:
-    from danceopd.models.tiny import build_tiny_pipeline
+    from danceopd.testing.tiny import build_tiny_pipeline
 
     spec = pipeline_for(repo_id, family)
 
@@ -220,7 +220,7 @@ def write_lora(home: Path, repo_id: str, base_dir: Path, base_id: str, weight_na
 
 
 def write_clip(home: Path, repo_id: str) -> tuple[Path, bool]:
-    from danceopd.models.tiny import build_tiny_clip
+    from danceopd.testing.tiny import build_tiny_clip
 
     return _publish(home, repo_id, lambda folder: build_tiny_clip(folder, seed=_seed(repo_id)))
 

@@ -43,13 +43,20 @@ def http_json(method: str, url: str, body: dict | None, token: str | None, timeo
         raise ServerSaid(message, e.code) from None
 
 
-def load_png(path: Path, shape: tuple[int, int, int]) -> np.ndarray:
+def load_source(path: Path, shape: tuple[int, int, int]) -> np.ndarray:
+    """The source as the teacher takes it: a PNG for a pixel teacher, a .npy of the latent [C, H, W] for a latent one."""
     if not path.exists():
         raise CliError(f"--source {path} does not exist")
-    img = Image.open(path).convert("RGB")
     c, h, w = shape
+    if path.suffix == ".npy":
+        arr = np.load(path).astype(np.float32)
+        if tuple(arr.shape) != tuple(shape):
+            raise CliError(f"--source {path}: shape {list(arr.shape)}, the teacher takes [{c}, {h}, {w}]")
+        return arr
+    img = Image.open(path).convert("RGB")
     if c != 3:
-        raise CliError(f"--source: teacher works on {c}-channel latents, not RGB images; send a .npy with --source-npy")
+        raise CliError(f"--source: the teacher works on {c}-channel latents, not RGB images: give the source's latent as a .npy "
+                       f"of shape [{c}, {h}, {w}] (--source latent.npy)")
     if img.size != (w, h):
         img = img.resize((w, h), Image.NEAREST)
     return (np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0).astype(np.float32)
@@ -60,7 +67,7 @@ def add_parser(sub) -> None:
     q.add_argument("teacher")
     q.add_argument("--prompt", default="", help="prompt or edit instruction ('' = unconditional)")
     q.add_argument("--sigma", type=float, required=True, help="noise level in [0, 1]")
-    q.add_argument("--source", type=Path, help="source image (PNG) for edit teachers")
+    q.add_argument("--source", type=Path, help="source for edit teachers: a PNG (pixel teachers) or its latent as a .npy [C,H,W]")
     q.add_argument("--x", type=Path, help="state x as .npy [B,C,H,W] or [C,H,W] float32 (default: seeded Gaussian noise)")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--url", default=os.environ.get("DANCEOPD_URL", "http://127.0.0.1:8000"))
@@ -103,7 +110,7 @@ def query_once(args) -> int:
         x = np.random.default_rng(args.seed).standard_normal((1, *shape)).astype(np.float32)
     body = {"x": {"npy_b64": _npy_b64(x)}, "sigma": args.sigma, "prompt": args.prompt, "return_x0_png": True}
     if args.source is not None:
-        body["source"] = {"npy_b64": _npy_b64(load_png(args.source, shape)[None].repeat(x.shape[0] if x.ndim == 4 else 1, 0))}
+        body["source"] = {"npy_b64": _npy_b64(load_source(args.source, shape)[None].repeat(x.shape[0] if x.ndim == 4 else 1, 0))}
     reply = http_json("POST", f"{base}/v1/fields/{args.teacher}/velocity", body, args.token, args.timeout)
     v = np.frombuffer(base64.b64decode(reply["velocity"]["b64"]), dtype="<f4").reshape(reply["velocity"]["shape"])
     args.out.mkdir(parents=True, exist_ok=True)

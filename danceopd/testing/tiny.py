@@ -6,7 +6,7 @@
     build_tiny_pipeline("flux2-klein", "models/tiny-klein", sample_size=64)  # Flux2KleinPipeline (Qwen3, 28 tiny layers)
     build_tiny_pipeline("flux2", "models/tiny-flux2", sample_size=64)  # Flux2Pipeline (tiny Mistral-3, 30 layers; klein's VAE)
     build_tiny_pipeline("z-image", "models/tiny-z-image")    # ZImagePipeline (Qwen3 with a chat template)
-    build_tiny_pipeline("qwen-image", "models/tiny-qwen")    # QwenImagePipeline (tiny Qwen2.5-VL; see danceopd.models.tiny_qwen)
+    build_tiny_pipeline("qwen-image", "models/tiny-qwen")    # QwenImagePipeline (tiny Qwen2.5-VL; see danceopd.testing.tiny_qwen)
     build_tiny_pipeline("qwen-image-edit-plus", "models/tiny-qwen-edit")  # also qwen-image-edit: the same weights per seed
 
 The folders reload with `DiffusionPipeline.from_pretrained` (or the family's own class) and run their
@@ -45,32 +45,14 @@ from pathlib import Path
 
 import torch
 
+from danceopd.testing.vocab import QWEN_CHAT_TEMPLATE, _unigram_pieces
+
 FAMILIES = ("sd3", "sd3.5", "flux", "flux-kontext", "flux2", "flux2-klein", "z-image", "qwen-image", "qwen-image-edit", "qwen-image-edit-plus")
 
 CLIP_MAX_LENGTH = 77
 VAE_SCALE = 2  # 2 ** (len(block_out_channels) - 1)
 
-# Whole words for the T5 Unigram vocabulary (anything else is spelled out from single characters).
-_WORDS = """
-a an the this that these those of in on at to from with without and or but not no is are was were be been
-it its it's his her their my your our one two three four five six seven eight nine ten many some all each
-left right top bottom above below under over behind front next near far inside outside between around into
-onto up down middle center corner side background foreground edge
-red green blue yellow orange purple pink brown black white gray grey gold silver dark light bright pale
-colorful color colour colors
-circle square triangle rectangle star heart ring line lines dot dots shape shapes box ball cube sphere
-small large big tiny huge little tall short long wide thin thick round flat
-photo photograph picture image painting drawing sketch illustration render style portrait landscape
-close view shot scene realistic photorealistic detailed high quality sharp blurry soft hard smooth
-astronaut riding horse dog cat bird fish person man woman child people boy girl car house tree trees
-flower flowers mountain mountains river sea ocean lake sky cloud clouds sun moon city street road forest
-water fire snow rain grass field beach night day morning sunset table chair cup book window door wall
-make turn change replace remove add put place move swap convert transform keep invert flip rotate
-into as like by for same other another more less very only just also again
-sitting standing walking running flying holding wearing looking eating
-"""
 
-_PUNCT = ".,!?;:'\"-()[]/&+=*#%$@_<>|~`^{}\\"
 
 
 def _clip_tokenizer():
@@ -88,24 +70,6 @@ def _clip_tokenizer():
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=CLIP_MAX_LENGTH)
 
 
-def _unigram_pieces(specials: list[str]) -> list[tuple[str, float]]:
-    """A Unigram vocabulary: `specials`, then single characters, punctuation and whole English words."""
-    pieces: list[tuple[str, float]] = [(s, 0.0) for s in specials] + [("▁", -8.0)]
-    seen = {p for p, _ in pieces}
-
-    def add(piece: str, score: float):
-        if piece not in seen:
-            seen.add(piece)
-            pieces.append((piece, score))
-
-    for w in _WORDS.split():  # whole words win over spelling them out (Viterbi maximises the summed score)
-        add("▁" + w, -4.0)
-    for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789" + _PUNCT + "\n":
-        add("▁" + c, -9.0)
-        add(c, -10.0)
-    return pieces
-
-
 def _t5_tokenizer():
     """T5TokenizerFast over a Unigram vocabulary: specials, single characters, punctuation, whole words."""
     from transformers import T5TokenizerFast
@@ -114,10 +78,6 @@ def _t5_tokenizer():
     # extra_ids=0: no sentinel tokens (only used for T5's span-corruption pre-training).
     return T5TokenizerFast(vocab=pieces, eos_token="</s>", unk_token="<unk>", pad_token="<pad>", extra_ids=0,
                            model_max_length=512)
-
-
-QWEN_CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-                      "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")  # Qwen's layout, thinking on
 
 
 def _qwen_tokenizer():
@@ -357,7 +317,7 @@ def build_tiny_pipeline(family: str, out: str | Path, seed: int = 0, sample_size
         elif family == "flux2":
             pipe = _build_flux2(seed, sample_size, vae_seed)
         elif family.startswith("qwen-image"):
-            from danceopd.models.tiny_qwen import build_qwen_image
+            from danceopd.testing.tiny_qwen import build_qwen_image
 
             pipe = build_qwen_image(family, seed, sample_size, vae_seed)
         else:

@@ -30,7 +30,7 @@ Sizes for `sample_size` S px (a multiple of 4; S = 32 below):
   the ~1 MP VAE-sized image, QwenImageEditPlusPipeline a ~384^2 one) is smart-resized to at most 112 x 112 px
   (8 x 8 patches -> 16 image tokens, 4 attention windows); a small image is upsized to at least 56 x 56 (4 tokens).
 - tokenizer: a fast Unigram tokenizer (single characters, punctuation and whole English words, from
-  `danceopd.models.tiny._unigram_pieces`) with Qwen's special tokens, each a single token: `<|endoftext|>` (pad),
+  `danceopd.testing.vocab._unigram_pieces`) with Qwen's special tokens, each a single token: `<|endoftext|>` (pad),
   `<|im_start|>`, `<|im_end|>` (eos), `<|vision_start|>`, `<|vision_end|>`, `<|image_pad|>`, `<|video_pad|>`.
   The pipelines drop the first 34 (T2I) / 64 (edit) tokens of their fixed prompt templates; with this vocabulary
   the system turns are 94 / 219 tokens long, so only system-prompt tokens are dropped (as with Qwen's tokenizer,
@@ -82,7 +82,7 @@ def _qwen_vl_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from danceopd.models.tiny import QWEN_CHAT_TEMPLATE, _unigram_pieces
+    from danceopd.testing.vocab import QWEN_CHAT_TEMPLATE, _unigram_pieces
 
     tok = Tokenizer(models.Unigram(_unigram_pieces(QWEN_SPECIAL_TOKENS), unk_id=QWEN_SPECIAL_TOKENS.index("<unk>")))
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
